@@ -1,0 +1,51 @@
+# make run   : create .venv if missing, install lmforge, run the pipeline (dvc repro)
+# make test  : create .venv if missing, install lmforge with its test extras, run the whole suite
+# make ui    : the MLflow UI on http://127.0.0.1:5000 over mlflow.db
+
+VENV   ?= .venv
+PYTHON ?= python3
+# Without a GPU, torch 2.13.0 resolves to the CPU build on our machines (a local wheel); an unpinned
+# torch would pull a 6 GB CUDA build. GPU users: `make install TORCH=torch` for the CUDA build.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+TORCH  ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+TORCH_FLAGS ?=
+
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: install install-test run test test-fast ui bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH_FLAGS) "$(TORCH)"
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+run: install
+	dvc repro
+
+test: install-test
+	python -m pytest -q
+
+test-fast: install-test
+	python -m pytest -q -m "not slow"
+
+ui: install
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1 --host 127.0.0.1 --port 5000
+
+bench: install-test
+	python benchmarks/train_throughput.py
+
+clean:
+	rm -rf data models reports mlflow.db mlartifacts

@@ -1,0 +1,1 @@
+"""lmforge: a small, reproducible language-model training pipeline."""

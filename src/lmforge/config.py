@@ -1,0 +1,160 @@
+"""The configuration every stage reads: ``params.yaml`` (composed from ``conf/``) plus overrides.
+
+``dvc exp run -S ...`` composes ``conf/`` with Hydra and rewrites ``params.yaml``; ``dvc repro``
+does not compose, so stages read ``params.yaml``. A stage run by hand takes the same overrides:
+``model=tiny`` swaps in the config group file ``conf/model/tiny.yaml`` and ``train.max_steps=50``
+sets one key. Unknown keys and group choices end in an ``LmforgeError`` naming them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from lmforge.errors import LmforgeError
+
+PARAMS_FILE = Path("params.yaml")
+CONF_DIR = Path("conf")
+
+
+def load_config(
+    overrides: Iterable[str] = (),
+    params_path: str | Path = PARAMS_FILE,
+    conf_dir: str | Path = CONF_DIR,
+) -> DictConfig:
+    """Read ``params_path`` and apply ``key=value`` / ``group=choice`` overrides; return the config."""
+    params_path = Path(params_path)
+    if not params_path.is_file():
+        raise LmforgeError(
+            f"{params_path} not found in {Path.cwd()}; run from the project root "
+            "(or compose it with `lmforge compose`)."
+        )
+    try:
+        cfg = OmegaConf.create(yaml.safe_load(params_path.read_text(encoding="utf-8")) or {})
+    except yaml.YAMLError as err:
+        raise LmforgeError(f"{params_path} is not valid YAML ({err}); fix it or recompose it with `lmforge compose`.") from None
+    for override in overrides:
+        apply_override(cfg, override, Path(conf_dir))
+    return cfg
+
+
+def compose_config(overrides: Iterable[str] = (), conf_dir: str | Path = CONF_DIR) -> DictConfig:
+    """Compose ``conf/`` with Hydra exactly as ``dvc exp run`` does (defaults list plus overrides)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    conf_dir = Path(conf_dir).resolve()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except HydraException as err:
+        raise LmforgeError(f"cannot compose {conf_dir}: {err}".rstrip(".") + ".") from None
+    return cfg
+
+
+def write_params(cfg: DictConfig, path: str | Path = PARAMS_FILE) -> None:
+    """Write ``cfg`` as ``params.yaml`` (atomically), in the form DVC's Hydra integration writes it."""
+    from lmforge.outputs import write_text
+
+    write_text(path, yaml.safe_dump(OmegaConf.to_container(cfg, resolve=True), sort_keys=False))
+
+
+def apply_override(cfg: DictConfig, override: str, conf_dir: Path) -> None:
+    """Apply one ``key=value`` override to ``cfg`` in place."""
+    if "=" not in override:
+        raise LmforgeError(f"override '{override}' is not of the form key=value (e.g. train.max_steps=50).")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    value = _parse_value(key, raw)
+    group_dir = conf_dir / key
+    if "." not in key and group_dir.is_dir():
+        cfg[key] = _load_group_choice(group_dir, key, str(raw).strip())
+        return
+    if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+        raise LmforgeError(f"unknown config key '{key}'{_suggest(cfg, key)}; see params.yaml for the valid keys.")
+    old = OmegaConf.select(cfg, key)
+    _check_type(key, old, value)
+    OmegaConf.update(cfg, key, value, merge=False)
+
+
+_MISSING = object()
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise LmforgeError(f"the value given for '{key}' ({raw!r}) is not valid YAML; quote it or fix the brackets.") from None
+    if isinstance(value, str):
+        # YAML 1.1 reads 3e-4 as a string; Hydra (and so `dvc exp run -S`) reads it as a float.
+        for number in (int, float):
+            try:
+                return number(value)
+            except ValueError:
+                pass
+    return value
+
+
+def _load_group_choice(group_dir: Path, group: str, choice: str) -> Any:
+    path = group_dir / f"{choice}.yaml"
+    if not path.is_file():
+        valid = ", ".join(sorted(p.stem for p in group_dir.glob("*.yaml")))
+        raise LmforgeError(f"unknown choice '{choice}' for config group '{group}'; valid choices: {valid}.")
+    return OmegaConf.create(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+
+
+def _check_type(key: str, old: Any, new: Any) -> None:
+    # A number where a number was, a list where a list was: catches `train.max_steps=abc` early.
+    if old is None or new is None:
+        return
+    numeric = (int, float)
+    if isinstance(old, bool) or isinstance(new, bool):
+        ok = isinstance(old, bool) == isinstance(new, bool)
+    elif isinstance(old, numeric):
+        ok = isinstance(new, numeric) and not (isinstance(old, int) and isinstance(new, float) and not new.is_integer())
+    elif OmegaConf.is_list(old) or isinstance(old, list):
+        ok = isinstance(new, list)
+    elif OmegaConf.is_dict(old) or isinstance(old, dict):
+        ok = isinstance(new, dict)
+    else:
+        ok = True
+    if not ok:
+        raise LmforgeError(f"'{key}={new!r}' has the wrong type: expected {type(old).__name__} like the current value {old!r}.")
+
+
+def flat_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """All dotted leaf keys of ``cfg`` (``train.max_steps``, ...)."""
+    keys = []
+    container = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    for key, value in container.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            keys.extend(flat_keys(value, dotted + "."))
+        else:
+            keys.append(dotted)
+    return keys
+
+
+def _suggest(cfg: DictConfig, key: str) -> str:
+    close = difflib.get_close_matches(key, flat_keys(cfg), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def flat_params(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg`` flattened to ``{"train.max_steps": 2000, ...}`` for experiment trackers."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix.rstrip(".")] = node
+
+    walk(container, "")
+    return out
