@@ -106,10 +106,19 @@ def _read_csv(path: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
+def _sample(loaded, prompt: str, sampling) -> str:
+    from lmforge.generation import complete
+
+    try:
+        return complete(loaded, prompt, sampling)
+    except LmforgeError as err:  # a prompt this corpus cannot encode should not fail the stage
+        return f"\n[no sample: {err}]"
+
+
 def evaluate(cfg) -> dict:
     """Run the evaluate stage for ``cfg``: metrics.json, plots, samples; logged to the training run."""
     from lmforge import tracking
-    from lmforge.generation import SamplingConfig, complete
+    from lmforge.generation import SamplingConfig
     from lmforge.modeldir import load_model_dir
     from lmforge.tokens import TokenStream
 
@@ -134,7 +143,7 @@ def evaluate(cfg) -> dict:
 
     sampling = SamplingConfig(max_new_tokens=int(ev.max_new_tokens), temperature=float(ev.temperature),
                               top_k=ev.top_k, top_p=ev.top_p, seed=int(ev.seed))
-    samples = [(p, complete(loaded, p, sampling)) for p in ev.prompts]
+    samples = [(p, _sample(loaded, p, sampling)) for p in ev.prompts]
 
     reports = Path(cfg.paths.reports)
     png = write_plots(loaded.path / "curves", reports / "plots")

@@ -165,8 +165,20 @@ def _write_curves(history: History, out_dir: Path) -> None:
         w.writerows(history.val)
 
 
+def _quiet_lightning() -> None:
+    import logging
+    import warnings
+
+    # Lightning advertises its cloud logger on every run; we log to MLflow.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.getMessage()).startswith("💡 Tip")
+    )
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+
+
 def train(cfg) -> Path:
     """Run the train stage for config ``cfg``; return the model directory it wrote."""
+    _quiet_lightning()
     from lmforge import tracking
     from lmforge.config import flat_params
     from lmforge.data import TokenDataModule

@@ -1,0 +1,262 @@
+"""Sampling text from a GPT, one token at a time, with a KV cache.
+
+Each step turns the last position's logits into a token: repetition penalty, temperature,
+top-k, top-p, then a draw (or argmax when temperature is 0). ``generate_tokens`` yields the
+tokens as they come, for streaming; ``generate`` collects them.
+
+The context window. The model attends over at most ``block_size`` tokens, so the tokens it
+sees (the window) are a suffix of the sequence, chosen by one rule whether or not the cache is
+used, so ``use_cache`` changes the speed and never the tokens:
+
+* A prompt longer than ``block_size`` is cropped to its last ``block_size`` tokens.
+* When a new token would make the window longer than ``block_size``, the window restarts as
+  the last ``block_size // 2`` tokens (the new one included). With the cache that is a fresh
+  prefill of those tokens: positions restart at 0, which suits every position scheme, and the
+  re-encode happens once every ``block_size // 2`` tokens instead of at every step.
+* Without the cache each step runs the model on the whole current window.
+
+(nanoGPT instead slides the window by one token per step; that would force the cached path to
+re-encode at every step once the window is full.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmforge.model import GPT, ConfigError
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick tokens. ``validate`` checks the ranges."""
+
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # 0 means greedy (argmax)
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # nucleus: keep the fewest tokens whose probability reaches top_p, in (0, 1]
+    repetition_penalty: float = 1.0  # CTRL (Keskar et al. 2019); > 1 discourages tokens already present
+    seed: int | None = None  # None: draw from torch's global generator
+    use_cache: bool = True
+
+    def validate(self) -> None:
+        """Raise ConfigError (a ValueError) with one sentence naming the first bad setting."""
+
+        def fail(name: str, requirement: str) -> None:
+            raise ConfigError(f"sampling.{name}={getattr(self, name)!r} {requirement}.")
+
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            fail("max_new_tokens", "must be an integer >= 1")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            fail("temperature", "must be a number >= 0 (0 means greedy)")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            fail("top_k", "must be an integer >= 1 or null")
+        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
+            fail("top_p", "must be in (0, 1] or null")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            fail("repetition_penalty", "must be a number > 0 (1 means no penalty)")
+        if self.seed is not None and not _is_int(self.seed):
+            fail("seed", "must be an integer or null")
+        if not isinstance(self.use_cache, bool):
+            fail("use_cache", "must be true or false")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def sample_next(
+    logits: Tensor,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    previous: Tensor | None = None,
+) -> Tensor:
+    """Pick the next token of each sequence.
+
+    logits: (B, vocab_size) for the last position. previous: (B, T) tokens so far, used by the
+    repetition penalty. generator: the torch.Generator to draw from (None: the global one).
+    Returns (B, 1) token ids. ``logits`` is not modified.
+    """
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and previous is not None:
+        logits = _penalise_repeats(logits, previous, cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
+        logits = _keep_top_k(logits, cfg.top_k)
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        logits = _keep_top_p(logits, cfg.top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def _penalise_repeats(logits: Tensor, previous: Tensor, penalty: float) -> Tensor:
+    # CTRL: a token already present has its logit divided by the penalty when positive and
+    # multiplied when negative, so penalty > 1 always makes it less likely (as HF does).
+    seen = logits.gather(-1, previous)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, previous, seen)
+
+
+def _keep_top_k(logits: Tensor, k: int) -> Tensor:
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _keep_top_p(logits: Tensor, top_p: float) -> Tensor:
+    # Holtzman et al. 2019: keep the most likely tokens until their probability reaches top_p.
+    # A token is dropped when the tokens before it already reach top_p, so the top one stays.
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+@torch.no_grad()
+def generate_tokens(
+    model: GPT,
+    prompt: Tensor,
+    cfg: SamplingConfig,
+    stop: Callable[[Tensor], bool] | None = None,
+) -> Iterator[Tensor]:
+    """Yield new tokens one step at a time: each a (B, 1) tensor of token ids, as soon as sampled.
+
+    model: a GPT. prompt: (B, T) token ids, B prompts of equal length, T >= 1 (moved to the
+    model's device). cfg: validated here. stop: called after each token with the (B, T + n)
+    sequence so far (prompt included; a view, do not modify it); generation ends once it
+    returns True, after that token was yielded. At most ``cfg.max_new_tokens`` tokens.
+
+    The context window rule is in the module docstring. The model is put in eval mode while
+    sampling and its previous mode is restored when the iterator finishes or is closed.
+    Equal ``cfg.seed`` gives equal tokens on the same device.
+    """
+    cfg.validate()
+    if prompt.dim() != 2 or prompt.size(1) == 0:
+        raise ValueError(
+            f"prompt must be a (batch, length) tensor of token ids with length >= 1, not shape {tuple(prompt.shape)}."
+        )
+    block_size = model.config.block_size
+    restart = max(1, block_size // 2)  # window length after a restart
+    device = model.transformer.wte.weight.device
+    batch, prompt_len = prompt.shape
+
+    # Every token so far, in one preallocated buffer: the window, the repetition penalty and
+    # ``stop`` read views of it, so a step concatenates nothing.
+    tokens = torch.empty(batch, prompt_len + cfg.max_new_tokens, dtype=torch.long, device=device)
+    tokens[:, :prompt_len] = prompt
+    n = prompt_len  # tokens so far
+    start = max(0, n - block_size)  # the window is tokens[:, start:n]
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_kv_cache(batch) if cfg.use_cache else None
+        logits = model(tokens[:, start:n], cache=cache)[0][:, -1]
+        for step in range(cfg.max_new_tokens):
+            next_token = sample_next(logits, cfg, generator, tokens[:, :n])
+            tokens[:, n : n + 1] = next_token
+            n += 1
+            yield next_token
+            if step == cfg.max_new_tokens - 1 or (stop is not None and stop(tokens[:, :n])):
+                return
+            if n - start > block_size:  # the window is full: restart it
+                start = n - restart
+                if cache is not None:
+                    cache.reset()
+            if cache is not None and cache.length > 0:  # the cache holds the window but the new token
+                logits = model(next_token, cache=cache)[0][:, -1]
+            else:  # encode the whole window (into the cache, when it was just reset)
+                logits = model(tokens[:, start:n], cache=cache)[0][:, -1]
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: GPT,
+    prompt: Tensor,
+    cfg: SamplingConfig,
+    stop: Callable[[Tensor], bool] | None = None,
+) -> Tensor:
+    """Sample a continuation of each prompt; returns (B, T + new) token ids, the prompt first.
+
+    Same arguments as ``generate_tokens``; new <= cfg.max_new_tokens (fewer when ``stop`` fired).
+    """
+    new = list(generate_tokens(model, prompt, cfg, stop))
+    return torch.cat([prompt.to(new[0].device), *new], dim=1)
+
+
+# --- Text in, text out: what `lmforge generate` and the evaluate stage's samples use. ---
+
+
+def encode_prompt(loaded, prompt: str) -> Tensor:
+    """Encode ``prompt`` for a loaded model directory as a (1, T) id tensor.
+
+    An empty prompt starts from the end-of-text token. A character model refuses characters
+    outside its training alphabet (they would silently become ``<unk>``) with a LmforgeError.
+    """
+    from lmforge.errors import LmforgeError
+
+    tokenizer = loaded.tokenizer
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
+    unk = tokenizer.token_to_id("<unk>")
+    if loaded.config["tokenizer"].get("kind") == "char" and unk is not None and unk in ids:
+        unknown = sorted({c for c in prompt if tokenizer.encode(c, add_special_tokens=False).ids == [unk]})
+        raise LmforgeError(
+            f"the prompt has characters outside the model's vocabulary ({', '.join(map(repr, unknown))}); "
+            "a character model knows only its training alphabet, so remove or replace them."
+        )
+    if not ids:
+        ids = [loaded.eot_id]
+    return torch.tensor([ids], dtype=torch.long, device=next(loaded.model.parameters()).device)
+
+
+def stream_completion(loaded, prompt: str, cfg: SamplingConfig, stop: list[str] | None = None) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` as text pieces, as soon as each decodes cleanly.
+
+    Stops at ``cfg.max_new_tokens``, at the end-of-text token, or at the first of the ``stop``
+    strings (which is not yielded).
+    """
+    idx = encode_prompt(loaded, prompt)
+    new_ids: list[int] = []
+    emitted = ""
+    stop = [s for s in (stop or []) if s]
+    for token in generate_tokens(loaded.model, idx, cfg):
+        token_id = int(token[0, 0])
+        if token_id == loaded.eot_id:
+            break
+        new_ids.append(token_id)
+        text = loaded.tokenizer.decode(new_ids, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            continue  # a multi-byte character is not complete yet (byte-level BPE)
+        hit = min((text.find(s) for s in stop if s in text), default=-1)
+        if hit >= 0:
+            if hit > len(emitted):
+                yield text[len(emitted):hit]
+            return
+        # Hold back a tail that could still become a stop string.
+        hold = max((len(s) - 1 for s in stop), default=0)
+        ready = text[: max(len(emitted), len(text) - hold)]
+        if len(ready) > len(emitted):
+            yield ready[len(emitted):]
+            emitted = ready
+    text = loaded.tokenizer.decode(new_ids, skip_special_tokens=False) if new_ids else ""
+    if len(text) > len(emitted):
+        yield text[len(emitted):]
+
+
+def complete(loaded, prompt: str, cfg: SamplingConfig, stop: list[str] | None = None) -> str:
+    """The continuation of ``prompt`` (without the prompt) as one string."""
+    return "".join(stream_completion(loaded, prompt, cfg, stop))

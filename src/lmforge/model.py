@@ -1,0 +1,525 @@
+"""A GPT: decoder-only transformer language model, in one file that reads top to bottom.
+
+Configuration, then the pieces in the order the forward pass meets them: position schemes,
+normalisation, causal self-attention (with a KV cache for generation), the MLP, the pre-norm
+block, and the model. The defaults are GPT-2 (Radford et al. 2019, as in nanoGPT); the options
+``positions="rope"``, ``norm="rmsnorm"``, ``mlp="swiglu"``, ``n_kv_head`` and ``bias=False``
+give a Llama-style model.
+
+Parameter names follow GPT-2 (``transformer.wte``, ``transformer.h.0.attn.c_attn``, ``ln_1`` ... also
+when the norm is RMSNorm) so that a GPT-2 export is a transpose of the Conv1D weights, and the
+tensor layouts follow HuggingFace Llama so that a Llama export needs slicing only (see
+``CausalSelfAttention`` and ``SwiGLU``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, Mapping, get_args
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmforge.errors import LmforgeError
+
+Positions = Literal["learned", "sinusoidal", "rope"]
+Norm = Literal["layernorm", "rmsnorm"]
+MLPKind = Literal["gelu", "swiglu"]
+
+
+class ConfigError(LmforgeError, ValueError):
+    """A model or sampling setting out of range: a ValueError that the CLI prints as one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GPTConfig:
+    """Hyperparameters of a GPT. Defaults are a small GPT-2; see the module docstring for Llama."""
+
+    vocab_size: int
+    block_size: int = 64  # context length: the most tokens the model attends over
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_kv_head: int | None = None  # grouped-query attention (Ainslie et al. 2023); None: n_head
+    dropout: float = 0.0
+    bias: bool = True  # bias in Linear layers and LayerNorm (RMSNorm never has one)
+    positions: Positions = "learned"
+    rope_theta: float = 10000.0
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: MLPKind = "gelu"  # "gelu": exact (erf) GELU; "swiglu": Shazeer 2020
+    mlp_hidden: int | None = None  # None: see mlp_hidden_size
+    tie_embeddings: bool = True  # lm_head shares wte's weight (Press & Wolf 2017)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads: ``n_kv_head``, or ``n_head`` (plain multi-head) when None."""
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """Width of the MLP's hidden layer.
+
+        ``mlp_hidden`` when set; otherwise 4 * n_embd for GELU, and for SwiGLU Llama's rule:
+        2/3 of 4 * n_embd (keeping the parameter count of the 4x GELU MLP, as SwiGLU has three
+        matrices), rounded up to a multiple of 32. n_embd=128 gives 352, n_embd=768 gives 2048.
+        """
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.n_embd
+        multiple_of = 32
+        hidden = int(2 * 4 * self.n_embd / 3)
+        return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GPTConfig:
+        """Build and validate a config from a mapping (e.g. the ``model`` section of params.yaml).
+
+        Raises ConfigError (a ValueError) naming an unknown key, a missing vocab_size, or a bad value.
+        """
+        known = [f.name for f in fields(cls)]
+        for key in d:
+            if key not in known:
+                raise ConfigError(f"model.{key} is not a model setting; known settings: {', '.join(known)}.")
+        if "vocab_size" not in d:
+            raise ConfigError("model.vocab_size is missing; set it to the tokenizer's vocabulary size.")
+        config = cls(**dict(d))
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a plain dict; ``GPTConfig.from_dict(c.to_dict()) == c``."""
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Raise ConfigError (a ValueError) with one sentence naming the first bad setting."""
+
+        def fail(name: str, requirement: str) -> None:
+            raise ConfigError(f"model.{name}={getattr(self, name)!r} {requirement}.")
+
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "must be a positive integer")
+        if self.n_kv_head is not None:
+            if not _is_int(self.n_kv_head) or self.n_kv_head < 1:
+                fail("n_kv_head", "must be a positive integer or null (null means n_head)")
+            if self.n_head % self.n_kv_head:
+                fail("n_kv_head", f"must divide model.n_head={self.n_head}")
+        if self.n_embd % self.n_head:
+            fail("n_embd", f"must be divisible by model.n_head={self.n_head}")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            fail("dropout", "must be in [0, 1)")
+        for name, kind in (("positions", Positions), ("norm", Norm), ("mlp", MLPKind)):
+            if getattr(self, name) not in get_args(kind):
+                fail(name, f"is not one of {', '.join(get_args(kind))}")
+        if self.positions == "rope" and self.head_dim % 2:
+            fail("n_embd", f"must give an even head size (n_embd / n_head) for rope, not {self.head_dim}")
+        for name in ("rope_theta", "norm_eps"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                fail(name, "must be a positive number")
+        if self.mlp_hidden is not None and (not _is_int(self.mlp_hidden) or self.mlp_hidden < 1):
+            fail("mlp_hidden", "must be a positive integer or null (null means the default width)")
+        for name in ("bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions
+# ---------------------------------------------------------------------------------------------
+
+
+def sinusoidal_table(block_size: int, n_embd: int) -> Tensor:
+    """The fixed position table of Vaswani et al. 2017, section 3.5: (block_size, n_embd) float32.
+
+    PE[pos, 2i] = sin(pos / 10000^(2i / n_embd)),  PE[pos, 2i+1] = cos(pos / 10000^(2i / n_embd)).
+    """
+    position = torch.arange(block_size, dtype=torch.float32)[:, None]
+    frequency = 1.0 / (10000.0 ** (torch.arange(0, n_embd, 2, dtype=torch.float32) / n_embd))
+    angle = position * frequency
+    table = torch.zeros(block_size, n_embd)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle[:, : n_embd // 2])  # an odd n_embd has one sin column more
+    return table
+
+
+def rope_tables(block_size: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles (Su et al. 2021), each (block_size, head_dim) float32.
+
+    Computed as HuggingFace Llama computes them, in the "rotate half" layout: dimension j and
+    j + head_dim/2 form a rotation pair, so weights move to ``LlamaForCausalLM`` unpermuted.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    angle = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    angle = torch.cat((angle, angle), dim=-1)
+    return angle.cos(), angle.sin()
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dimension's two halves, as HF's ``rotate_half``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each head vector of ``x`` (..., head_dim) by its position's angles (cos/sin broadcast)."""
+    return x * cos + rotate_half(x) * sin
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) * weight; no centring, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 and cast back before the gain, as HF's LlamaRMSNorm does, so an
+        # exported model gives the same numbers in half precision too.
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for incremental decoding.
+
+    ``k[layer]`` and ``v[layer]`` are preallocated (batch_size, n_kv_head, block_size, head_dim)
+    tensors; the first ``length`` positions hold data. ``GPT.forward(..., cache=cache)`` writes the
+    new tokens' keys and values in place and advances ``length``, so a decode step allocates no
+    cache memory. Make one with ``GPT.new_kv_cache(batch_size)``.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_kv_head: int,
+        block_size: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        shape = (batch_size, n_kv_head, block_size, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.batch_size = batch_size
+        self.block_size = block_size
+        self.length = 0
+
+    def reset(self) -> None:
+        """Forget the stored tokens (the memory is kept and overwritten by the next forward)."""
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store new (B, n_kv_head, T, head_dim) keys/values after the first ``length`` positions.
+
+        Returns views of all keys and values of ``layer`` including the new ones. ``length`` is
+        not advanced here: every layer writes at the same offset and the model advances it once.
+        """
+        end = self.length + k.size(2)
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, with grouped-query heads and an optional KV cache.
+
+    q, k and v come from one fused projection ``c_attn`` whose output rows are
+    [n_head query heads | n_kv_head key heads | n_kv_head value heads], head_dim rows per head:
+    one matmul per layer, GPT-2's own layout when n_kv_head == n_head, and Llama's q_proj,
+    k_proj and v_proj are its three row blocks.
+    """
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads
+        self.head_dim = config.head_dim
+        self.layer_idx = layer_idx  # which of the cache's layers is ours
+        self.dropout = config.dropout
+        self.c_attn = nn.Linear(
+            config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias
+        )
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True  # GPT-2 scales its init; see GPT._init_weights
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """(B, T, n_embd) -> (B, T, n_embd).
+
+        ``rope``: cos/sin of the T new positions, shaped (T, 1, head_dim), or None.
+        ``cache``: keys/values of earlier tokens; the new ones are appended.
+        ``attn_mask``: (T, past + T) boolean mask, needed only when T > 1 tokens follow cached ones.
+        """
+        B, T, _ = x.shape
+        nh, nkv = self.n_head, self.n_kv_head
+        qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, self.head_dim)
+        if rope is not None:
+            # Query and key heads are adjacent, so one rotation covers both.
+            qk = apply_rope(qkv[:, :, : nh + nkv], *rope)
+            q, k = qk[:, :, :nh], qk[:, :, nh:]
+        else:
+            q, k = qkv[:, :, :nh], qkv[:, :, nh : nh + nkv]
+        v = qkv[:, :, nh + nkv :]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer_idx, k, v)
+        # is_causal aligns the mask top-left, which is right only when the queries start at
+        # position 0; after cached tokens, one query sees everything and several need attn_mask.
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and past == 0,
+            enable_gqa=nkv != nh,  # query head h reads kv head h // (nh / nkv), as HF's repeat_kv
+        )
+        y = y.transpose(1, 2).reshape(B, T, nh * self.head_dim)
+        return self.resid_dropout(self.c_proj(y))
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP
+# ---------------------------------------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    """GPT-2's feed-forward layer: c_proj(GELU(c_fc(x))), exact (erf) GELU."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = config.mlp_hidden_size
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward layer (Shazeer 2020), Llama's MLP: c_proj(silu(gate(x)) * up(x)).
+
+    gate and up share one matmul: ``c_fc``'s output rows are [gate | up], so Llama's gate_proj
+    and up_proj are its two halves and c_proj is its down_proj.
+    """
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = config.mlp_hidden_size
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_proj.is_residual_projection = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.c_fc(x).chunk(2, dim=-1)
+        return self.dropout(self.c_proj(F.silu(gate) * up))
+
+
+def make_mlp(config: GPTConfig) -> nn.Module:
+    return SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block and model
+# ---------------------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = make_norm(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = make_norm(config)
+        self.mlp = make_mlp(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        cache: KVCache | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, attn_mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    """The language model: token ids (B, T) -> next-token logits (B, T, vocab_size)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        modules: dict[str, nn.Module] = {"wte": nn.Embedding(config.vocab_size, config.n_embd)}
+        if config.positions == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        modules["drop"] = nn.Dropout(config.dropout)
+        modules["h"] = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        modules["ln_f"] = make_norm(config)
+        self.transformer = nn.ModuleDict(modules)
+        # Fixed tables are buffers, not parameters, and are rebuilt rather than saved.
+        if config.positions == "sinusoidal":
+            table = sinusoidal_table(config.block_size, config.n_embd)
+            self.register_buffer("pos_table", table, persistent=False)
+        elif config.positions == "rope":
+            cos, sin = rope_tables(config.block_size, config.head_dim, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2: N(0, 0.02) everywhere, zero biases, and the projections that write into the
+        # residual stream scaled by 1/sqrt(2 * n_layer) (two per block), so the stream's variance
+        # does not grow with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "is_residual_projection", False):
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Logits for every position of ``idx``, and the loss when ``targets`` are given.
+
+        idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is wanted.
+        cache: when given, ``idx`` continues the tokens already in it (positions start at
+        ``cache.length``); their keys/values are appended and ``cache.length`` grows by T.
+        Returns (logits (B, T, vocab_size), mean cross-entropy or None).
+        Raises ValueError when the tokens would pass block_size positions.
+        """
+        B, T = idx.shape
+        past = 0
+        if cache is not None:
+            past = cache.length
+            if cache.batch_size != B:
+                raise ValueError(
+                    f"the KV cache holds {cache.batch_size} sequences but idx has {B}; "
+                    f"make one with new_kv_cache({B})."
+                )
+        if past + T > self.config.block_size:
+            raise ValueError(
+                f"{past} cached + {T} new tokens exceed model.block_size={self.config.block_size}; "
+                "crop the input or reset the cache."
+            )
+
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.transformer.wpe.weight[past : past + T]
+        elif self.config.positions == "sinusoidal":
+            x = x + self.pos_table[past : past + T]
+        else:  # rope rotates q and k inside attention; shaped to broadcast over (B, T, heads, head_dim)
+            rope = (self.rope_cos[past : past + T, None], self.rope_sin[past : past + T, None])
+        x = self.transformer.drop(x)
+
+        attn_mask = None
+        if past > 0 and T > 1:
+            # New token i (position past + i) sees every cached token and new tokens 0..i.
+            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=idx.device).tril(diagonal=past)
+        for block in self.transformer.h:
+            x = block(x, rope, cache, attn_mask)
+        if cache is not None:
+            cache.length = past + T
+
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KVCache for ``batch_size`` sequences on the model's device (dtype: the model's)."""
+        weight = self.transformer.wte.weight
+        c = self.config
+        return KVCache(
+            c.n_layer, batch_size, c.kv_heads, c.block_size, c.head_dim, weight.device, dtype or weight.dtype
+        )
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Number of parameters (tied weights counted once).
+
+        non_embedding=True subtracts the learned position table, as nanoGPT does; the token
+        embedding stays in because, tied, it is also the output layer.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.config.positions == "learned":
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs (forward + backward) per token: 6 N + 12 n_layer n_embd block_size.
+
+        The PaLM appendix B / nanoGPT estimate: 6 per parameter (N = num_params()) for the
+        matmuls, plus the attention scores and weighted sum over a full context.
+        """
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+
+    def estimate_mfu(self, tokens_per_second: float, peak_flops: float) -> float:
+        """Model FLOPs utilisation: achieved training FLOP/s as a fraction of ``peak_flops``."""
+        return self.flops_per_token() * tokens_per_second / peak_flops

@@ -1,0 +1,106 @@
+"""End to end: the real `dvc repro` and `dvc exp run` in a temporary copy of the project."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = [
+    "model=tiny", "train.max_steps=40", "train.eval_interval=20", "train.eval_iters=2", "train.log_every=5",
+    "evaluate.max_batches=4", "evaluate.max_new_tokens=30",
+]
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A git + DVC copy of the project, with params.yaml composed for a tiny run."""
+    dest = tmp_path_factory.mktemp("project")
+    for name in ("conf", "pipelines", "src", "dvc.yaml", "params.yaml", ".dvc", ".gitignore", "pyproject.toml"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest / name)
+    run(["git", "init", "-q"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], dest)
+    run([str(BIN / "lmforge"), "compose", *TINY], dest)
+    return dest
+
+
+def test_dvc_repro_runs_every_stage_and_tracks_the_run(project):
+    run(["dvc", "repro"], project)
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert set(metrics) >= {"val_loss", "val_perplexity", "val_bits_per_byte"}
+    assert 0 < metrics["val_loss"] < 4.5  # a 40-step tiny model beats uniform (ln 86 = 4.45)
+    assert (project / "reports/plots/loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "ROMEO" in (project / "reports/samples.md").read_text()
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "train_config.yaml", "run.json"):
+        assert (project / "models/gpt" / name).is_file()
+
+    run_id = json.loads((project / "models/gpt/run.json").read_text())["run_id"]
+    db = sqlite3.connect(project / "mlflow.db")
+    keys = {k for (k,) in db.execute("select distinct key from metrics where run_uuid=?", (run_id,))}
+    assert {"train/loss", "val/loss", "train/lr", "eval/val_loss", "eval/val_bits_per_byte"} <= keys
+    params = dict(db.execute("select key, value from params where run_uuid=?", (run_id,)))
+    assert params["model.n_layer"] == "2" and params["train.max_steps"] == "40"
+    n_steps = db.execute("select count(distinct step) from metrics where run_uuid=? and key='train/loss'", (run_id,)).fetchone()[0]
+    assert n_steps >= 5
+    artifacts = list((project / "mlartifacts").rglob("*"))
+    names = {p.name for p in artifacts}
+    assert {"model.safetensors", "tokenizer.json", "train_config.yaml", "samples.md", "loss.png"} <= names
+
+    # A second repro does nothing.
+    again = run(["dvc", "repro"], project)
+    assert "didn't change" in again.stdout or "up to date" in again.stdout
+    assert "Running stage" not in again.stdout
+
+    # A tokenizer parameter re-runs vocab and everything after it, but not prepare.
+    params_yaml = yaml.safe_load((project / "params.yaml").read_text())
+    params_yaml["tokenizer"]["special_tokens"] = ["<|endoftext|>", "<unk>", "<pad>"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params_yaml, sort_keys=False))
+    status = run(["dvc", "status", "--json"], project)
+    changed = set(json.loads(status.stdout))
+    assert changed == {"vocab"}, changed  # DVC reports the first changed stage; later ones follow from its outs
+    rerun = run(["dvc", "repro"], project)
+    assert "Running stage 'prepare'" not in rerun.stdout
+    for stage in ("vocab", "tokenize", "train", "evaluate"):
+        assert f"Running stage '{stage}'" in rerun.stdout, rerun.stdout
+
+
+def test_generate_streams_text_from_the_model_directory(project):
+    if not (project / "models/gpt/model.safetensors").exists():
+        run(["dvc", "repro"], project)
+    out = run([str(BIN / "lmforge"), "generate", "--model", str(project / "models/gpt"), "--prompt", "**ROMEO**",
+               "--max-new-tokens", "40", "--temperature", "0.8", "--top-k", "50", "--seed", "1"], project)
+    assert out.stdout.startswith("**ROMEO**")
+    assert len(out.stdout) > len("**ROMEO**") + 20
+    again = run([str(BIN / "lmforge"), "generate", "--model", str(project / "models/gpt"), "--prompt", "**ROMEO**",
+                 "--max-new-tokens", "40", "--temperature", "0.8", "--top-k", "50", "--seed", "1"], project)
+    assert again.stdout == out.stdout  # seeded
+
+
+def test_unknown_config_group_fails_clearly(project):
+    proc = run(["dvc", "exp", "run", "-S", "model=nope"], project, check=False)
+    assert proc.returncode != 0
+    assert "model" in (proc.stdout + proc.stderr) and "nope" in (proc.stdout + proc.stderr)
