@@ -104,3 +104,23 @@ def test_unknown_config_group_fails_clearly(project):
     proc = run(["dvc", "exp", "run", "-S", "model=nope"], project, check=False)
     assert proc.returncode != 0
     assert "model" in (proc.stdout + proc.stderr) and "nope" in (proc.stdout + proc.stderr)
+
+
+def test_two_exp_runs_with_overrides_give_two_mlflow_runs(project):
+    db_path = project / "mlflow.db"
+    before = set()
+    if db_path.exists():
+        before = {r for (r,) in sqlite3.connect(db_path).execute("select run_uuid from runs")}
+    for lr in ("3e-3", "1e-3"):
+        run(["dvc", "exp", "run", *[f"-S{o}" for o in TINY], "-S", "train.max_steps=20", "-S", f"optimizer.lr={lr}"], project)
+    # dvc exp run composed conf/ (with the overrides) into params.yaml
+    params_yaml = yaml.safe_load((project / "params.yaml").read_text())
+    assert params_yaml["model"]["n_embd"] == 32 and params_yaml["optimizer"]["lr"] == pytest.approx(1e-3)
+    db = sqlite3.connect(db_path)
+    new = {r for (r,) in db.execute("select run_uuid from runs")} - before
+    assert len(new) == 2
+    lrs = {v for (v,) in db.execute(
+        f"select value from params where key='optimizer.lr' and run_uuid in ({','.join('?' * len(new))})", tuple(new))}
+    assert {float(v) for v in lrs} == {3e-3, 1e-3}
+    shown = run(["dvc", "exp", "show", "--json"], project)
+    assert "val_loss" in shown.stdout
