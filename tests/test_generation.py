@@ -192,3 +192,177 @@ def test_model_mode_is_restored_and_no_graph_is_built():
     assert not out.requires_grad
     with pytest.raises(ValueError, match="length >= 1"):
         generate(model, torch.zeros(1, 0, dtype=torch.long), SamplingConfig())
+
+
+# --- Text in, text out: model directories, stop strings, batches, the command line ---
+
+CHAR_TEXT = "the king and the queen speak of love and death.\nGood night, fair lord!\n"
+
+
+def make_model_dir(path, seed: int = 0, **overrides):
+    """A small random model directory with a character vocabulary of CHAR_TEXT; returns its path."""
+    from lmforge.modeldir import save_model_dir
+    from lmforge.vocab import build_tokenizer, save_tokenizer
+
+    tokenizer = build_tokenizer({"kind": "char", "special_tokens": ["<|endoftext|>", "<unk>"]}, [CHAR_TEXT])
+    save_tokenizer(tokenizer, path.parent / f"{path.name}-tokenizer.json")
+    settings = dict(vocab_size=tokenizer.get_vocab_size(), block_size=BLOCK, n_layer=2, n_head=4, n_embd=32)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**settings))
+    meta = {"kind": "char", "eot_token": "<|endoftext|>", "eot_id": tokenizer.token_to_id("<|endoftext|>")}
+    return save_model_dir(path, model, path.parent / f"{path.name}-tokenizer.json", meta)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return make_model_dir(tmp_path / "model")
+
+
+def test_stop_string_ends_the_text_before_it(model_dir):
+    from lmforge.generation import complete
+    from lmforge.modeldir import load_model_dir
+
+    loaded = load_model_dir(model_dir)
+    greedy = SamplingConfig(max_new_tokens=40, temperature=0.0)
+    full = complete(loaded, "the king", greedy)
+    assert len(full) >= 12
+    stop = full[5:8]  # a string the greedy continuation produces
+    assert complete(loaded, "the king", greedy, stop=[stop]) == full[: full.index(stop)]
+    assert complete(loaded, "the king", greedy, stop=["never produced \u2603"]) == full
+
+
+def test_samples_of_one_batch_differ_and_repeat_with_the_seed(model_dir):
+    from lmforge.generation import complete_samples
+    from lmforge.modeldir import load_model_dir
+
+    loaded = load_model_dir(model_dir)
+    cfg = SamplingConfig(max_new_tokens=30, seed=5)
+    first = complete_samples(loaded, "good", cfg, num_samples=3)
+    assert len(first) == 3 and len(set(first)) == 3
+    assert complete_samples(loaded, "good", cfg, num_samples=3) == first
+    greedy = SamplingConfig(max_new_tokens=30, temperature=0.0)
+    assert len(set(complete_samples(loaded, "good", greedy, num_samples=3))) == 1
+
+
+def test_text_tail_holds_back_partial_stop_strings_and_incomplete_characters():
+    from lmforge.generation import _TextTail
+    from lmforge.vocab import build_tokenizer
+
+    tokenizer = build_tokenizer({"kind": "bpe", "vocab_size": 300, "min_frequency": 1,
+                                 "special_tokens": ["<|endoftext|>"]}, ["plain text"])
+    ids = tokenizer.encode("ab\u00e9XYcd", add_special_tokens=False).ids  # é is two bytes, two tokens
+    tail = _TextTail(tokenizer, eot_id=0, stop=["XYZ"])
+    pieces = [tail.push(i) for i in ids]
+    assert "".join(pieces) + tail.finish() == "ab\u00e9XYcd"
+    assert all("\ufffd" not in p for p in pieces)
+    after_x = ids.index(tokenizer.token_to_id("X")) + 1
+    assert "".join(pieces[:after_x]) == "ab"  # "\u00e9X" could still begin "XYZ": held back
+    tail = _TextTail(tokenizer, eot_id=0, stop=["XY"])
+    assert "".join(tail.push(i) for i in ids) == "ab\u00e9" and tail.done
+
+
+def run_cli(args, capsys):
+    """``lmforge ARGS`` in this process; returns (exit status, stdout, stderr)."""
+    from lmforge.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_command_streams_and_batches_samples(model_dir, capsys):
+    from lmforge.generation import complete, complete_samples
+    from lmforge.modeldir import load_model_dir
+
+    loaded = load_model_dir(model_dir)
+    cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=20, seed=3)
+    base = ["generate", "--model", model_dir, "--prompt", "the", "--max-new-tokens", 20, "--temperature", 1.0,
+            "--top-k", 20, "--seed", 3]
+    code, out, err = run_cli(base, capsys)
+    assert code == 0 and out == "the" + complete(loaded, "the", cfg) + "\n"
+    code, out, _ = run_cli([*base, "--num-samples", 3], capsys)
+    samples = complete_samples(loaded, "the", cfg, num_samples=3)
+    assert code == 0 and out == "".join(f"--- sample {i + 1} ---\nthe{s}\n" for i, s in enumerate(samples))
+
+
+def test_interactive_loop_survives_a_bad_prompt(model_dir, capsys, monkeypatch):
+    answers = iter(["the", "fair \u00e9", "good", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    code, out, err = run_cli(["generate", "--model", model_dir, "--interactive", "--max-new-tokens", 5,
+                              "--temperature", 0], capsys)
+    assert code == 0
+    assert out.startswith("the") and "\ngood" in out
+    assert "error: the prompt has characters outside the model's vocabulary ('\u00e9')" in err
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--top-p", "1.5"], "error: sampling.top_p=1.5 must be in (0, 1] or null."),
+        (["--top-p", "0"], "error: sampling.top_p=0.0 must be in (0, 1] or null."),
+        (["--temperature", "-1"], "error: sampling.temperature=-1.0 must be a number >= 0 (0 means greedy)."),
+        (["--max-new-tokens", "0"], "error: sampling.max_new_tokens=0 must be an integer >= 1."),
+        (["--num-samples", "0"], "error: --num-samples 0 must be at least 1."),
+        (["--prompt", "caf\u00e9 \u2603"], "error: the prompt has characters outside the model's vocabulary"),
+    ],
+)
+def test_generate_command_rejects_bad_input_in_one_line(model_dir, capsys, options, message):
+    code, out, err = run_cli(["generate", "--model", model_dir, "--prompt", "the", *options], capsys)
+    assert code == 1
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("damage", ["missing config", "missing weights", "truncated weights", "garbage weights"])
+def test_broken_model_directory_is_one_clear_line(model_dir, capsys, damage):
+    weights = model_dir / "model.safetensors"
+    if damage == "missing config":
+        (model_dir / "config.json").unlink()
+        expected = f"error: {model_dir / 'config.json'} is missing"
+    elif damage == "missing weights":
+        weights.unlink()
+        expected = f"error: {weights} is missing"
+    elif damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        expected = f"error: {weights} is corrupt or truncated"
+    else:
+        weights.write_bytes(b"\x00" * 64)
+        expected = f"error: {weights} is corrupt or truncated"
+    code, out, err = run_cli(["generate", "--model", model_dir, "--prompt", "the"], capsys)
+    assert code == 1 and out == ""
+    assert err.startswith(expected) and err.count("\n") == 1
+
+
+def test_bad_input_through_the_installed_command(model_dir):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    lmforge = Path(sys.executable).parent / "lmforge"
+    proc = subprocess.run([str(lmforge), "generate", "--model", str(model_dir), "--prompt", "the", "--top-p", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == "error: sampling.top_p=2.0 must be in (0, 1] or null.\n"
+
+
+@pytest.mark.parametrize("kind", ["char", "word", "bpe"])
+def test_incremental_decoding_equals_decoding_the_whole_sample(kind):
+    import random
+
+    from lmforge.generation import _TextTail
+    from lmforge.vocab import DEFAULT_SPECIAL_TOKENS, build_tokenizer
+
+    text = CHAR_TEXT * 3 + "caf\u00e9, na\u00efve \u2603 \u65e5\u672c\n"
+    tokenizer = build_tokenizer({"kind": kind, "special_tokens": DEFAULT_SPECIAL_TOKENS[kind], "vocab_size": 400,
+                                 "min_frequency": 1}, [text])
+    rng = random.Random(0)
+    samples = [tokenizer.encode(text, add_special_tokens=False).ids]
+    samples += [[rng.randrange(tokenizer.get_vocab_size()) for _ in range(40)] for _ in range(30)]  # any ids
+    for ids in samples:
+        ids = [i for i in ids if i != 0]  # 0 plays the end-of-text token here
+        tail = _TextTail(tokenizer, eot_id=0, stop=[])
+        assert "".join(tail.push(i) for i in ids) + tail.finish() == tokenizer.decode(ids, skip_special_tokens=False)

@@ -66,6 +66,109 @@ def summarise(score: dict, text_bytes: int) -> dict:
     }
 
 
+def evaluate_text(loaded, sources: list[str], data_cfg=None, batch_size: int | None = None,
+                  max_batches: int | None = None) -> dict:
+    """Loss, perplexity and bits per byte of a loaded model on the text of ``sources``.
+
+    sources: files, directories or globs (any format the prepare stage reads: text, JSONL,
+    Parquet, compressed or not), read and cleaned as ``lmforge.corpus`` reads a corpus, with the
+    ``data`` settings ``data_cfg``; None takes those the model was trained with
+    (``train_config.yaml``), else those of ./params.yaml. Documents are joined with the
+    end-of-text token, as the tokenize stage does, and scored by ``score_tokens`` and
+    ``summarise``, the code of the evaluate stage. Returns ``summarise``'s metrics plus
+    ``files``, ``documents`` and ``unknown_tokens`` (text the tokenizer mapped to ``<unk>``).
+    """
+    from lmforge.corpus import BadSource, clean, file_format, resolve_sources, warn
+    from lmforge.corpus.cleaning import check_normal_form
+    from lmforge.corpus.reading import ReadOptions, read_documents
+    from lmforge.tokens import Encoder
+
+    data_cfg = data_cfg if data_cfg is not None else _data_settings(loaded)
+    form = check_normal_form(data_cfg.normalize)
+    options = ReadOptions(data_cfg, warn)
+    files = resolve_sources(sources)
+    encoder = Encoder(loaded.tokenizer)
+    eot = np.array([loaded.eot_id], dtype=np.int64)
+    arrays: list[np.ndarray] = []
+    counts = {"documents": 0, "bytes": 0}
+    for path in files:
+        fmt, compression = file_format(path, str(data_cfg.format))
+        try:
+            for document in read_documents(path, fmt, compression, options, lambda n: None):
+                ids, size = [], 0
+                for text, data in document:  # a long document comes in pieces cut after line ends
+                    text, data, _ = clean(text, data, form)
+                    if text:
+                        ids.append(encoder.encode(text))
+                        size += len(data)
+                if size:
+                    arrays.extend([eot, *ids] if counts["documents"] else ids)
+                    counts["documents"] += 1
+                    counts["bytes"] += size
+        except BadSource as err:
+            if not options.skip_bad_files:
+                raise
+            warn(f"skipped {path}: {err}")
+    ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    if len(ids) < 2:
+        raise LmforgeError(f"{', '.join(map(str, sources))} holds fewer than 2 tokens of text; give the evaluation more text.")
+    block_size = loaded.model.config.block_size
+    batching = {"batch_size": batch_size} if batch_size else {}
+    score = score_tokens(loaded.model, ids, block_size, max_batches=max_batches, **batching)
+    unk = loaded.tokenizer.token_to_id("<unk>")
+    metrics = summarise(score, counts["bytes"])
+    metrics.update(files=len(files), documents=counts["documents"],
+                   unknown_tokens=int((ids == unk).sum()) if unk is not None else 0)
+    return metrics
+
+
+def _data_settings(loaded):
+    # How the text is read and cleaned: as the model's training corpus was, else as this project reads its own.
+    train_cfg = loaded.train_config()
+    if train_cfg is not None and "data" in train_cfg:
+        return train_cfg.data
+    if Path("params.yaml").is_file():
+        from lmforge.config import load_config
+
+        return load_config().data
+    raise LmforgeError(
+        f"{loaded.path} has no train_config.yaml to say how to read text; run from a project root "
+        "(its params.yaml data settings are used)."
+    )
+
+
+def log_text_metrics(loaded, metrics: dict, name: str, tracking_uri: str | None = None,
+                     experiment: str | None = None) -> dict:
+    """Log ``evaluate_text`` metrics to MLflow as ``eval/<name>/<metric>``; return the run.
+
+    Onto the model's training run (its ``run.json``) when it has one, else onto a new run named
+    ``evaluate-<model directory>`` in ``experiment`` on ``tracking_uri``.
+    """
+    from lmforge import tracking
+
+    run = loaded.run()
+    if run is None:
+        from lmforge.modeldir import default_tracking_uri
+
+        uri = tracking.resolve_uri(tracking_uri) if tracking_uri else default_tracking_uri()
+        if experiment is None:
+            if not Path("params.yaml").is_file():
+                raise LmforgeError("the model has no MLflow run (no run.json); pass --experiment NAME for a new run.")
+            from lmforge.config import load_config
+
+            experiment = load_config().tracking.experiment
+        tracking.check_reachable(uri)
+        tracking.quiet_mlflow_env()
+        from mlflow.tracking import MlflowClient
+
+        experiment_id = tracking.ensure_experiment(uri, experiment)
+        created = MlflowClient(tracking_uri=uri).create_run(experiment_id, run_name=f"evaluate-{loaded.path.name}")
+        MlflowClient(tracking_uri=uri).set_terminated(created.info.run_id)
+        run = {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": created.info.run_id}
+    tracking.log_to_run(run, metrics={f"eval/{name}/{k}": v for k, v in metrics.items()})
+    return run
+
+
 def write_plots(curves_dir: Path, plots_dir: Path) -> Path:
     """Copy the training curves to ``plots_dir`` as CSV (DVC plots) and draw ``loss.png``."""
     import matplotlib
@@ -87,7 +190,8 @@ def write_plots(curves_dir: Path, plots_dir: Path) -> Path:
     if val:
         ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="Loss")
-    ax_loss.legend()
+    if train or val:
+        ax_loss.legend()
     ax_loss.grid(alpha=0.3)
     ax_lr.set(xlabel="step", ylabel="learning rate", title="Learning rate")
     ax_lr.grid(alpha=0.3)
@@ -116,10 +220,11 @@ def _sample(loaded, prompt: str, sampling) -> str:
 
 
 def evaluate(cfg) -> dict:
-    """Run the evaluate stage for ``cfg``: metrics.json, plots, samples; logged to the training run."""
+    """Run the evaluate stage for ``cfg``: metrics.json, plots, samples, report.md; logged to the training run."""
     from lmforge import tracking
     from lmforge.generation import SamplingConfig
     from lmforge.modeldir import load_model_dir
+    from lmforge.report import write_report
     from lmforge.tokens import TokenStream
 
     loaded = load_model_dir(cfg.paths.model)
@@ -152,9 +257,10 @@ def evaluate(cfg) -> dict:
     )
     write_text(reports / "samples.md", samples_md)
     write_json(reports / "metrics.json", metrics)
+    report = write_report(reports / "report.md", loaded, metrics, [png], samples)
 
     run = loaded.run()
     if run is not None:
         tracking.log_to_run(run, metrics={f"eval/{k}": v for k, v in metrics.items()},
-                            artifacts=[reports / "metrics.json", reports / "samples.md", png])
+                            artifacts=[reports / "metrics.json", reports / "samples.md", png, report])
     return metrics

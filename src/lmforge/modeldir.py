@@ -5,11 +5,17 @@
     tokenizer.json      the HuggingFace tokenizer the model was trained with
     train_config.yaml   the fully resolved configuration of the training run
     run.json            where the run is tracked (MLflow URI, experiment and run id)
+
+Commands name a model by its directory or by an MLflow URI (``runs:/<run_id>/model``, the run's
+copy of the directory, or ``models:/<name>/<version>``, the registered pyfunc model, which
+carries the directory among its artifacts); ``fetch_model_dir`` downloads a URI into a local cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +56,11 @@ class ModelDir:
         """The MLflow run this model was trained in (``run.json``), or None."""
         path = self.path / RUN
         return json.loads(path.read_text()) if path.is_file() else None
+
+    def train_config(self):
+        """The resolved configuration of the training run (``train_config.yaml``) as an OmegaConf, or None."""
+        path = self.path / TRAIN_CONFIG
+        return OmegaConf.create(yaml.safe_load(path.read_text(encoding="utf-8"))) if path.is_file() else None
 
 
 def save_model_dir(out: str | Path, model: GPT, tokenizer_path: str | Path, tokenizer_meta: dict,
@@ -113,3 +124,114 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Mode
     model.to(device).eval()
     tokenizer = load_tokenizer(path / TOKENIZER)
     return ModelDir(path=path, model=model, tokenizer=tokenizer, config=config)
+
+
+# --- Naming a model by an MLflow URI ---
+
+MLFLOW_SCHEMES = ("runs:/", "models:/")
+
+
+def is_mlflow_uri(ref: str | Path) -> bool:
+    """True for ``runs:/...`` and ``models:/...`` references."""
+    return str(ref).startswith(MLFLOW_SCHEMES)
+
+
+def cache_dir() -> Path:
+    """Where downloaded models go: ``$LMFORGE_CACHE``, else ``$XDG_CACHE_HOME/lmforge`` (``~/.cache``)."""
+    if os.environ.get("LMFORGE_CACHE"):
+        return Path(os.environ["LMFORGE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge"
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI``, else ``tracking.uri`` of ./params.yaml (the project's store)."""
+    from lmforge.tracking import resolve_uri
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if Path("params.yaml").is_file():
+        from lmforge.config import load_config
+
+        return resolve_uri(load_config().tracking.uri)
+    raise LmforgeError(
+        "no MLflow tracking URI: pass --tracking-uri, set MLFLOW_TRACKING_URI, or run from the project root "
+        "(its params.yaml names the store)."
+    )
+
+
+def fetch_model_dir(ref: str | Path, tracking_uri: str | None = None) -> Path:
+    """A local model directory for ``ref``: a directory path as given, or an MLflow URI downloaded.
+
+    ``runs:/<run_id>/<path>`` and ``models:/<name>/<version>`` (or ``@alias``) are fetched from
+    ``tracking_uri`` (default: ``default_tracking_uri()``) into ``cache_dir()``, fresh each time,
+    and the model directory inside the download is returned (for a pyfunc model, the one among
+    its artifacts). LmforgeError when the download fails or holds no model directory.
+    """
+    if not is_mlflow_uri(ref):
+        return Path(ref)
+    from lmforge.tracking import check_reachable, quiet_mlflow_env
+
+    quiet_mlflow_env()
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    ref = str(ref)
+    uri = tracking_uri or default_tracking_uri()
+    check_reachable(uri)
+    key = hashlib.sha256(f"{uri}\n{ref}".encode()).hexdigest()[:16]
+    dest = cache_dir() / "mlflow" / key
+    with atomic_path(dest, directory=True) as tmp:
+        try:
+            mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(tmp), tracking_uri=uri, registry_uri=uri)
+        except MlflowException as err:
+            reason = str(err.message).splitlines()[0]
+            raise LmforgeError(f"cannot download {ref} from {uri} ({reason}); check the run id or model name and version.") from None
+    found = sorted({p.parent for p in dest.rglob(WEIGHTS) if (p.parent / CONFIG).is_file()}, key=lambda p: len(p.parts))
+    if not found:
+        raise LmforgeError(f"{ref} holds no lmforge model directory (no {WEIGHTS} beside a {CONFIG}); name the model directory's artifact path.")
+    return found[0]
+
+
+# --- Starting training from a model directory (train.init_from) ---
+
+# Settings that may differ from the directory's: dropout changes training, not the model's function.
+_ARCHITECTURE_EXEMPT = ("dropout",)
+
+
+def init_from_model_dir(model: GPT, path: str | Path, tokenizer_path: str | Path) -> None:
+    """Copy the weights of the model directory ``path`` into ``model`` (for ``train.init_from``).
+
+    The architecture is the config's (``model.*``) and must equal the directory's, and the
+    tokenizer the token files were made with (``tokenizer_path``) must have the directory's
+    vocabulary, so that every token id means the same text. Each mismatch is a LmforgeError
+    naming the settings to change.
+    """
+    from lmforge.vocab import load_tokenizer
+
+    loaded = load_model_dir(path)
+    ours, theirs = _architecture(model.config), _architecture(loaded.model.config)
+    differ = [f"model.{k}={theirs[k]!r}" for k in ours if ours[k] != theirs[k] and k != "vocab_size"]
+    if differ:
+        raise LmforgeError(
+            f"train.init_from={path} has a different architecture than the config; set {' '.join(differ)} "
+            "(or point train.init_from at a model of this architecture)."
+        )
+    vocabulary = load_tokenizer(Path(tokenizer_path)).get_vocab(with_added_tokens=True)
+    if loaded.tokenizer.get_vocab(with_added_tokens=True) != vocabulary:
+        raise LmforgeError(
+            f"train.init_from={path} uses a different tokenizer than the token files; copy "
+            f"{loaded.path / TOKENIZER} to paths.vocab and rerun the tokenize stage, or train from scratch."
+        )
+    if ours["vocab_size"] != theirs["vocab_size"]:
+        raise LmforgeError(
+            f"train.init_from={path} has vocab_size={theirs['vocab_size']} but its tokenizer has "
+            f"{ours['vocab_size']} tokens; lmforge trains only models whose embedding matches the tokenizer."
+        )
+    model.load_state_dict(loaded.model.state_dict())
+
+
+def _architecture(config: GPTConfig) -> dict:
+    settings = config.to_dict()
+    settings["n_kv_head"] = config.kv_heads  # null and n_head are the same model
+    settings["mlp_hidden"] = config.mlp_hidden_size
+    return {k: v for k, v in settings.items() if k not in _ARCHITECTURE_EXEMPT}
