@@ -1,9 +1,19 @@
-"""Shared fixtures: the project root, and a config composed from the real conf/ for tiny runs."""
+"""Shared fixtures: the project root, a config composed from the real conf/ for tiny runs, a real
+DVC project copy (``dvc_project``, ``copy_project``) and a real MLflow server (``tracking_server``)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -44,3 +54,116 @@ def write_corpus(directory: Path, n_docs: int = 20, words: int = 400) -> Path:
             lines.append(" ".join(rng.choice(vocab) for _ in range(8)).capitalize() + ".")
         (directory / f"doc{i:03d}.txt").write_text(f"DOC {i}\n" + "\n".join(lines) + "\n", encoding="utf-8")
     return directory
+
+
+# --- A real DVC project and a real MLflow server, for the end-to-end tests ---
+
+BIN = Path(sys.executable).parent
+PROJECT_FILES = ("conf", "pipelines", "src", "dvc.yaml", "params.yaml", ".dvc", ".gitignore", "pyproject.toml")
+# The whole pipeline in seconds per stage on a CPU (the default corpus, a tiny model, 10 steps).
+TINY_PIPELINE = ("model=tiny", "train.max_steps=10", "train.eval_interval=10", "train.eval_iters=2",
+                 "train.log_every=5", "evaluate.max_batches=2", "evaluate.max_new_tokens=20")
+
+
+def run_command(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600,
+                env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in ``cwd`` with the virtualenv first on PATH and no DVC run variables inherited.
+
+    With ``check``, a non-zero exit fails the test with the command's output.
+    """
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("DVC_")}
+    full_env = {**clean, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true",
+                **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def copy_project(dest: Path, overrides: tuple[str, ...] | list[str] = ()) -> Path:
+    """A git + DVC copy of the project at ``dest``, params.yaml composed with ``overrides``, all committed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, dest / name)
+    run_command(["git", "init", "-q"], dest)
+    # DVC commits experiments itself: it needs an identity even where git has no global one.
+    run_command(["git", "config", "user.email", "tests@lmforge.invalid"], dest)
+    run_command(["git", "config", "user.name", "lmforge tests"], dest)
+    run_command([str(BIN / "lmforge"), "compose", *overrides], dest)
+    commit_all(dest, "project copy")
+    return dest
+
+
+def commit_all(project: Path, message: str) -> None:
+    """``git add -A && git commit`` in ``project`` (nothing to commit is fine)."""
+    run_command(["git", "add", "-A"], project)
+    run_command(["git", "commit", "-qm", message], project, check=False)
+
+
+@pytest.fixture(scope="session")
+def dvc_project(tmp_path_factory) -> Path:
+    """A copy of the project after a tiny `dvc repro`, with dvc.lock and the metrics committed.
+
+    Shared by several test modules: a test that changes it must leave it as it found it.
+    """
+    project = copy_project(tmp_path_factory.mktemp("dvc") / "project", TINY_PIPELINE)
+    run_command(["dvc", "repro"], project)
+    commit_all(project, "tiny pipeline run")
+    return project
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(store: Path, timeout: float = 90) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 with a SQL store and an artifact root in ``store``; yields its URL.
+
+    One worker and no job runner (it would start seven more processes); stopped with SIGTERM to
+    its process group on exit.
+    """
+    store.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+           "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true",
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(store / "server.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"mlflow server did not start:\n{(store / 'server.log').read_text()[-3000:]}")
+                time.sleep(0.3)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory) -> Iterator[str]:
+    """A remote-style MLflow tracking server for the whole session (its URL)."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url

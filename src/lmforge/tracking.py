@@ -2,12 +2,17 @@
 
 The training stage opens the run; the evaluate stage logs its metrics and artifacts onto that
 same run, found through the model directory's ``run.json``.
+
+A relative store (``sqlite:///mlflow.db``) belongs to the project, not to the directory a stage
+happens to run in: ``dvc exp run --queue`` runs each experiment in a temporary copy of the
+repository (``.dvc/tmp/exps/...``) and sets ``DVC_ROOT`` to the original project, so relative
+stores and their artifacts resolve against ``project_root()`` and every queued run lands in the
+one store the user opens in the UI.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -24,9 +29,21 @@ def quiet_mlflow_env() -> None:
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
+def project_root() -> Path:
+    """The project a stage belongs to: ``$DVC_ROOT`` under ``dvc repro``/``dvc exp run``, else cwd.
+
+    DVC sets ``DVC_ROOT`` for every stage command; for a queued experiment it names the original
+    repository, not the temporary copy the stage runs in.
+    """
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+
+
 def resolve_uri(uri: str, root: str | Path | None = None) -> str:
-    """Make a relative ``sqlite:///x.db`` (or a plain path) absolute against ``root`` (default: cwd)."""
-    root = Path(root or Path.cwd()).resolve()
+    """Make a relative ``sqlite:///x.db`` (or a plain path) absolute against ``root``.
+
+    ``root`` defaults to ``project_root()``; absolute paths and server URIs come back unchanged.
+    """
+    root = Path(root or project_root()).resolve()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         return f"sqlite:///{(root / uri[len('sqlite:///'):]).resolve()}"
     if "://" not in uri:
@@ -34,24 +51,48 @@ def resolve_uri(uri: str, root: str | Path | None = None) -> str:
     return uri
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a local store keeps artifacts: ``mlartifacts/`` beside its sqlite file; None for a server.
+
+    A tracking server decides its own artifact root (``mlflow server --artifacts-destination``).
+    """
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / ARTIFACT_DIR).as_uri()
+    if uri.startswith("file:"):
+        return (Path(urllib.parse.urlparse(uri).path).parent / ARTIFACT_DIR).as_uri()
+    return None
+
+
 def check_reachable(uri: str, timeout: float = 3.0) -> None:
-    """Fail fast (seconds) with one sentence when an http(s) tracking server does not answer."""
+    """Fail fast (seconds) with one sentence when an http(s) tracking server does not answer.
+
+    MLflow's own client retries a dead server with backoff for minutes; this asks the server's
+    ``/health`` once, with ``timeout``. Any answer below 500 counts as alive (a server behind
+    authentication may answer 401). Local stores are not checked.
+    """
     if not uri.startswith(("http://", "https://")):
         return
-    parsed = urllib.parse.urlparse(uri)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    import urllib.error
+    import urllib.request
+
     try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            pass
-    except OSError as err:
-        raise LmforgeError(
-            f"the MLflow tracking server {uri} is unreachable ({err.strerror or err}); "
-            "start it or set tracking.uri to a reachable server (or sqlite:///mlflow.db)."
-        ) from None
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError as err:
+        if err.code < 500:
+            return
+        reason = f"it answered HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        cause = getattr(err, "reason", err)
+        reason = getattr(cause, "strerror", None) or str(cause)
+    raise LmforgeError(
+        f"the MLflow tracking server {uri} is unreachable ({reason}); "
+        "start it or set tracking.uri to a reachable server (or sqlite:///mlflow.db)."
+    )
 
 
-def ensure_experiment(uri: str, name: str, root: str | Path | None = None) -> str:
-    """Return the id of experiment ``name`` on ``uri``, creating it with a project-local artifact root."""
+def ensure_experiment(uri: str, name: str) -> str:
+    """Return the id of experiment ``name`` on ``uri``, creating it (artifacts: ``artifact_root(uri)``)."""
     quiet_mlflow_env()
     from mlflow.tracking import MlflowClient
 
@@ -59,11 +100,9 @@ def ensure_experiment(uri: str, name: str, root: str | Path | None = None) -> st
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    artifact_location = None
-    if uri.startswith("sqlite:"):
-        # Without this, artifacts land in ./mlruns of whatever directory the stage runs in.
-        artifact_location = (Path(root or Path.cwd()).resolve() / ARTIFACT_DIR).as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    # Without an explicit location, artifacts of a local store land in ./mlruns of whatever
+    # directory the stage runs in (a temporary one, for a queued experiment).
+    return client.create_experiment(name, artifact_location=artifact_root(uri))
 
 
 def make_logger(tracking_cfg, run_name: str, run_id: str | None = None, tags: dict[str, str] | None = None):
@@ -108,3 +147,16 @@ def log_to_run(run: dict, metrics: dict[str, float] | None = None, artifacts: li
         client.log_artifact(run_id, str(path))
     for dest, path in (artifact_dirs or {}).items():
         client.log_artifacts(run_id, str(path), artifact_path=dest)
+
+
+def set_run_status(run: dict, status: str) -> None:
+    """Mark the run of a ``run.json`` as RUNNING (resumed) or FINISHED, FAILED, KILLED (ended)."""
+    quiet_mlflow_env()
+    from mlflow.tracking import MlflowClient
+
+    check_reachable(run["tracking_uri"])
+    client = MlflowClient(tracking_uri=run["tracking_uri"])
+    if status == "RUNNING":
+        client.update_run(run["run_id"], status=status)
+    else:
+        client.set_terminated(run["run_id"], status=status)
