@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from omegaconf import DictConfig, OmegaConf
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from lmforge import vocab
@@ -167,6 +167,22 @@ def test_bpe_encodes_eot_in_text_as_its_id():
     assert tokenizer.decode(ids, skip_special_tokens=False) == "Speak, speak.<|endoftext|>All:"
 
 
+@pytest.mark.parametrize("vocab_size, min_frequency", [(300, 2), (600, 0), (1000, 1)])
+def test_bpe_is_the_vocabulary_the_library_trains_itself(vocab_size, min_frequency):
+    # build_tokenizer counts pre-tokens with lmforge.tokens' fast path: the library, pre-tokenizing
+    # on its own, must arrive at the very same tokenizer.json.
+    texts = SHAKESPEARE * 3 + ["  indented\n\n\n  lines\t\ttabs  ", "<|endoftext|> in the text", "東京 ½ ¹ ﬁ Ελλάδα"]
+    reference = Tokenizer(models.BPE())
+    reference.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    reference.decoder = decoders.ByteLevel()
+    reference.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    reference.post_processor = None
+    built = build_tokenizer(make_cfg("bpe", vocab_size=vocab_size, min_frequency=min_frequency), iter(texts))
+    assert built.to_str() == reference.to_str()
+
+
 def test_bpe_build_is_deterministic():
     again = build_tokenizer(make_cfg("bpe", vocab_size=400), SHAKESPEARE * 3)
     assert again.to_str() == bpe_tokenizer().to_str()
@@ -264,6 +280,18 @@ def test_word_round_trip_with_lowercase():
     assert normalise_for_word(text, True) == "speak , speak .\nall : resolved !"
 
 
+@HYPOTHESIS
+@given(st.text(alphabet=st.sampled_from(list("SpeakAlrsoved xyzé,.!:\n\t")), max_size=60))
+def test_word_round_trips_normalised_text_up_to_unknown_words(text):
+    # Unknown words ("xyz", "Spe", ...) become <unk>, which decoding leaves out; everything else
+    # comes back in the normalised form.
+    tokenizer = word_tokenizer()
+    known = tokenizer.get_vocab()
+    kept = [p for p in re.findall(r"[A-Za-zé]+|\n|[^\sA-Za-zé]", text) if p in known]
+    expected = re.sub(r" ?\n ?", "\n", " ".join(kept))
+    assert roundtrip(tokenizer, text) == expected
+
+
 # --- validation --------------------------------------------------------------------------------
 
 
@@ -344,6 +372,20 @@ def char_vocab(alphabet: str) -> dict:
     return {token: token_id for token_id, token in enumerate(tokens)}
 
 
+def test_training_sample_spreads_train_bytes_over_the_split(tmp_path):
+    from lmforge.corpus import DOC_SEPARATOR
+
+    megabyte = ("word " * 200 + "\n") * 1000  # about 1 MB a chunk
+    path = tmp_path / "train.txt"
+    path.write_text(DOC_SEPARATOR.join(f"doc {i}\n{megabyte}" for i in range(6)), encoding="utf-8")
+    everything = "".join(vocab.training_sample(path))
+    assert everything == path.read_text(encoding="utf-8").replace(DOC_SEPARATOR, "")
+    sample = list(vocab.training_sample(path, train_bytes=2_000_000))
+    assert 1_500_000 < sum(map(len, sample)) < 3_000_000
+    # Spread over the split, not its first megabytes.
+    assert any(p.startswith("doc 0") for p in sample) and any(p.startswith(("doc 4", "doc 5")) for p in sample)
+
+
 def test_eot_token_id():
     assert eot_token_id(bpe_tokenizer(), "<|endoftext|>") == 0
     assert eot_token_id(word_tokenizer(), "<eos>") == 3
@@ -418,7 +460,7 @@ def test_tokenizer_sha256_is_the_digest_of_the_file_bytes(tmp_path):
 # --- metrics -----------------------------------------------------------------------------------
 
 
-def test_vocab_metrics_on_crafted_text(monkeypatch):
+def test_vocab_metrics_on_crafted_text():
     tokenizer = build_tokenizer(make_cfg("char"), ["abc"])
     # "d" and "é" are unseen: 6 tokens, 2 of them <unk>; "é" is 2 UTF-8 bytes, so 7 bytes.
     metrics = vocab_metrics(tokenizer, iter(["abcd", "aé"]))
@@ -429,9 +471,8 @@ def test_vocab_metrics_on_crafted_text(monkeypatch):
         "tokens": 6,
         "bytes": 7,
     }
-    # Same numbers when the stream is encoded in many small chunks.
-    monkeypatch.setattr(vocab, "_METRICS_CHUNK_CHARS", 1)
-    assert vocab_metrics(tokenizer, iter(["abcd", "aé"])) == metrics
+    # Same numbers when the text comes in other pieces.
+    assert vocab_metrics(tokenizer, iter(["ab", "cd", "a", "é"])) == metrics
 
 
 def test_vocab_metrics_without_unk_token_and_on_empty_text():

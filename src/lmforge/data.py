@@ -73,10 +73,17 @@ class TokenDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         data = RandomWindows(self.train_stream, self.block_size, self.batch_size, self.seed,
                              start_batch=self.start_batch, rank=self._rank())
-        return DataLoader(data, batch_size=None, num_workers=0)
+        return DataLoader(data, batch_size=None, num_workers=0, generator=_own_generator())
 
     def val_dataloader(self) -> DataLoader:
         # The same batches at every validation, so the estimates are comparable step to step.
         data = RandomWindows(self.val_stream, self.block_size, self.batch_size, self.seed + 1,
                              num_batches=self.eval_iters, rank=self._rank())
-        return DataLoader(data, batch_size=None, num_workers=0)
+        return DataLoader(data, batch_size=None, num_workers=0, generator=_own_generator())
+
+
+def _own_generator() -> torch.Generator:
+    # A DataLoader draws a seed from the global torch generator each time it is iterated unless
+    # it has its own; with its own, validation leaves the RNG that dropout uses untouched, which
+    # keeps a resumed run bit-identical to an uninterrupted one.
+    return torch.Generator()

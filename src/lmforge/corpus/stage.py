@@ -1,0 +1,376 @@
+"""The prepare stage: every source document read, cleaned, deduplicated and written to its split.
+
+It streams: documents go to the split files as they are read, and what stays in memory is one
+document (a long one only a piece at a time), the 16-byte digests of the documents kept (for
+deduplication) and a few counters.
+"""
+
+from __future__ import annotations
+
+import bisect
+import codecs
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lmforge.corpus.cleaning import check_normal_form, clean
+from lmforge.corpus.prepared import DOC_SEPARATOR, SPLITS
+from lmforge.corpus.reading import BadSource, ReadOptions, read_documents
+from lmforge.corpus.sources import file_format, resolve_sources
+from lmforge.errors import LmforgeError
+from lmforge.outputs import atomic_path, write_json
+
+# A long document is held in memory up to this size, then spooled to a temporary file until it
+# is known whether (and to which split) it goes.
+SPOOL_BYTES = 64 << 20
+# The position split notes (characters, bytes) this often, to find its cut without a reread.
+_MARK_BYTES = 16 << 20
+_WRITE_BUFFER = 1 << 20
+
+
+@dataclass
+class CorpusStats:
+    """The prepare stage's counts (``reports/prepare.json``)."""
+
+    files: int = 0
+    skipped_files: int = 0
+    documents_in: int = 0
+    bytes_in: int = 0
+    documents_out: int = 0
+    bytes_out: int = 0
+    duplicates: int = 0
+    dropped_short: int = 0
+    train_documents: int = 0
+    train_bytes: int = 0
+    train_chars: int = 0
+    val_documents: int = 0
+    val_bytes: int = 0
+    val_chars: int = 0
+
+
+def progress_bar(total: int | None, desc: str, unit: str = "B"):
+    """A tqdm bar with rate and ETA on stderr; silent when stderr is not a terminal or ``CI`` is set."""
+    from tqdm import tqdm
+
+    quiet = not sys.stderr.isatty() or bool(os.environ.get("CI"))
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=quiet, dynamic_ncols=True,
+                smoothing=0.05, mininterval=0.5)
+
+
+def reported_counts(reports_dir: str | Path) -> dict[str, float]:
+    """The numbers in ``reports/prepare.json`` and ``reports/vocab.json`` (when present), for MLflow.
+
+    Keys are ``prepare/<count>`` and ``vocab/<metric>``, e.g. ``prepare/duplicates``.
+    """
+    import json
+
+    counts = {}
+    for stage in ("prepare", "vocab"):
+        path = Path(reports_dir) / f"{stage}.json"
+        if path.is_file():
+            for key, value in json.loads(path.read_text(encoding="utf-8")).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    counts[f"{stage}/{key}"] = value
+    return counts
+
+
+def warn(message: str) -> None:
+    """A warning line on stderr that does not break a progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
+
+
+def prepare(cfg) -> CorpusStats:
+    """Run the prepare stage for config ``cfg``; write ``paths.prepared`` and return the counts.
+
+    Writes ``train.txt`` and ``val.txt`` (see ``lmforge.corpus.prepared``) into
+    ``paths.prepared`` and the counts into ``paths.reports/prepare.json``. On any error nothing
+    is written and the previous output stays as it was.
+    """
+    data = cfg.data
+    val_fraction = float(data.val_fraction)
+    if not 0.0 < val_fraction < 1.0:
+        raise LmforgeError(f"data.val_fraction={data.val_fraction} must be between 0 and 1 (e.g. 0.1).")
+    if data.split not in ("position", "document"):
+        raise LmforgeError(f"data.split='{data.split}' is not one of position, document.")
+    form = check_normal_form(data.normalize)
+    min_chars = int(data.min_chars)
+    files = resolve_sources(data.sources)
+    formats = [file_format(path, str(data.format)) for path in files]
+    options = ReadOptions(data, warn)
+    stats = CorpusStats(files=len(files))
+
+    with progress_bar(sum(f.stat().st_size for f in files), "prepare") as bar, \
+            atomic_path(cfg.paths.prepared, directory=True) as out_dir:
+        if data.split == "position":
+            splits = PositionSplit(out_dir, str(data.join), val_fraction)
+        else:
+            splits = DocumentSplit(out_dir, val_fraction)
+        try:
+            documents = _Documents(splits, stats, form, min_chars, bool(data.dedupe))
+            for path, (fmt, compression) in zip(files, formats):
+                try:
+                    for document in read_documents(path, fmt, compression, options, bar.update):
+                        documents.take(document)
+                except BadSource as err:
+                    splits.abort()
+                    if not options.skip_bad_files:
+                        raise
+                    warn(f"skipped {path}: {err}")
+                    stats.skipped_files += 1
+            if stats.documents_out == 0:
+                raise LmforgeError(
+                    f"the corpus is empty after cleaning ({stats.documents_in} documents read from {len(files)} "
+                    f"files of data.sources, {stats.dropped_short} too short, {stats.duplicates} duplicates); "
+                    "point data.sources at non-empty text or lower data.min_chars."
+                )
+            splits.finish(stats)
+        finally:
+            splits.close()
+    write_json(Path(cfg.paths.reports) / "prepare.json", asdict(stats))
+    print(f"prepare: {stats.documents_in:,} documents in ({stats.bytes_in / 1e6:,.1f} MB), "
+          f"{stats.duplicates:,} duplicates, {stats.dropped_short:,} too short; "
+          f"train {stats.train_chars:,} chars, val {stats.val_chars:,} chars")
+    return stats
+
+
+class _Documents:
+    """Cleans, filters and deduplicates documents, passing the kept ones to the splits."""
+
+    def __init__(self, splits, stats: CorpusStats, form: str | None, min_chars: int, dedupe: bool):
+        self.splits = splits
+        self.stats = stats
+        self.form = form
+        self.min_chars = min_chars
+        self.dedupe = dedupe
+        self.seen: set[bytes] = set()
+
+    def take(self, document) -> None:
+        stats = self.stats
+        stats.documents_in += 1
+        if type(document) is tuple and len(document) == 1:  # the common case: a document in one piece
+            text, data, size_in = clean(*document[0], self.form)
+            stats.bytes_in += size_in
+            if self._too_short(len(text), text.isspace() or not text):
+                return
+            digest = hashlib.blake2b(data, digest_size=16).digest()
+            if self._duplicate(digest):
+                return
+            self.splits.add(text, data, digest)
+        else:
+            self._take_long(document)
+            return
+        stats.documents_out += 1
+        stats.bytes_out += len(data)
+
+    def _take_long(self, pieces) -> None:
+        stats = self.stats
+        digest = hashlib.blake2b(digest_size=16)
+        chars = size_out = 0
+        blank = True
+        self.splits.begin()
+        for piece in pieces:
+            text, data, size_in = clean(*piece, self.form)
+            stats.bytes_in += size_in
+            chars += len(text)
+            size_out += len(data)
+            blank = blank and (text.isspace() or not text)
+            digest.update(data)
+            self.splits.write(text, data)
+        if self._too_short(chars, blank) or self._duplicate(digest.digest()):
+            self.splits.abort()
+            return
+        self.splits.commit(digest.digest())
+        stats.documents_out += 1
+        stats.bytes_out += size_out
+
+    def _too_short(self, chars: int, blank: bool) -> bool:
+        if chars < self.min_chars or blank:
+            self.stats.dropped_short += 1
+            return True
+        return False
+
+    def _duplicate(self, digest: bytes) -> bool:
+        if not self.dedupe:
+            return False
+        if digest in self.seen:
+            self.stats.duplicates += 1
+            return True
+        self.seen.add(digest)
+        return False
+
+
+def _empty_split(name: str, stats: CorpusStats) -> LmforgeError:
+    return LmforgeError(
+        f"the {name} split is empty ({stats.documents_out} documents kept); "
+        "add documents or change data.val_fraction (or use data.split=position)."
+    )
+
+
+class PositionSplit:
+    """nanoGPT's split: the documents joined by ``data.join`` into one text, whose first
+    ``1 - val_fraction`` of the characters are train and the rest val.
+
+    The joined text is written once to a temporary file; at the end the val part is copied out and
+    the file, truncated at the cut, becomes ``train.txt``. Each split is then one document.
+    """
+
+    def __init__(self, directory: Path, join: str, val_fraction: float):
+        self.directory = directory
+        self.path = directory / "joined.tmp"
+        self.file = open(self.path, "wb", buffering=_WRITE_BUFFER)
+        self.join, self.join_data = join, join.encode("utf-8")
+        self.val_fraction = val_fraction
+        self.chars = self.bytes = self.documents = 0
+        self.marks = [(0, 0)]  # (characters, bytes) at points spread through the file
+        self._undo = None
+
+    def add(self, text: str, data: bytes, digest: bytes) -> None:
+        if self.documents:
+            self.file.write(self.join_data)
+            self.chars += len(self.join)
+            self.bytes += len(self.join_data)
+        self.file.write(data)
+        self.chars += len(text)
+        self.bytes += len(data)
+        self.documents += 1
+        if self.bytes - self.marks[-1][1] >= _MARK_BYTES:
+            self.marks.append((self.chars, self.bytes))
+
+    def begin(self) -> None:
+        self._undo = (self.chars, self.bytes, len(self.marks))
+        if self.documents:
+            self.file.write(self.join_data)
+            self.chars += len(self.join)
+            self.bytes += len(self.join_data)
+
+    def write(self, text: str, data: bytes) -> None:
+        self.file.write(data)
+        self.chars += len(text)
+        self.bytes += len(data)
+        if self.bytes - self.marks[-1][1] >= _MARK_BYTES:
+            self.marks.append((self.chars, self.bytes))
+
+    def commit(self, digest: bytes) -> None:
+        self.documents += 1
+        self._undo = None
+
+    def abort(self) -> None:
+        if self._undo is None:
+            return
+        self.chars, self.bytes, marks = self._undo
+        del self.marks[marks:]
+        self.file.seek(self.bytes)
+        self.file.truncate()
+        self._undo = None
+
+    def close(self) -> None:
+        self.file.close()
+
+    def finish(self, stats: CorpusStats) -> None:
+        self.file.close()
+        # The same arithmetic as nanoGPT's prepare.py, so the default corpus splits identically.
+        cut = int(self.chars * (1.0 - self.val_fraction))
+        cut_byte = self._byte_offset(cut)
+        for name, chars, size in (("train", cut, cut_byte), ("val", self.chars - cut, self.bytes - cut_byte)):
+            if chars == 0:
+                raise _empty_split(name, stats)
+            setattr(stats, f"{name}_documents", 1)
+            setattr(stats, f"{name}_chars", chars)
+            setattr(stats, f"{name}_bytes", size)
+        with open(self.path, "r+b") as joined, open(self.directory / "val.txt", "wb") as val:
+            joined.seek(cut_byte)
+            shutil.copyfileobj(joined, val, _WRITE_BUFFER)
+            joined.truncate(cut_byte)
+        os.replace(self.path, self.directory / "train.txt")
+
+    def _byte_offset(self, chars: int) -> int:
+        """The byte offset in the joined file of character number ``chars``."""
+        mark_chars, offset = self.marks[bisect.bisect_right(self.marks, (chars, float("inf"))) - 1]
+        need = chars - mark_chars
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            while need > 0:
+                text = decoder.decode(f.read(1 << 20))
+                if len(text) >= need:
+                    return offset + len(text[:need].encode("utf-8"))
+                offset += len(text.encode("utf-8"))
+                need -= len(text)
+        return offset
+
+
+class DocumentSplit:
+    """Each document wholly to val when its content digest falls below ``val_fraction``, else to train.
+
+    A document's split depends on its text alone, so adding documents never moves existing ones.
+    """
+
+    def __init__(self, directory: Path, val_fraction: float):
+        self.directory = directory
+        self.val_fraction = val_fraction
+        self.files = {name: open(directory / f"{name}.txt", "wb", buffering=_WRITE_BUFFER) for name in SPLITS}
+        self.counts = {name: [0, 0, 0] for name in SPLITS}  # documents, chars, bytes
+        self._spool = None
+        self._spool_chars = 0
+
+    def _split_of(self, digest: bytes) -> str:
+        return "val" if int.from_bytes(digest[:8], "big") / 2**64 < self.val_fraction else "train"
+
+    def add(self, text: str, data: bytes, digest: bytes) -> None:
+        name = self._split_of(digest)
+        counts = self.counts[name]
+        if counts[0]:
+            self.files[name].write(_SEPARATOR_DATA)
+        self.files[name].write(data)
+        counts[0] += 1
+        counts[1] += len(text)
+        counts[2] += len(data)
+
+    def begin(self) -> None:
+        self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=self.directory)
+        self._spool_chars = 0
+
+    def write(self, text: str, data: bytes) -> None:
+        self._spool.write(data)
+        self._spool_chars += len(text)
+
+    def commit(self, digest: bytes) -> None:
+        name = self._split_of(digest)
+        counts = self.counts[name]
+        if counts[0]:
+            self.files[name].write(_SEPARATOR_DATA)
+        counts[0] += 1
+        counts[1] += self._spool_chars
+        counts[2] += self._spool.tell()
+        self._spool.seek(0)
+        shutil.copyfileobj(self._spool, self.files[name], _WRITE_BUFFER)
+        self.abort()
+
+    def abort(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    def close(self) -> None:
+        self.abort()
+        for file in self.files.values():
+            file.close()
+
+    def finish(self, stats: CorpusStats) -> None:
+        for name in SPLITS:
+            self.files[name].close()
+            documents, chars, size = self.counts[name]
+            if documents == 0:
+                raise _empty_split(name, stats)
+            setattr(stats, f"{name}_documents", documents)
+            setattr(stats, f"{name}_chars", chars)
+            setattr(stats, f"{name}_bytes", size)
+
+
+_SEPARATOR_DATA = DOC_SEPARATOR.encode("ascii")
