@@ -297,3 +297,46 @@ def test_gpt2_style_weights_match_hf_gpt2():
     idx = torch.randint(0, 32, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, model(idx)[0], rtol=0, atol=1e-5)
+
+
+def preset(name: str, vocab_size: int) -> GPTConfig:
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from lmforge.config import compose_config
+
+    cfg = compose_config([f"model={name}"], conf_dir=Path(__file__).resolve().parents[1] / "conf")
+    return GPTConfig.from_dict({**OmegaConf.to_container(cfg.model), "vocab_size": vocab_size})
+
+
+@pytest.mark.parametrize(
+    "name, vocab_size, parameters",
+    [
+        ("gpt2-small", 50257, 124_439_808),  # GPT-2's 124M
+        ("gpt2-medium", 50257, 354_823_168),  # GPT-2's "345M"/"350M"
+        ("llama-small", 32000, 100_092_672),
+        ("baby", 86, 812_544),
+        ("baby-llama", 86, 809_600),
+    ],
+)
+def test_model_presets(name, vocab_size, parameters):
+    with torch.device("meta"):
+        model = GPT(preset(name, vocab_size))
+    assert model.num_params(non_embedding=False) == parameters
+
+
+def test_llama_presets_are_llama_style_and_the_baby_ones_compare():
+    for name in ("llama-small", "baby-llama"):
+        c = preset(name, 86)
+        assert (c.positions, c.norm, c.mlp, c.bias) == ("rope", "rmsnorm", "swiglu", False)
+        assert c.kv_heads < c.n_head  # grouped-query attention
+    baby, llama = GPT(preset("baby", 86)), GPT(preset("baby-llama", 86))
+    # The quality comparison at the baby budget needs the same size within 10%.
+    assert abs(llama.num_params(False) / baby.num_params(False) - 1) < 0.1
+
+
+def test_flops_per_token_leave_out_an_untied_input_embedding():
+    tied, untied = build(tiny()), build(tiny(tie_embeddings=False))
+    assert untied.flops_per_token() == tied.flops_per_token()  # the extra lookup table costs no matmul
+    assert untied.num_params() == tied.num_params() + 32 * 32

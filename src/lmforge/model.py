@@ -514,11 +514,15 @@ class GPT(nn.Module):
     def flops_per_token(self) -> int:
         """Training FLOPs (forward + backward) per token: 6 N + 12 n_layer n_embd block_size.
 
-        The PaLM appendix B / nanoGPT estimate: 6 per parameter (N = num_params()) for the
-        matmuls, plus the attention scores and weighted sum over a full context.
+        The PaLM appendix B / nanoGPT estimate: 6 per parameter for the matmuls, plus the
+        attention scores and weighted sum over a full context. N is num_params() less an untied
+        input embedding, which is a lookup, not a matmul (tied, it is also the output layer).
         """
         c = self.config
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * c.block_size
+        n = self.num_params()
+        if not c.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
+        return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
 
     def estimate_mfu(self, tokens_per_second: float, peak_flops: float) -> float:
         """Model FLOPs utilisation: achieved training FLOP/s as a fraction of ``peak_flops``."""

@@ -1,0 +1,153 @@
+"""Quality at the baby budget: each training recipe's loss over the whole validation split.
+
+The budget is nanoGPT's CPU "baby" run: 2000 steps of 12 x 64 tokens on the default corpus, with
+models of the baby's size (0.81M parameters, within 10%). Each recipe is the real train stage
+(``lmforge.training.train``) on the project's token files, then the evaluate stage's score
+(``lmforge.evaluation.score_tokens``: every validation token, non-overlapping windows). The
+training validation estimate every ``--eval-interval`` steps gives the step, and so the training
+time, at which the recipe reaches nanoGPT's final loss (1.78).
+
+    python benchmarks/recipes.py                       # every recipe below
+    python benchmarks/recipes.py llama-muon --set optimizer.muon_lr=0.04 --label llama-muon-lr0.04
+
+Results accumulate by label in ``benchmarks/results/recipes.json``; the table printed at the
+end shows all of them. One run takes minutes of CPU: run them one at a time on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+NANOGPT_FINAL_LOSS = 1.78  # nanoGPT's baby recipe on these plays (../shared/NOTES.md: 1.793 estimate)
+
+# name -> (what it is, overrides on top of conf/ with its defaults)
+RECIPES = {
+    "nanogpt": ("nanoGPT's recipe: GPT-2 baby, AdamW lr 1e-3 -> 1e-4 cosine, warmup 100, wd 0.1, betas 0.9/0.99",
+                ["model=baby", "optimizer=adamw", "optimizer.lr=1e-3", "optimizer.min_lr=1e-4"]),
+    "nanogpt-lr": ("the same with the learning rate retuned", ["model=baby", "optimizer=adamw",
+                                                              "optimizer.lr=4e-3", "optimizer.min_lr=4e-4"]),
+    "llama-adamw": ("baby-llama (RoPE, RMSNorm, SwiGLU, GQA, no bias, untied) with AdamW",
+                    ["model=baby-llama", "optimizer=adamw"]),
+    "llama-muon": ("baby-llama with Muon on the hidden matrices, AdamW on the rest",
+                   ["model=baby-llama", "optimizer=muon"]),
+    "default": ("the default configuration (conf/config.yaml)", []),
+}
+BUDGET = ["train.max_steps=2000", "train.batch_size=12", "model.block_size=64"]
+
+
+def crossing_step(curve: list[list[float]], target: float) -> float | None:
+    """The first step at which the validation curve reaches ``target``, interpolated linearly."""
+    for (s0, l0), (s1, l1) in zip(curve, curve[1:]):
+        if l0 > target >= l1:
+            return s0 + (s1 - s0) * (l0 - target) / (l0 - l1)
+    return curve[0][0] if curve and curve[0][1] <= target else None
+
+
+def run_recipe(name: str, extra: list[str], data: Path, eval_interval: int, threads: int | None) -> dict:
+    """Train one recipe in a temporary project on ``data`` (prepared/, vocab/, tokens/); score it."""
+    import lightning as L
+
+    from lmforge.config import compose_config
+    from lmforge.evaluation import score_tokens
+    from lmforge.modeldir import load_model_dir
+    from lmforge.tokens import TokenStream
+    from lmforge.training import train
+
+    class StepClock(L.Callback):
+        """Wall time of the training steps alone (validation excluded)."""
+
+        def __init__(self):
+            self.seconds, self._t0 = 0.0, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self._t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seconds += time.perf_counter() - self._t0
+
+    clock = StepClock()
+    overrides = [*RECIPES[name][1], *BUDGET, *extra]
+    with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+        cfg = compose_config([*overrides, f"train.eval_interval={eval_interval}", "train.checkpoint_every=100000",
+                              f"tracking.uri=sqlite:///{tmp}/mlflow.db", "tracking.log_model=false"],
+                             conf_dir=ROOT / "conf")
+        for stage in ("prepared", "vocab", "tokens"):
+            cfg.paths[stage] = str(data / stage)
+        if threads:
+            cfg.trainer.num_threads = threads
+        started = time.perf_counter()
+        out = train(cfg, callbacks=[clock])
+        wall = time.perf_counter() - started
+        loaded = load_model_dir(out)
+        val = TokenStream(data / "tokens", "val")
+        score = score_tokens(loaded.model, val, loaded.model.config.block_size, batch_size=64)
+        curve = [[int(s), float(v)] for s, v in (row.split(",") for row in
+                                                (out / "curves/val_loss.csv").read_text().splitlines()[1:])]
+        steps = int(cfg.train.max_steps)
+    cross = crossing_step(curve, NANOGPT_FINAL_LOSS)
+    return {
+        "recipe": name, "overrides": overrides, "parameters": loaded.model.num_params(non_embedding=False),
+        "val_loss": score["nats"] / score["predicted"], "val_tokens": score["predicted"],
+        "val_curve": curve, "steps": steps, "train_seconds": clock.seconds, "wall_seconds": wall,
+        "tokens_per_second": steps * cfg.train.batch_size * cfg.model.block_size / clock.seconds,
+        "steps_to_nanogpt_loss": cross,
+        "seconds_to_nanogpt_loss": None if cross is None else cross * clock.seconds / steps,
+        "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipes", nargs="*", default=list(RECIPES), help=f"from: {', '.join(RECIPES)}")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every recipe")
+    parser.add_argument("--label", help="the name results are stored under (default: the recipe's)")
+    parser.add_argument("--eval-interval", type=int, default=100, help="steps between validation estimates")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--data", type=Path, default=ROOT / "data", help="holds prepared/, vocab/ and tokens/")
+    args = parser.parse_args()
+    unknown = [r for r in args.recipes if r not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+    if not (args.data / "tokens/index.json").is_file():
+        parser.error(f"{args.data}/tokens/index.json not found; run `dvc repro tokenize` first (or pass --data)")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+    out = ROOT / "benchmarks/results/recipes.json"
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    for name in args.recipes:
+        label = args.label if args.label and len(args.recipes) == 1 else name
+        print(f"training {label}: {RECIPES[name][0]} {' '.join(args.set)}", flush=True)
+        result = run_recipe(name, args.set, args.data.resolve(), args.eval_interval, args.threads)
+        results[label] = result
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"  {label}: val loss {result['val_loss']:.4f}, {result['train_seconds']:.0f} s of training", flush=True)
+
+    print(f"\n| recipe | parameters | val loss (whole split) | steps to {NANOGPT_FINAL_LOSS} | time to {NANOGPT_FINAL_LOSS} "
+          "| training time | tokens/s | threads, load |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for label, r in sorted(results.items(), key=lambda kv: kv[1]["val_loss"]):
+        steps = "-" if r["steps_to_nanogpt_loss"] is None else f"{r['steps_to_nanogpt_loss']:.0f}"
+        secs = "-" if r["seconds_to_nanogpt_loss"] is None else f"{r['seconds_to_nanogpt_loss']:.0f} s"
+        print(f"| {label} | {r['parameters']:,} | {r['val_loss']:.4f} | {steps} | {secs} | {r['train_seconds']:.0f} s "
+              f"| {r['tokens_per_second']:,.0f} | {r['threads']}, {r['load_average']:.1f} |")
+    print(f"\nwrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

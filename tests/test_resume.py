@@ -1,0 +1,160 @@
+"""Surviving: kill -9 or Ctrl-C mid-run, run again with train.resume=auto, and the result is the
+uninterrupted run's, bit for bit: weights, the curves in the model directory, the MLflow metrics,
+in the same MLflow run. Real `python pipelines/train.py` processes in a temporary project."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import write_corpus
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+# Dropout on, so that a resumed run also needs the restored random-number state.
+TINY = ["model=tiny", "model.dropout=0.1", "train.max_steps=400", "train.eval_interval=50", "train.eval_iters=2",
+        "train.log_every=10", "train.checkpoint_every=40", "trainer.num_threads=1", "tracking.log_model=false"]
+
+
+def make_project(directory: Path, overrides: list[str]) -> Path:
+    """A project directory: params.yaml composed from the real conf/ plus ``overrides``, and the
+    prepared, tokenized splits of a small generated corpus."""
+    from lmforge.config import compose_config, write_params
+    from lmforge.corpus import prepare
+    from lmforge.tokens import tokenize
+    from lmforge.vocab import vocab_stage
+
+    directory.mkdir(parents=True)
+    cfg = compose_config(overrides, conf_dir=ROOT / "conf")
+    with contextlib.chdir(directory):
+        cfg.data.sources = [str(write_corpus(Path("corpus"), n_docs=12, words=300))]
+        prepare(cfg)
+        vocab_stage(cfg)
+        tokenize(cfg)
+        write_params(cfg)
+    return directory
+
+
+def train_process(project: Path, *overrides: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return subprocess.Popen([sys.executable, str(ROOT / "pipelines/train.py"), *overrides], cwd=project, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def run_train(project: Path, *overrides: str) -> None:
+    proc = train_process(project, *overrides)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"train failed ({proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+
+
+def wait_for_checkpoint(project: Path, min_step: int, proc: subprocess.Popen, timeout: float = 180) -> int:
+    """Wait until last.ckpt holds step >= min_step while ``proc`` still runs; return that step."""
+    path = project / "models/checkpoints/last.ckpt"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"training ended before step {min_step} was saved:\n{proc.stderr.read()[-3000:]}"
+        if path.is_file() and (step := checkpoint_step(path)) >= min_step:
+            return step
+        time.sleep(0.02)
+    raise AssertionError(f"no checkpoint at step {min_step} within {timeout} s")
+
+
+def run_record(project: Path) -> dict:
+    return json.loads((project / "models/checkpoints/run.json").read_text())
+
+
+def mlflow_run(project: Path, run_id: str) -> tuple[str, dict[str, dict[int, set[float]]]]:
+    """The run's status and its metrics as {key: {step: {values logged at that step}}}."""
+    db = sqlite3.connect(project / "mlflow.db")
+    status = db.execute("select status from runs where run_uuid=?", (run_id,)).fetchone()[0]
+    metrics: dict[str, dict[int, set[float]]] = {}
+    for key, step, value in db.execute("select key, step, value from metrics where run_uuid=?", (run_id,)):
+        metrics.setdefault(key, {}).setdefault(step, set()).add(value)
+    db.close()
+    return status, metrics
+
+
+def assert_same_training(run: Path, reference: Path) -> None:
+    """Weights, curves and logged metrics of ``run`` equal those of ``reference``, bit for bit."""
+    weights, expected = load_file(run / "models/gpt/model.safetensors"), load_file(reference / "models/gpt/model.safetensors")
+    assert weights.keys() == expected.keys()
+    for name in weights:
+        assert torch.equal(weights[name], expected[name]), name
+    for curve in ("train_loss.csv", "val_loss.csv"):
+        assert (run / "models/gpt/curves" / curve).read_text() == (reference / "models/gpt/curves" / curve).read_text()
+    _, metrics = mlflow_run(run, run_record(run)["run_id"])
+    _, expected_metrics = mlflow_run(reference, run_record(reference)["run_id"])
+    for key in ("train/loss", "train/lr", "val/loss"):
+        # Steps logged before the kill and again after the resume were logged twice, with equal values.
+        assert all(len(values) == 1 for values in metrics[key].values()), key
+        assert metrics[key] == expected_metrics[key], key
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return make_project(tmp_path_factory.mktemp("resume") / "project", TINY)
+
+
+@pytest.fixture(scope="module")
+def reference(project, tmp_path_factory) -> Path:
+    """The uninterrupted run."""
+    directory = tmp_path_factory.mktemp("reference") / "project"
+    shutil.copytree(project, directory)
+    run_train(directory)
+    return directory
+
+
+def test_kill_9_then_resume_equals_the_uninterrupted_run(project, reference, tmp_path):
+    directory = tmp_path / "project"
+    shutil.copytree(project, directory)
+    proc = train_process(directory, "train.resume=auto")
+    saved = wait_for_checkpoint(directory, 80, proc)
+    time.sleep(0.1)  # a few steps past the checkpoint: they are logged now and again after the resume
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert saved < 400 and not (directory / "models/gpt").exists()
+    run_id = run_record(directory)["run_id"]
+    assert mlflow_run(directory, run_id)[0] == "RUNNING"  # nobody was left to close it
+
+    run_train(directory, "train.resume=auto")
+    assert run_record(directory)["run_id"] == run_id
+    assert json.loads((directory / "models/gpt/run.json").read_text())["run_id"] == run_id
+    assert mlflow_run(directory, run_id)[0] == "FINISHED"
+    assert_same_training(directory, reference)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(project, reference, tmp_path):
+    directory = tmp_path / "project"
+    shutil.copytree(project, directory)
+    proc = train_process(directory, "train.resume=auto")
+    wait_for_checkpoint(directory, 40, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    stopped = checkpoint_step(directory / "models/checkpoints/last.ckpt")
+    assert 40 <= stopped < 400
+    assert f"interrupted at step {stopped}" in out
+    run_id = run_record(directory)["run_id"]
+    assert mlflow_run(directory, run_id)[0] == "KILLED"
+
+    run_train(directory, "train.resume=auto")
+    assert run_record(directory)["run_id"] == run_id
+    assert mlflow_run(directory, run_id)[0] == "FINISHED"
+    assert_same_training(directory, reference)
