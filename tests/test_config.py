@@ -54,3 +54,14 @@ def test_missing_params_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LmforgeError, match="params.yaml not found"):
         load_config([])
+
+
+def test_a_key_added_with_plus_is_refused(project_root, tmp_path):
+    # `dvc exp run -S +train.max_stepz=5` writes the typo into params.yaml; the stage must refuse it.
+    params = yaml.safe_load((project_root / "params.yaml").read_text())
+    params["train"]["max_stepz"] = 5
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    with pytest.raises(LmforgeError) as err:
+        load_config([], params_path=bad, conf_dir=project_root / "conf")
+    assert "train.max_stepz" in str(err.value) and "train.max_steps" in str(err.value)

@@ -37,9 +37,33 @@ def load_config(
         cfg = OmegaConf.create(yaml.safe_load(params_path.read_text(encoding="utf-8")) or {})
     except yaml.YAMLError as err:
         raise LmforgeError(f"{params_path} is not valid YAML ({err}); fix it or recompose it with `lmforge compose`.") from None
+    check_known_keys(cfg, Path(conf_dir), source=str(params_path))
     for override in overrides:
         apply_override(cfg, override, Path(conf_dir))
     return cfg
+
+
+def check_known_keys(cfg: DictConfig, conf_dir: Path, source: str = "params.yaml") -> None:
+    """Refuse keys that no file in ``conf/`` defines (a ``-S +train.max_stepz=5`` typo would
+    otherwise train silently with the default). Skipped when ``conf/`` is not there."""
+    root_file = conf_dir / "config.yaml"
+    if not root_file.is_file():
+        return
+    known = set(flat_keys(OmegaConf.create(yaml.safe_load(root_file.read_text(encoding="utf-8")) or {})))
+    for group_dir in (p for p in conf_dir.iterdir() if p.is_dir()):
+        for option in group_dir.glob("*.yaml"):
+            body = yaml.safe_load(option.read_text(encoding="utf-8")) or {}
+            known.update(f"{group_dir.name}.{k}" for k in flat_keys(OmegaConf.create(body)))
+            known.add(group_dir.name)
+    known.discard("defaults")
+    for key in flat_keys(cfg):
+        if key not in known and not any(key.startswith(k + ".") for k in known):
+            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise LmforgeError(
+                f"{source} has the key '{key}', which no file in {conf_dir}/ defines{hint}; "
+                "remove it (a `+key=value` override adds new keys) or add it to conf/."
+            )
 
 
 def compose_config(overrides: Iterable[str] = (), conf_dir: str | Path = CONF_DIR) -> DictConfig:
