@@ -359,7 +359,9 @@ def test_gpu_trainer_presets_compose_and_fsdp_shards_by_block(project_root):
     from lmforge.training import _strategy, check_training_config
 
     for preset in ("gpu", "ddp", "fsdp"):
-        cfg = compose_config([f"trainer={preset}", "trainer.num_nodes=2"], conf_dir=project_root / "conf")
+        # AdamW: the default Muon needs whole matrices, which FSDP shards (checked below)
+        cfg = compose_config([f"trainer={preset}", "trainer.num_nodes=2", "optimizer=adamw"],
+                             conf_dir=project_root / "conf")
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed" and cfg.trainer.compile
         check_training_config(cfg)
     strategy = _strategy(cfg.trainer)  # FSDP needs a GPU to run; its setup is checked here
