@@ -167,3 +167,15 @@ def tracking_server(tmp_path_factory) -> Iterator[str]:
     """A remote-style MLflow tracking server for the whole session (its URL)."""
     with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one torch thread: for tiny tensors that is fastest, and two threads
+    spin-waiting on a shared 2-core machine can make a test 100x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,12 +17,8 @@ from tests.conftest import write_corpus
 from tests.test_generation import CHAR_TEXT, make_model_dir, run_cli
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread is fastest on a shared 2-core machine (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

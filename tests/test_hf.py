@@ -26,12 +26,8 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread is fastest on a shared 2-core machine (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def perturbed_model_dir(path, **options):

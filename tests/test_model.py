@@ -20,14 +20,8 @@ LLAMA_STYLE = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: one thread is fastest, and two threads spin-waiting on a shared 2-core
-    # machine can make a test 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one thread is fastest on a shared 2-core machine (conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**overrides) -> GPTConfig:
