@@ -4,8 +4,11 @@ The budget is nanoGPT's CPU "baby" run: 2000 steps of 12 x 64 tokens on the defa
 models of the baby's size (0.81M parameters, within 10%). Each recipe is the real train stage
 (``lmforge.training.train``) on the project's token files, then the evaluate stage's score
 (``lmforge.evaluation.score_tokens``: every validation token, non-overlapping windows). The
-training validation estimate every ``--eval-interval`` steps gives the step, and so the training
-time, at which the recipe reaches nanoGPT's final loss (1.78).
+training validation estimate every ``--eval-interval`` steps gives the step at which the recipe
+reaches nanoGPT's final loss (1.78). The time to get there is that many steps at the recipe's
+cost per step, measured afterwards for all recipes side by side (``--speed-steps`` steps each,
+round-robin, ``--speed-rounds`` times, in CPU seconds: on a machine shared with other work the
+wall time of runs made minutes apart does not compare, the CPU time of one thread does).
 
     python benchmarks/recipes.py                       # every recipe below
     python benchmarks/recipes.py llama-muon --set optimizer.muon_lr=0.04 --label llama-muon-lr0.04
@@ -114,6 +117,9 @@ def main() -> None:
     parser.add_argument("--eval-interval", type=int, default=100, help="steps between validation estimates")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="holds prepared/, vocab/ and tokens/")
+    parser.add_argument("--speed-steps", type=int, default=100, help="timed steps per recipe for the cost per step")
+    parser.add_argument("--speed-rounds", type=int, default=3)
+    parser.add_argument("--no-train", action="store_true", help="only measure the cost per step of stored results")
     args = parser.parse_args()
     unknown = [r for r in args.recipes if r not in RECIPES]
     if unknown:
@@ -129,7 +135,7 @@ def main() -> None:
 
     out = ROOT / "benchmarks/results/recipes.json"
     results = json.loads(out.read_text()) if out.is_file() else {}
-    for name in args.recipes:
+    for name in [] if args.no_train else args.recipes:
         label = args.label if args.label and len(args.recipes) == 1 else name
         print(f"training {label}: {RECIPES[name][0]} {' '.join(args.set)}", flush=True)
         result = run_recipe(name, args.set, args.data.resolve(), args.eval_interval, args.threads)
@@ -138,15 +144,70 @@ def main() -> None:
         out.write_text(json.dumps(results, indent=2) + "\n")
         print(f"  {label}: val loss {result['val_loss']:.4f}, {result['train_seconds']:.0f} s of training", flush=True)
 
-    print(f"\n| recipe | parameters | val loss (whole split) | steps to {NANOGPT_FINAL_LOSS} | time to {NANOGPT_FINAL_LOSS} "
-          "| training time | tokens/s | threads, load |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    if args.speed_steps:
+        costs = step_costs(results, args.data.resolve(), args.speed_steps, args.speed_rounds, args.threads)
+        for label, cost in costs.items():
+            r = results[label]
+            r["cpu_seconds_per_step"] = cost
+            r["cpu_seconds_to_nanogpt_loss"] = None if r["steps_to_nanogpt_loss"] is None else r["steps_to_nanogpt_loss"] * cost
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    print(f"\n| recipe | parameters | val loss (whole split) | steps to {NANOGPT_FINAL_LOSS} | ms per step (CPU) "
+          f"| time to {NANOGPT_FINAL_LOSS} (CPU) | training time (wall) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for label, r in sorted(results.items(), key=lambda kv: kv[1]["val_loss"]):
         steps = "-" if r["steps_to_nanogpt_loss"] is None else f"{r['steps_to_nanogpt_loss']:.0f}"
-        secs = "-" if r["seconds_to_nanogpt_loss"] is None else f"{r['seconds_to_nanogpt_loss']:.0f} s"
-        print(f"| {label} | {r['parameters']:,} | {r['val_loss']:.4f} | {steps} | {secs} | {r['train_seconds']:.0f} s "
-              f"| {r['tokens_per_second']:,.0f} | {r['threads']}, {r['load_average']:.1f} |")
+        cost = r.get("cpu_seconds_per_step")
+        to_target = r.get("cpu_seconds_to_nanogpt_loss")
+        print(f"| {label} | {r['parameters']:,} | {r['val_loss']:.4f} | {steps} | "
+              f"{'-' if cost is None else f'{cost * 1000:.1f}'} | {'-' if to_target is None else f'{to_target:.0f} s'} "
+              f"| {r['train_seconds']:.0f} s ({r['threads']} thread(s), load {r['load_average']:.1f}) |")
     print(f"\nwrote {out.relative_to(ROOT)}")
+
+
+def step_costs(results: dict, data: Path, steps: int, rounds: int, threads: int | None) -> dict[str, float]:
+    """CPU seconds per training step of every stored recipe, measured round-robin (median of rounds)."""
+    import statistics
+
+    import lightning as L
+
+    from lmforge.config import compose_config
+    from lmforge.training import train
+
+    warmup = 10
+    # The learning rates do not change the cost of a step: one measurement per architecture,
+    # optimizer and trainer.
+    def cost_key(overrides: list[str]) -> tuple[str, ...]:
+        return tuple(o for o in overrides if o.split("=")[0].split(".")[0] in ("model", "trainer")
+                     or o.split("=")[0] == "optimizer" or o.startswith("optimizer.name"))
+
+    keys = {label: cost_key(r["overrides"]) for label, r in results.items()}
+    representative = {key: label for label, key in keys.items()}
+    samples: dict[str, list[float]] = {label: [] for label in representative.values()}
+    for _ in range(rounds):
+        for label in samples:
+            r = results[label]
+            clock = {}
+
+            class Clock(L.Callback):
+                def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                    if trainer.global_step in (warmup, warmup + steps):
+                        clock[trainer.global_step] = time.process_time()
+
+            with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
+                cfg = compose_config([*r["overrides"], f"train.max_steps={warmup + steps}",
+                                      f"train.eval_interval={warmup + steps}", f"tracking.uri=sqlite:///{tmp}/mlflow.db",
+                                      "tracking.log_model=false"], conf_dir=ROOT / "conf")
+                for stage in ("prepared", "vocab", "tokens"):
+                    cfg.paths[stage] = str(data / stage)
+                if threads:
+                    cfg.trainer.num_threads = threads
+                with contextlib.redirect_stdout(open(os.devnull, "w")):
+                    train(cfg, callbacks=[Clock()])
+            samples[label].append((clock[warmup + steps] - clock[warmup]) / steps)
+            print(f"  cost per step of {label}: {samples[label][-1] * 1000:.1f} ms (CPU)", flush=True)
+    costs = {label: statistics.median(values) for label, values in samples.items()}
+    return {label: costs[representative[key]] for label, key in keys.items()}
 
 
 if __name__ == "__main__":

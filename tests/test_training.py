@@ -226,6 +226,7 @@ def test_peak_flops_by_device_name(monkeypatch, name, peak):
     assert peak_flops(torch.device("cpu")) is None  # no MFU on CPUs
 
 
+@pytest.mark.slow
 def test_early_stopping_on_validation_loss(tokens_cfg, monkeypatch):
     from lmforge import training
     from lmforge.modeldir import load_model_dir
