@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -13,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import copy_project, run_command
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = [
     "model=tiny", "train.max_steps=40", "train.eval_interval=20", "train.eval_iters=2", "train.log_every=5",
@@ -24,28 +23,13 @@ TINY = [
 
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return run_command(cmd, cwd, check=check)
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A git + DVC copy of the project, with params.yaml composed for a tiny run."""
-    dest = tmp_path_factory.mktemp("project")
-    for name in ("conf", "pipelines", "src", "dvc.yaml", "params.yaml", ".dvc", ".gitignore", "pyproject.toml"):
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, dest / name)
-    run(["git", "init", "-q"], dest)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init"], dest)
-    run([str(BIN / "lmforge"), "compose", *TINY], dest)
-    return dest
+    return copy_project(tmp_path_factory.mktemp("project"), TINY)
 
 
 def test_dvc_repro_runs_every_stage_and_tracks_the_run(project):
