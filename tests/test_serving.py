@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from lmforge.errors import LmforgeError
 from lmforge.generation import SamplingConfig, complete_samples
 from lmforge.modeldir import fetch_model_dir, load_model_dir, write_run_info
 from lmforge.serving import PYFUNC_NAME, log_pyfunc_model, sampling_from_params
-from tests.conftest import write_corpus
+from tests.conftest import stop_process_group, write_corpus
 from tests.test_generation import make_model_dir, run_cli
 
 BIN = Path(sys.executable).parent
@@ -161,9 +160,4 @@ def test_train_stage_registers_a_model_that_mlflow_serves(tiny_cfg, tmp_path):
         status, body = post(url, {"inputs": {"prompt": ["The"]}, "params": {"temperature": -1.0}})
         assert status == 400 and "sampling.temperature=-1.0 must be a number >= 0" in body["message"]
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process_group(server)
