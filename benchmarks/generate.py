@@ -43,8 +43,9 @@ def build_model_dir(arch: str, block_size: int, out: Path) -> Path:
     from lmforge.corpus import resolve_sources
     from lmforge.model import GPT, GPTConfig
     from lmforge.modeldir import save_model_dir
+    from lmforge.tokenizer import eot_token_id, save_tokenizer
     from lmforge.training import model_config_for
-    from lmforge.vocab import build_tokenizer, eot_token_id, save_tokenizer
+    from lmforge.vocab import build_tokenizer
 
     overrides = ["model=baby", f"model.block_size={block_size}", "tokenizer=char"]
     if arch == "llama":

@@ -63,7 +63,7 @@ def run_recipe(name: str, extra: list[str], data: Path, eval_interval: int, thre
     from lmforge.config import compose_config
     from lmforge.evaluation import score_tokens
     from lmforge.modeldir import load_model_dir
-    from lmforge.tokens import TokenStream
+    from lmforge.shards import TokenStream
     from lmforge.training import train
 
     class StepClock(L.Callback):

@@ -97,7 +97,7 @@ def bare_side(data: Path, precision: str, compiled: bool, warmup: int, steps: in
 
     from lmforge.data import RandomWindows
     from lmforge.model import GPT, GPTConfig
-    from lmforge.tokens import TokenStream, read_index
+    from lmforge.shards import TokenStream, read_index
     from lmforge.training import build_optimizer, lr_factor
 
     cfg = base_config([])

@@ -11,7 +11,7 @@ import pytest
 
 from lmforge.data import RandomWindows
 from lmforge.errors import LmforgeError
-from lmforge.tokens import TokenStream
+from lmforge.shards import TokenStream
 
 
 def write_tokens(directory: Path, shard_sizes: list[int], dtype=np.uint16, start: int = 0) -> np.ndarray:

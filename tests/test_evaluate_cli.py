@@ -44,7 +44,8 @@ def test_evaluate_text_equals_the_evaluate_stage_on_the_validation_split(tiny_cf
     from lmforge.evaluation import evaluate
     from lmforge.model import GPT, GPTConfig
     from lmforge.modeldir import save_model_dir
-    from lmforge.tokens import read_index, tokenize
+    from lmforge.shards import read_index
+    from lmforge.tokens import tokenize
     from lmforge.vocab import vocab_stage
 
     tiny_cfg.data.sources = [str(write_corpus(tmp_path / "corpus", n_docs=6, words=200))]

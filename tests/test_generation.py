@@ -196,7 +196,8 @@ CHAR_TEXT = "the king and the queen speak of love and death.\nGood night, fair l
 def make_model_dir(path, seed: int = 0, **overrides):
     """A small random model directory with a character vocabulary of CHAR_TEXT; returns its path."""
     from lmforge.modeldir import save_model_dir
-    from lmforge.vocab import build_tokenizer, save_tokenizer
+    from lmforge.tokenizer import save_tokenizer
+    from lmforge.vocab import build_tokenizer
 
     tokenizer = build_tokenizer({"kind": "char", "special_tokens": ["<|endoftext|>", "<unk>"]}, [CHAR_TEXT])
     save_tokenizer(tokenizer, path.parent / f"{path.name}-tokenizer.json")
@@ -348,7 +349,8 @@ def test_incremental_decoding_equals_decoding_the_whole_sample(kind):
     import random
 
     from lmforge.generation import _TextTail
-    from lmforge.vocab import DEFAULT_SPECIAL_TOKENS, build_tokenizer
+    from lmforge.tokenizer import DEFAULT_SPECIAL_TOKENS
+    from lmforge.vocab import build_tokenizer
 
     text = CHAR_TEXT * 3 + "caf\u00e9, na\u00efve \u2603 \u65e5\u672c\n"
     tokenizer = build_tokenizer({"kind": kind, "special_tokens": DEFAULT_SPECIAL_TOKENS[kind], "vocab_size": 400,

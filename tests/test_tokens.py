@@ -12,11 +12,13 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from lmforge import tokens
+from lmforge import pretokenize, tokens
 from lmforge.corpus import DOC_SEPARATOR, is_safe_cut, iter_chunks, prepare
 from lmforge.errors import LmforgeError
-from lmforge.tokens import Encoder, TokenStream, encode_chunk, token_dtype, tokenize
-from lmforge.vocab import build_tokenizer, load_tokenizer, tokenizer_sha256, vocab_stage
+from lmforge.shards import TokenStream, token_dtype
+from lmforge.tokenizer import Encoder, load_tokenizer, tokenizer_sha256
+from lmforge.tokens import encode_chunk, tokenize
+from lmforge.vocab import build_tokenizer, vocab_stage
 from tests.conftest import write_corpus
 
 HYPOTHESIS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -113,10 +115,10 @@ def test_pre_tokens_agree_with_the_tokenizer_for_every_checked_character(kind):
     # punctuation; compare the pre-tokens (not ids, which a small vocabulary could hide) for each
     # checked character in the contexts where its class matters.
     tok = tokenizer(kind)
-    pattern = tokens._BYTE_LEVEL_PATTERN if kind == "bpe" else tokens._WORD_PATTERN
-    alphabet = tokens._byte_level_alphabet()
+    pattern = pretokenize.BYTE_LEVEL_PATTERN if kind == "bpe" else pretokenize.WORD_PATTERN
+    alphabet = pretokenize.byte_level_alphabet()
     disagree = []
-    for c in tokens.checked_characters():
+    for c in pretokenize.checked_characters():
         code = ord(c)
         probe = f"a{c}b {c}{c} 1{c}2 {c}x\n{c} x {c}\n\n{c}y.{c}"
         expected = [piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str(probe)]

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from lmforge.corpus import prepare
 from lmforge.errors import LmforgeError
-from lmforge.tokens import TokenStream, tokenize
+from lmforge.shards import TokenStream
+from lmforge.tokens import tokenize
 from lmforge.training import accumulation_steps, build_optimizer, lr_at, lr_factor
 from lmforge.vocab import vocab_stage
 from tests.conftest import write_corpus
@@ -29,7 +30,7 @@ def tokens_cfg(tiny_cfg, tmp_path):
 
 
 def test_token_files_round_trip(tokens_cfg):
-    from lmforge.vocab import load_tokenizer
+    from lmforge.tokenizer import load_tokenizer
 
     index = json.loads(Path(tokens_cfg.paths.tokens, "index.json").read_text())
     assert index["dtype"] == "uint16"

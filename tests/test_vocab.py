@@ -16,19 +16,17 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lmforge import vocab
+from lmforge import outputs, vocab
 from lmforge.errors import LmforgeError
-from lmforge.vocab import (
+from lmforge.tokenizer import (
     DEFAULT_EOT_TOKEN,
     DEFAULT_SPECIAL_TOKENS,
-    build_tokenizer,
     eot_token_id,
     load_tokenizer,
-    normalise_for_word,
     save_tokenizer,
     tokenizer_sha256,
-    vocab_metrics,
 )
+from lmforge.vocab import build_tokenizer, normalise_for_word, vocab_metrics
 
 # Free of "<" and "|", so hypothesis cannot draw a special token out of its alphabet.
 CHAR_TEXT = "First Citizen:\nBefore we proceed, hear me speak.\n\n**ROMEO**  Speak,\tspeak!\n"
@@ -169,7 +167,7 @@ def test_bpe_encodes_eot_in_text_as_its_id():
 
 @pytest.mark.parametrize("vocab_size, min_frequency", [(300, 2), (600, 0), (1000, 1)])
 def test_bpe_is_the_vocabulary_the_library_trains_itself(vocab_size, min_frequency):
-    # build_tokenizer counts pre-tokens with lmforge.tokens' fast path: the library, pre-tokenizing
+    # build_tokenizer counts pre-tokens with lmforge.pretokenize's fast path: the library, pre-tokenizing
     # on its own, must arrive at the very same tokenizer.json.
     texts = SHAKESPEARE * 3 + ["  indented\n\n\n  lines\t\ttabs  ", "<|endoftext|> in the text", "東京 ½ ¹ ﬁ Ελλάδα"]
     reference = Tokenizer(models.BPE())
@@ -427,7 +425,7 @@ def test_failed_save_keeps_the_old_file_and_no_partial_one(tmp_path, monkeypatch
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(vocab.os, "replace", failing_replace)
+    monkeypatch.setattr(outputs.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         save_tokenizer(char_tokenizer(), path)
     assert path.read_text() == "old contents"

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lmforge.errors import LmforgeError
-from lmforge.tokens import TokenStream
+from lmforge.shards import TokenStream
 
 
 class RandomWindows(IterableDataset):

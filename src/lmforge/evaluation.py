@@ -81,7 +81,7 @@ def evaluate_text(loaded, sources: list[str], data_cfg=None, batch_size: int | N
     from lmforge.corpus import BadSource, clean, file_format, resolve_sources, warn
     from lmforge.corpus.cleaning import check_normal_form
     from lmforge.corpus.reading import ReadOptions, read_documents
-    from lmforge.tokens import Encoder
+    from lmforge.tokenizer import UNK_TOKEN, Encoder
 
     data_cfg = data_cfg if data_cfg is not None else _data_settings(loaded)
     form = check_normal_form(data_cfg.normalize)
@@ -115,7 +115,7 @@ def evaluate_text(loaded, sources: list[str], data_cfg=None, batch_size: int | N
     block_size = loaded.model.config.block_size
     batching = {"batch_size": batch_size} if batch_size else {}
     score = score_tokens(loaded.model, ids, block_size, max_batches=max_batches, **batching)
-    unk = loaded.tokenizer.token_to_id("<unk>")
+    unk = loaded.tokenizer.token_to_id(UNK_TOKEN)
     metrics = summarise(score, counts["bytes"])
     metrics.update(files=len(files), documents=counts["documents"],
                    unknown_tokens=int((ids == unk).sum()) if unk is not None else 0)
@@ -225,7 +225,7 @@ def evaluate(cfg) -> dict:
     from lmforge.generation import SamplingConfig
     from lmforge.modeldir import load_model_dir
     from lmforge.report import write_report
-    from lmforge.tokens import TokenStream
+    from lmforge.shards import TokenStream
 
     loaded = load_model_dir(cfg.paths.model)
     ev = cfg.evaluate

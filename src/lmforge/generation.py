@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.model import GPT, ConfigError
+from lmforge.tokenizer import UNK_TOKEN
 
 
 @dataclass
@@ -213,7 +214,7 @@ def encode_prompt(loaded, prompt: str) -> Tensor:
 
     tokenizer = loaded.tokenizer
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
-    unk = tokenizer.token_to_id("<unk>")
+    unk = tokenizer.token_to_id(UNK_TOKEN)
     if loaded.config["tokenizer"].get("kind") == "char" and unk is not None and unk in ids:
         unknown = sorted({c for c in prompt if tokenizer.encode(c, add_special_tokens=False).ids == [unk]})
         raise LmforgeError(

@@ -34,11 +34,11 @@ from torch import Tensor
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT, GPTConfig
 from lmforge.outputs import atomic_path
+from lmforge.tokenizer import UNK_TOKEN
 
 GPT2 = "gpt2"
 LLAMA = "llama"
 ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
-UNK_TOKEN = "<unk>"
 PAD_TOKENS = ("<pad>", "<|pad|>")
 
 
@@ -373,7 +373,7 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     eos token. Returns ``out``; LmforgeError naming the file for anything missing or unsupported.
     """
     from lmforge.modeldir import save_model_dir
-    from lmforge.vocab import load_tokenizer
+    from lmforge.tokenizer import load_tokenizer
 
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():

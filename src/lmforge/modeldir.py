@@ -96,7 +96,7 @@ def write_run_info(model_dir: str | Path, run: dict) -> None:
 
 def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> ModelDir:
     """Load a model directory; LmforgeError naming the file for anything missing or corrupt."""
-    from lmforge.vocab import load_tokenizer
+    from lmforge.tokenizer import load_tokenizer
 
     path = Path(path)
     if not path.is_dir():
@@ -206,7 +206,7 @@ def init_from_model_dir(model: GPT, path: str | Path, tokenizer_path: str | Path
     vocabulary, so that every token id means the same text. Each mismatch is a LmforgeError
     naming the settings to change.
     """
-    from lmforge.vocab import load_tokenizer
+    from lmforge.tokenizer import load_tokenizer
 
     loaded = load_model_dir(path)
     ours, theirs = _architecture(model.config), _architecture(loaded.model.config)

@@ -682,7 +682,7 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
     from lmforge.data import TokenDataModule
     from lmforge.modeldir import save_model_dir
     from lmforge.outputs import write_json
-    from lmforge.tokens import read_index
+    from lmforge.shards import read_index
 
     t = cfg.train
     check_training_config(cfg)

@@ -13,15 +13,12 @@ file loads in ``tokenizers.Tokenizer.from_file`` and ``transformers.PreTrainedTo
 Special tokens get the lowest ids, in the configured order. No post-processor is set, so ``encode``
 returns the raw ids (no BOS/EOS are added); the pipeline inserts the end-of-text token itself.
 The kind and the end-of-text token are not stored in tokenizer.json (the format has no field for
-them); the caller keeps them in its own metadata.
+them); the caller keeps them in its own metadata. Loading, saving and the fast encoder are
+``lmforge.tokenizer``'s; the pre-tokenization rules are ``lmforge.pretokenize``'s.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,19 +27,17 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmforge.errors import LmforgeError
+from lmforge.pretokenize import count_byte_level_pre_tokens, word_pre_tokenizer
+from lmforge.tokenizer import (
+    DEFAULT_EOT_TOKEN,
+    DEFAULT_SPECIAL_TOKENS,
+    UNK_TOKEN,
+    Encoder,
+    eot_token_id,
+    save_tokenizer,
+)
 
 KINDS = ("char", "word", "bpe")
-
-# The token unknown characters (char) and out-of-vocabulary words (word) map to.
-UNK_TOKEN = "<unk>"
-
-# Fallbacks for when the config leaves a key out; the shipped config files set them explicitly.
-DEFAULT_SPECIAL_TOKENS = {
-    "char": ["<|endoftext|>", "<unk>"],
-    "bpe": ["<|endoftext|>"],
-    "word": ["<pad>", "<unk>", "<bos>", "<eos>"],
-}
-DEFAULT_EOT_TOKEN = {"char": "<|endoftext|>", "bpe": "<|endoftext|>", "word": "<eos>"}
 
 # Byte-level BPE starts from one token per byte value.
 BYTE_ALPHABET_SIZE = 256
@@ -111,74 +106,8 @@ def normalise_for_word(text: str, lowercase: bool = False) -> str:
     """
     if lowercase:
         text = normalizers.Lowercase().normalize_str(text)
-    pieces = [piece for piece, _ in _word_pre_tokenizer().pre_tokenize_str(text)]
+    pieces = [piece for piece, _ in word_pre_tokenizer().pre_tokenize_str(text)]
     return _join_words(pieces)
-
-
-def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
-    """Write ``tokenizer`` to ``path`` as tokenizer.json, atomically; create parent directories.
-
-    The JSON goes to a temporary file in the same directory, which then replaces ``path``, so a
-    crash leaves either the old file or the new one, never a partial file.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = tokenizer.to_str(pretty=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as temp_file:
-            temp_file.write(text)
-            temp_file.flush()
-            os.fsync(temp_file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
-def load_tokenizer(path: Path) -> Tokenizer:
-    """Load the tokenizer.json at ``path``.
-
-    Raises ``LmforgeError`` naming the file if it is missing or is not a valid tokenizer.json.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise LmforgeError(
-            f"{path} not found; run the vocab stage (dvc repro vocab) "
-            "or pass the path of an existing tokenizer.json."
-        )
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise LmforgeError(
-            f"{path} is not a valid tokenizer.json ({reason}); "
-            "delete it and rerun the vocab stage (dvc repro vocab)."
-        ) from err
-
-
-def tokenizer_sha256(path: Path) -> str:
-    """Return the SHA-256 hex digest of the bytes of the file at ``path``."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def eot_token_id(tokenizer: Tokenizer, eot_token: str) -> int:
-    """Return the id of the end-of-text token ``eot_token``.
-
-    Raises ``LmforgeError`` if the tokenizer has no such token.
-    """
-    token_id = tokenizer.token_to_id(eot_token)
-    if token_id is None:
-        raise LmforgeError(
-            f"tokenizer.eot_token {eot_token!r} is not in the tokenizer's vocabulary; "
-            "set tokenizer.eot_token to one of tokenizer.special_tokens and rerun the vocab stage "
-            "(dvc repro vocab)."
-        )
-    return token_id
 
 
 def vocab_metrics(tokenizer: Tokenizer, texts: Iterable[str]) -> dict:
@@ -189,8 +118,6 @@ def vocab_metrics(tokenizer: Tokenizer, texts: Iterable[str]) -> dict:
     tokenizer has no ``<unk>``), the number of tokens and the number of UTF-8 bytes. With no tokens
     at all, ``bytes_per_token`` and ``unk_rate`` are 0.0.
     """
-    from lmforge.tokens import Encoder
-
     if isinstance(texts, str):
         texts = [texts]
     encoder = Encoder(tokenizer)
@@ -262,7 +189,7 @@ def _build_word(cfg: Any, special_tokens: list[str], corpus: Iterable[str]) -> T
     tokenizer = Tokenizer(models.WordLevel(vocab={}, unk_token=UNK_TOKEN))
     if lowercase:
         tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = _word_pre_tokenizer()
+    tokenizer.pre_tokenizer = word_pre_tokenizer()
     tokenizer.decoder = decoders.Sequence(
         [
             # Puts a space before every token but the first (no token starts with the prefix) ...
@@ -294,11 +221,9 @@ def _build_bpe(cfg: Any, special_tokens: list[str], corpus: Iterable[str]) -> To
         )
     min_frequency = _int_value(cfg, "min_frequency", 0)
 
-    from lmforge.tokens import count_byte_level_pre_tokens
-
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     # The library's ByteLevel pre-tokenizer is the slow part of training (2-4 MB/s a core), so
-    # the pre-tokens are counted by lmforge.tokens' fast path and handed to the trainer as
+    # the pre-tokens are counted by lmforge.pretokenize's fast path and handed to the trainer as
     # whitespace-separated words (the byte-level alphabet has no whitespace): the same counts,
     # hence the same vocabulary and merges (tests/test_vocab.py compares the two).
     counts = count_byte_level_pre_tokens(corpus, byte_level)
@@ -340,26 +265,6 @@ def _repeated(counts: Mapping[str, int], piece_chars: int = 1 << 16) -> Iterator
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def _word_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    """Split text into words, single punctuation characters and single newlines."""
-    return pre_tokenizers.Sequence(
-        [
-            # Whitespace other than newlines only separates words.
-            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
-            # Each newline is a token: a language model of text needs the line structure.
-            pre_tokenizers.Split("\n", behavior="isolated"),
-            pre_tokenizers.Punctuation(behavior="isolated"),
-        ]
-    )
-
-
-def word_pre_tokenizer_spec() -> dict:
-    """The word pre-tokenizer as it appears in tokenizer.json (how lmforge.tokens recognises it)."""
-    probe = Tokenizer(models.WordLevel(vocab={UNK_TOKEN: 0}, unk_token=UNK_TOKEN))
-    probe.pre_tokenizer = _word_pre_tokenizer()
-    return json.loads(probe.to_str())["pre_tokenizer"]
 
 
 def _join_words(pieces: list[str]) -> str:
