@@ -185,7 +185,7 @@ def test_mlp_widths_and_positions_tables():
     [
         (dict(positions="foo"), "model.positions='foo' is not one of learned, sinusoidal, rope"),
         (dict(norm="batchnorm"), "model.norm='batchnorm' is not one of layernorm, rmsnorm"),
-        (dict(mlp="relu"), "model.mlp='relu' is not one of gelu, swiglu"),
+        (dict(mlp="relu"), "model.mlp='relu' is not one of gelu, gelu_tanh, swiglu"),
         (dict(vocab_size=0), "model.vocab_size=0 must be a positive integer"),
         (dict(block_size=2.5), "model.block_size=2.5 must be a positive integer"),
         (dict(n_layer=True), "model.n_layer=True must be a positive integer"),
