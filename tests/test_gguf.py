@@ -213,6 +213,69 @@ def test_char_and_word_vocabularies_are_refused_with_the_reason(tmp_path, capsys
     assert not (tmp_path / "out.gguf").exists()
 
 
+def char_vocabulary_as_gguf(path: Path, tokenizer, tokenizer_model: str) -> Path:
+    """A char vocabulary written by hand as GGUF's ``gpt2`` tokenizer (each character as its
+    byte-level string, multi-byte characters merged) or ``llama`` (SentencePiece) tokenizer."""
+    from tokenizers import pre_tokenizers
+
+    from lmforge.gguf import _write_hyperparameters, to_gguf_tensors
+
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    special = {"<|endoftext|>", "<unk>"}
+    config = GPTConfig(vocab_size=len(by_id), block_size=BLOCK, n_layer=1, n_head=2, n_embd=32, **LLAMA_STYLE)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    _write_hyperparameters(writer, gguf, config, "llama", "char", "f32")
+    if tokenizer_model == "gpt2":
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tokens = [t if t in special else byte_level.pre_tokenize_str(t)[0][0] for t in map(by_id.get, range(len(by_id)))]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_merges([f"{t[0]} {t[1:]}" for t in tokens if len(t) == 2 and t not in special])
+    else:
+        tokens = [by_id[i].replace(" ", "\u2581") for i in range(len(by_id))]
+        writer.add_tokenizer_model("llama")
+        writer.add_add_space_prefix(False)
+        writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in map(by_id.get, range(len(by_id)))])
+    writer.add_unk_token_id(tokenizer.token_to_id("<unk>"))
+    writer.add_add_bos_token(False)
+    for name, array in to_gguf_tensors(GPT(config), "llama").items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_no_gguf_tokenizer_reproduces_a_char_vocabulary_outside_its_alphabet(tmp_path):
+    """Why char vocabularies are refused: in llama.cpp, GGUF's byte-level BPE reproduces the
+    training alphabet but drops other characters (ours give <unk>), and SentencePiece aborts."""
+    import subprocess
+    import sys
+
+    from lmforge.vocab import build_tokenizer
+
+    alphabet = "the king and the queen speak of love and death.\nGood night, fair lord! caf\u00e9\n"
+    tokenizer = build_tokenizer({"kind": "char", "special_tokens": ["<|endoftext|>", "<unk>"]}, [alphabet])
+    inside, outside = "Good night, fair queen! caf\u00e9", "the zebra \u2603"
+    path = char_vocabulary_as_gguf(tmp_path / "char-bpe.gguf", tokenizer, "gpt2")
+    llm = llama_cpp().Llama(str(path), vocab_only=True, verbose=False)
+    assert llm.tokenize(inside.encode(), add_bos=False, special=False) == tokenizer.encode(inside).ids
+    ours = tokenizer.encode(outside).ids
+    assert ours.count(tokenizer.token_to_id("<unk>")) == 3  # z, b and the snowman, each one <unk>
+    assert llm.tokenize(outside.encode(), add_bos=False, special=False) == [i for i in ours if i != tokenizer.token_to_id("<unk>")]
+
+    path = char_vocabulary_as_gguf(tmp_path / "char-spm.gguf", tokenizer, "llama")
+    probe = (f"from llama_cpp import Llama; llm = Llama({str(path)!r}, vocab_only=True, verbose=False); "
+             f"print(llm.tokenize({inside!r}.encode(), add_bos=False, special=False)); "
+             f"print(llm.tokenize({outside!r}.encode(), add_bos=False, special=False))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.splitlines()[:1] == [str(tokenizer.encode(inside).ids)]  # the alphabet: faithful
+    assert result.returncode != 0 and "out_of_range" in result.stderr  # outside it: the process aborts
+
+
 def test_cli_export_import_round_trip_and_the_import_evaluates_and_generates(tmp_path, capsys):
     model_dir = bpe_model_dir(tmp_path / "model", **LLAMA_STYLE)
     ours = load_model_dir(model_dir)

@@ -16,7 +16,8 @@ whose rows are not whole Q8_0 blocks (32 values) stays float32 in a q8_0 file.
 
 The tokenizer must be byte-level BPE: it is GGUF's ``gpt2`` tokenizer model with llama.cpp's
 ``gpt-2`` pre-tokenizer (GPT-2's split regex, which ours uses). Character and word vocabularies
-have no faithful GGUF encoding and are refused (see ``_refuse_tokenizer``).
+have no faithful GGUF encoding and are refused (see ``_refuse_tokenizer``; the test that shows
+why is in tests/test_gguf.py).
 """
 
 from __future__ import annotations
@@ -89,10 +90,17 @@ def _refuse_tokenizer(kind: str, tokenizer_json: dict) -> None:
     )
     if byte_level:
         return
+    why = {
+        # Measured with llama.cpp 0.3.36 (tests/test_gguf.py): as GGUF's byte-level BPE, characters
+        # outside the vocabulary vanish; as SentencePiece, tokenizing them aborts the process.
+        "char": "llama.cpp drops characters outside the vocabulary (byte-level BPE) or aborts on them "
+                "(SentencePiece) where lmforge gives <unk>",
+        "word": "no GGUF tokenizer drops the spaces between words and splits off punctuation as lmforge's "
+                "word tokenizer does",
+    }.get(kind, "GGUF's tokenizers reproduce byte-level BPE only")
     raise LmforgeError(
-        f"a tokenizer.kind={kind} vocabulary has no faithful GGUF encoding: GGUF readers split text with their own "
-        "byte-level BPE or SentencePiece rules, which fall back to byte tokens (not <unk>) outside the vocabulary "
-        "and do not reproduce a word tokenizer's splits; train with tokenizer=bpe to export to GGUF."
+        f"a tokenizer.kind={kind} vocabulary has no faithful GGUF encoding: {why}; "
+        "train with tokenizer=bpe to export to GGUF."
     )
 
 
