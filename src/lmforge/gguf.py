@@ -193,7 +193,7 @@ def from_gguf_tensors(tensors: dict[str, np.ndarray], config: GPTConfig, family:
     return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in out.items()}
 
 
-def _tensor_dtype(gguf, name: str, array: np.ndarray, dtype: str):
+def _tensor_dtype(gguf, array: np.ndarray, dtype: str):
     # As llama.cpp's converter: vectors (norms, biases) stay float32; a q8_0 matrix needs whole
     # 32-value blocks along its rows, else it stays float32 too.
     if dtype == "f32" or array.ndim == 1:
@@ -236,7 +236,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> P
         for key, value in lineage(loaded).items():
             writer.add_string(LINEAGE_PREFIX + key, value)
         for name, array in tensors.items():
-            qtype = _tensor_dtype(gguf, name, array, dtype)
+            qtype = _tensor_dtype(gguf, array, dtype)
             if qtype == gguf.GGMLQuantizationType.Q8_0:
                 writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
             else:
