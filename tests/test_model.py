@@ -13,7 +13,7 @@ from lmforge.model import GPT, GPTConfig, KVCache, sinusoidal_table
 
 POSITIONS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "swiglu")
 
 LLAMA_STYLE = dict(
     positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False, bias=False
@@ -162,6 +162,21 @@ def test_gpt2_initialisation():
         assert (linear.bias == 0).all()
     assert block.attn.c_attn.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.transformer.wpe.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_gelu_tanh_is_gpt2s_approximation_and_differs_from_exact_gelu():
+    from lmforge.model import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(tiny(mlp="gelu_tanh")).eval()
+    x = torch.randn(3, 32)
+    h = mlp.c_fc(x)
+    gpt2 = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))  # GPT-2's own code
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), mlp.c_proj(gpt2), rtol=0, atol=1e-6)
+        mlp.approximate = "none"
+        assert (mlp(x) - mlp.c_proj(gpt2)).abs().max() > 1e-5  # the exact GELU is another function
+    assert tiny(mlp="gelu_tanh").mlp_hidden_size == 4 * 32
 
 
 def test_mlp_widths_and_positions_tables():
