@@ -319,6 +319,9 @@ def test_truncated_or_foreign_gguf_import_is_one_sentence(tmp_path, capsys):
         assert code == 1 and err.count("\n") == 1, (cut, err)
         assert err.startswith(f"error: {tmp_path / 'cut.gguf'} is not a readable GGUF file, or it is truncated")
         assert not (tmp_path / "back").exists()
+    (tmp_path / "text.gguf").write_text("not a GGUF file at all\n" * 20)
+    code, out, err = run_cli(["import", "--format", "gguf", tmp_path / "text.gguf", tmp_path / "back"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "text.gguf is not a readable GGUF file" in err
     code, out, err = run_cli(["import", "--format", "gguf", tmp_path / "missing.gguf", tmp_path / "back"], capsys)
     assert code == 1 and "missing.gguf does not exist" in err
 
