@@ -10,6 +10,11 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH  ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 TORCH_FLAGS ?=
 
+# llama-cpp-python (test extra) has no wheel on PyPI, only a source archive that takes about 20 minutes
+# to build: the tests install a prebuilt wheel from ../shared/wheels (beside a CI clone) or
+# /work/shared/wheels, and refuse to build it (--only-binary). Another folder: `make test WHEELS=DIR`.
+WHEELS ?= $(firstword $(wildcard ../shared/wheels /work/shared/wheels))
+
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -26,7 +31,8 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install --quiet -e ".[test]"
+	@test -n "$(WHEELS)" || { echo "error: no folder of prebuilt wheels for llama-cpp-python (looked in ../shared/wheels and /work/shared/wheels); set WHEELS=DIR to a folder holding its wheel, as building it from source takes about 20 minutes." >&2; exit 1; }
+	$(BIN)/pip install --quiet --find-links "$(WHEELS)" --only-binary llama-cpp-python -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed

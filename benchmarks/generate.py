@@ -1,12 +1,16 @@
-"""Generation speed on CPU: our engine with and without its KV cache, and HuggingFace
-``transformers``' ``generate()`` on the exported copy of the same model, in one run.
+"""Generation speed on CPU: our engine with and without its KV cache, HuggingFace
+``transformers``' ``generate()`` on the exported copy of the same model, and llama.cpp
+(llama-cpp-python) on its q8_0 GGUF export, in one run.
 
     python benchmarks/generate.py [--model DIR | --arch gpt2 llama] [--new-tokens 500] [--block-size 256]
-                                  [--threads 1] [--repeats 5]
+                                  [--tokenizer bpe|char] [--threads 1] [--repeats 5]
 
 Without ``--model`` the models are the ``baby`` config (conf/model/baby.yaml) with
-``block_size=256``, randomly initialised, over a character vocabulary of Shakespeare's plays:
-GPT-2 style as configured, and the same sizes with RoPE, RMSNorm and SwiGLU (``--arch``).
+``block_size=256``, randomly initialised, over a vocabulary of Shakespeare's plays (``--tokenizer``:
+byte-level BPE of 512 tokens, the default, or characters): GPT-2 style as configured but with
+GPT-2's tanh GELU (what a gpt2 GGUF file computes), and the same sizes with RoPE, RMSNorm and
+SwiGLU (``--arch``). A model GGUF cannot hold (a character vocabulary, exact GELU) gets no
+llama.cpp column, and the table says why.
 Each measurement samples ``--new-tokens`` tokens (temperature 1, top-k 50) after an 8-token prompt; the generators take
 turns for ``--repeats`` rounds, and the table gives the best and the median tokens per second
 (prefill included) of each.
@@ -14,8 +18,9 @@ turns for ``--repeats`` rounds, and the table gives the best and the median toke
 500 new tokens pass a 256-token block, and ``transformers`` does not crop: a GPT-2 with 256
 positions cannot go past 256 tokens. So ``generate()`` is run by our window rule (see
 ``lmforge.generation``): up to ``block_size`` tokens, then again from the last ``block_size // 2``
-tokens, each call with a fresh cache, which is exactly the work our engine does. Greedy tokens
-from both are compared as a check that the two compute the same model.
+tokens, each call with a fresh cache, which is exactly the work our engine does; llama.cpp is
+run by the same rule. Greedy tokens are compared as a check that the engines compute the same
+model (llama.cpp's q8_0 weights are rounded, so its greedy tokens part from ours sooner).
 
 Prints a table and writes ``benchmarks/results/generate.json``.
 """
@@ -37,8 +42,8 @@ PROMPT_TOKENS = 8
 TOP_K = 50
 
 
-def build_model_dir(arch: str, block_size: int, out: Path) -> Path:
-    """A randomly initialised model directory: the baby config, our char vocabulary of the plays."""
+def build_model_dir(arch: str, block_size: int, out: Path, tokenizer_kind: str = "bpe") -> Path:
+    """A randomly initialised model directory: the baby config, a vocabulary of the plays."""
     from lmforge.config import compose_config
     from lmforge.corpus import resolve_sources
     from lmforge.model import GPT, GPTConfig
@@ -47,7 +52,9 @@ def build_model_dir(arch: str, block_size: int, out: Path) -> Path:
     from lmforge.training import model_config_for
     from lmforge.vocab import build_tokenizer
 
-    overrides = ["model=baby", f"model.block_size={block_size}", "tokenizer=char"]
+    overrides = ["model=baby", f"model.block_size={block_size}", f"tokenizer={tokenizer_kind}"]
+    if tokenizer_kind == "bpe":
+        overrides += ["tokenizer.vocab_size=512", "model.mlp=gelu_tanh"]
     if arch == "llama":
         overrides += ["model.positions=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false",
                       "model.tie_embeddings=false"]
@@ -57,8 +64,8 @@ def build_model_dir(arch: str, block_size: int, out: Path) -> Path:
     save_tokenizer(tokenizer, out / "tokenizer.json")
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_dict(model_config_for(cfg, tokenizer.get_vocab_size())))
-    meta = {"kind": "char", "eot_token": cfg.tokenizer.eot_token, "eot_id": eot_token_id(tokenizer, cfg.tokenizer.eot_token)}
-    return save_model_dir(out / f"baby-{arch}", model, out / "tokenizer.json", meta)
+    meta = {"kind": tokenizer_kind, "eot_token": cfg.tokenizer.eot_token, "eot_id": eot_token_id(tokenizer, cfg.tokenizer.eot_token)}
+    return save_model_dir(out / f"baby-{arch}-{tokenizer_kind}", model, out / "tokenizer.json", meta)
 
 
 def time_rates(runs: dict, new_tokens: int, repeats: int) -> dict[str, list[float]]:
@@ -94,8 +101,38 @@ def windowed_hf_generate(hf, prompt: torch.Tensor, new_tokens: int, block_size: 
     return tokens
 
 
+def windowed_llama_cpp_generate(llm, prompt: list[int], new_tokens: int, block_size: int, **sampling) -> list[int]:
+    """llama.cpp's ``generate`` by our window rule (see ``windowed_hf_generate``), fresh context each window."""
+    import itertools
+
+    tokens = list(prompt)
+    window = tokens[-block_size:]
+    while len(tokens) - len(prompt) < new_tokens:
+        room = min(block_size - len(window) + 1, new_tokens - (len(tokens) - len(prompt)))
+        tokens += itertools.islice(llm.generate(window, reset=True, **sampling), room)
+        window = tokens[-(block_size // 2):]
+    return tokens
+
+
+def llama_cpp_runs(model_dir: Path, prompt: list[int], block_size: int, args, tmp: Path) -> tuple[dict, list[int] | str]:
+    """The llama.cpp generator on the q8_0 export, and its greedy tokens; or ({}, why not)."""
+    from lmforge.errors import LmforgeError
+    from lmforge.gguf import export_gguf
+
+    try:
+        path = export_gguf(model_dir, tmp / f"{model_dir.name}-q8_0.gguf", "q8_0")
+        import llama_cpp
+    except (LmforgeError, ImportError) as err:
+        return {}, str(err)
+    llm = llama_cpp.Llama(str(path), n_ctx=block_size, n_threads=args.threads, seed=0, verbose=False)
+    sampled = dict(temp=1.0, top_k=TOP_K, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
+    greedy = windowed_llama_cpp_generate(llm, prompt, args.new_tokens, block_size, temp=0.0, top_k=1, repeat_penalty=1.0)
+    run = lambda: windowed_llama_cpp_generate(llm, prompt, args.new_tokens, block_size, **sampled)  # noqa: E731
+    return {"llama.cpp, q8_0 GGUF": run}, greedy
+
+
 def measure(model_dir: Path, label: str, args, tmp: Path) -> dict:
-    """The four generators on one model directory (and its export), plus the greedy check."""
+    """The generators on one model directory (and its exports), plus the greedy checks."""
     import transformers
 
     from lmforge.generation import SamplingConfig, generate
@@ -122,6 +159,10 @@ def measure(model_dir: Path, label: str, args, tmp: Path) -> dict:
         ours_greedy = generate(model, prompt, SamplingConfig(max_new_tokens=n, temperature=0.0))
         theirs_greedy = windowed_hf_generate(hf, prompt, n, block_size, hf_greedy)
     agree = int((ours_greedy == theirs_greedy).all(0).long().cumprod(0).sum()) - PROMPT_TOKENS
+    llama_cpp_run, llama_cpp_greedy = llama_cpp_runs(model_dir, prompt[0].tolist(), block_size, args, tmp)
+    if llama_cpp_run:
+        pairs = zip(llama_cpp_greedy[PROMPT_TOKENS:], ours_greedy[0, PROMPT_TOKENS:].tolist())
+        llama_cpp_agree = next((i for i, (a, b) in enumerate(pairs) if a != b), n)
 
     def ours(use_cache: bool):
         return lambda: generate(model, prompt, SamplingConfig(max_new_tokens=n, use_cache=use_cache, **sampled))
@@ -138,6 +179,7 @@ def measure(model_dir: Path, label: str, args, tmp: Path) -> dict:
         "lmforge, no cache": ours(False),
         "transformers generate(), KV cache": theirs(hf_sampled),
         "transformers generate(), no cache": theirs(hf_no_cache),
+        **llama_cpp_run,
     }, n, args.repeats)
     # Other work on the machine only ever slows a run down, so the best run is the truest figure.
     best = {name: max(r) for name, r in rates.items()}
@@ -157,6 +199,11 @@ def measure(model_dir: Path, label: str, args, tmp: Path) -> dict:
         "ours_vs_transformers_cached_median": ours_median / median["transformers generate(), KV cache"],
         "greedy_tokens_equal": agree,
     }
+    if llama_cpp_run:
+        result["llama_cpp_q8_0_greedy_tokens_equal"] = llama_cpp_agree
+        result["llama_cpp_q8_0_vs_ours_cached"] = best["llama.cpp, q8_0 GGUF"] / ours_best
+    else:
+        result["llama_cpp_not_measured"] = llama_cpp_greedy
     print(f"\n{label}: {type(hf).__name__}, {result['parameters'] / 1e6:.2f}M parameters")
     print(f"| {'generator':36} | best tokens/s | median tokens/s | best vs lmforge cached |")
     print(f"|{'-' * 38}|--------------:|----------------:|-----------------------:|")
@@ -166,6 +213,10 @@ def measure(model_dir: Path, label: str, args, tmp: Path) -> dict:
           f"(want >= 5); lmforge vs transformers, both cached: {result['ours_vs_transformers_cached']:.2f}x best, "
           f"{result['ours_vs_transformers_cached_median']:.2f}x median (want >= 1.0)")
     print(f"greedy check: the first {agree} of {n} new tokens are equal in both implementations")
+    if llama_cpp_run:
+        print(f"llama.cpp q8_0 greedy: the first {llama_cpp_agree} of {n} new tokens equal ours")
+    else:
+        print(f"llama.cpp: not measured ({llama_cpp_greedy})")
     return result
 
 
@@ -175,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--arch", nargs="+", choices=("gpt2", "llama"), default=["gpt2", "llama"],
                         help="the random models' families")
     parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--tokenizer", choices=("bpe", "char"), default="bpe", help="the random models' vocabulary")
     parser.add_argument("--new-tokens", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest at this size)")
@@ -193,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.model:
             models = [(Path(args.model), str(args.model))]
         else:
-            models = [(build_model_dir(arch, args.block_size, tmp), f"random baby ({arch}), block_size={args.block_size}")
+            models = [(build_model_dir(arch, args.block_size, tmp, args.tokenizer),
+                       f"random baby ({arch}, {args.tokenizer} vocabulary), block_size={args.block_size}")
                       for arch in args.arch]
         results = [measure(model_dir, label, args, tmp) for model_dir, label in models]
     report = {

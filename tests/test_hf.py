@@ -19,6 +19,7 @@ GPT2_STYLE = dict(positions="learned", norm="layernorm", mlp="gelu")
 LLAMA_STYLE = dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False)
 FAMILIES = {
     "gpt2": (GPT2_STYLE, "GPT2LMHeadModel"),
+    "gpt2-gelu-tanh": (dict(GPT2_STYLE, mlp="gelu_tanh"), "GPT2LMHeadModel"),
     "gpt2-untied-no-bias": (dict(GPT2_STYLE, bias=False, tie_embeddings=False, mlp_hidden=48), "GPT2LMHeadModel"),
     "llama": (LLAMA_STYLE, "LlamaForCausalLM"),
     "llama-bias-tied": (dict(LLAMA_STYLE, bias=True, tie_embeddings=True, n_kv_head=None, rope_theta=500.0),
@@ -84,12 +85,13 @@ def test_export_refuses_what_neither_family_represents(tmp_path, capsys, options
     assert code == 1 and err.startswith(f"error: {message}") and err.count("\n") == 1
 
 
-def save_transformers_model(path, family: str, vocab_size: int, tokenizer_file) -> "transformers.PreTrainedModel":
+def save_transformers_model(path, family: str, vocab_size: int, tokenizer_file,
+                            activation: str = "gelu") -> "transformers.PreTrainedModel":
     """A randomly initialised transformers model of ``family``, saved with a fast tokenizer at ``path``."""
     torch.manual_seed(2)
     if family == "gpt2":
         config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                                         activation_function="gelu", eos_token_id=0, bos_token_id=0)
+                                         activation_function=activation, eos_token_id=0, bos_token_id=0)
         model = transformers.GPT2LMHeadModel(config)
     else:
         config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=80,
@@ -106,15 +108,18 @@ def save_transformers_model(path, family: str, vocab_size: int, tokenizer_file) 
     return model
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_import_of_a_transformers_model_gives_equal_logits(tmp_path, family):
+@pytest.mark.parametrize("family, activation", [("gpt2", "gelu"), ("gpt2", "gelu_new"), ("gpt2", "gelu_pytorch_tanh"),
+                                                ("llama", None)])
+def test_import_of_a_transformers_model_gives_equal_logits(tmp_path, family, activation):
     from lmforge.generation import SamplingConfig, complete
 
     reference = make_model_dir(tmp_path / "reference")  # only for its char tokenizer
     vocab_size = load_model_dir(reference).tokenizer.get_vocab_size()
-    hf = save_transformers_model(tmp_path / "hf", family, vocab_size, reference / "tokenizer.json")
+    hf = save_transformers_model(tmp_path / "hf", family, vocab_size, reference / "tokenizer.json", activation)
     out = import_hf(tmp_path / "hf", tmp_path / "imported")
     loaded = load_model_dir(out)
+    if activation:  # GPT-2's own activation, the tanh approximation, is model.mlp=gelu_tanh
+        assert loaded.model.config.mlp == ("gelu" if activation == "gelu" else "gelu_tanh")
     assert loaded.eot_id == 0 and loaded.config["tokenizer"]["eot_token"] == "<|endoftext|>"
     ids = random_ids(vocab_size, 32)
     with torch.no_grad():
@@ -127,7 +132,7 @@ def test_import_of_a_transformers_model_gives_equal_logits(tmp_path, family):
 
 
 def test_export_import_round_trip_keeps_the_config(tmp_path):
-    for family in ("gpt2", "llama"):
+    for family in ("gpt2", "gpt2-gelu-tanh", "llama"):
         model_dir = make_model_dir(tmp_path / family, **FAMILIES[family][0])
         back = import_hf(export_hf(model_dir, tmp_path / f"{family}-hf"), tmp_path / f"{family}-back")
         assert load_model_dir(back).model.config == load_model_dir(model_dir).model.config
@@ -146,10 +151,10 @@ def test_import_command_and_its_errors(tmp_path, capsys):
     assert code == 0 and out.startswith("the")
 
     config = json.loads((hf_dir / "config.json").read_text())
-    (hf_dir / "config.json").write_text(json.dumps({**config, "activation_function": "gelu_new"}))
+    (hf_dir / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     code, out, err = run_cli(["import", "--format", "hf", hf_dir, tmp_path / "x"], capsys)
     assert code == 1 and err.count("\n") == 1
-    assert "activation_function='gelu_new' is not the exact (erf) GELU lmforge uses" in err
+    assert "activation_function='relu' is none of the GELUs lmforge has (gelu, gelu_new, gelu_pytorch_tanh)" in err
     (hf_dir / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
     code, out, err = run_cli(["import", "--format", "hf", hf_dir, tmp_path / "x"], capsys)
     assert code == 1 and "model_type='t5' is not supported" in err

@@ -13,7 +13,7 @@ from lmforge.model import GPT, GPTConfig, KVCache, sinusoidal_table
 
 POSITIONS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "swiglu")
 
 LLAMA_STYLE = dict(
     positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False, bias=False
@@ -164,6 +164,21 @@ def test_gpt2_initialisation():
     assert model.transformer.wpe.weight.std().item() == pytest.approx(0.02, rel=0.05)
 
 
+def test_gelu_tanh_is_gpt2s_approximation_and_differs_from_exact_gelu():
+    from lmforge.model import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(tiny(mlp="gelu_tanh")).eval()
+    x = torch.randn(3, 32)
+    h = mlp.c_fc(x)
+    gpt2 = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))  # GPT-2's own code
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), mlp.c_proj(gpt2), rtol=0, atol=1e-6)
+        mlp.approximate = "none"
+        assert (mlp(x) - mlp.c_proj(gpt2)).abs().max() > 1e-5  # the exact GELU is another function
+    assert tiny(mlp="gelu_tanh").mlp_hidden_size == 4 * 32
+
+
 def test_mlp_widths_and_positions_tables():
     assert GPTConfig(vocab_size=8).mlp_hidden_size == 512
     assert GPTConfig(vocab_size=8, mlp="swiglu").mlp_hidden_size == 352  # 341 rounded up to 32s
@@ -185,7 +200,7 @@ def test_mlp_widths_and_positions_tables():
     [
         (dict(positions="foo"), "model.positions='foo' is not one of learned, sinusoidal, rope"),
         (dict(norm="batchnorm"), "model.norm='batchnorm' is not one of layernorm, rmsnorm"),
-        (dict(mlp="relu"), "model.mlp='relu' is not one of gelu, swiglu"),
+        (dict(mlp="relu"), "model.mlp='relu' is not one of gelu, gelu_tanh, swiglu"),
         (dict(vocab_size=0), "model.vocab_size=0 must be a positive integer"),
         (dict(block_size=2.5), "model.block_size=2.5 must be a positive integer"),
         (dict(n_layer=True), "model.n_layer=True must be a positive integer"),

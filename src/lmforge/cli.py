@@ -5,7 +5,9 @@
     lmforge generate --model DIR|URI --prompt TEXT [sampling options]
     lmforge evaluate --model DIR|URI --data FILE... [--mlflow]      score any text
     lmforge export --model DIR|URI --format hf OUT                 a transformers directory
+    lmforge export --model DIR|URI --format gguf OUT.gguf [--dtype f32|f16|q8_0]   llama.cpp & co.
     lmforge import --format hf DIR OUT                             a transformers directory in
+    lmforge import --format gguf FILE.gguf OUT                     a GGUF file in
     lmforge runs list | runs show [RUN_ID]                         tracked runs and their lineage
 
 A model is named by its directory or an MLflow URI (runs:/<run_id>/model, models:/<name>/<version>).
@@ -167,6 +169,14 @@ def _export(args: argparse.Namespace) -> None:
     from lmforge.hf import export_hf
     from lmforge.modeldir import fetch_model_dir
 
+    if args.format == "gguf":
+        from lmforge.gguf import export_gguf
+
+        out = export_gguf(fetch_model_dir(args.model, args.tracking_uri), args.out, args.dtype)
+        print(f"wrote {out} ({args.dtype}; run it with llama.cpp, or transformers' from_pretrained(..., gguf_file=...))")
+        return
+    if args.dtype != "f32":
+        raise LmforgeError(f"--dtype {args.dtype} applies to --format gguf only; --format hf writes float32.")
     out = export_hf(fetch_model_dir(args.model, args.tracking_uri), args.out)
     architecture = json.loads((out / "config.json").read_text())["architectures"][0]
     print(f"wrote {out} ({architecture}; load it with transformers.AutoModelForCausalLM.from_pretrained)")
@@ -176,7 +186,12 @@ def _import(args: argparse.Namespace) -> None:
     from lmforge.hf import import_hf
     from lmforge.modeldir import load_model_dir
 
-    out = import_hf(args.hf_dir, args.out)
+    if args.format == "gguf":
+        from lmforge.gguf import import_gguf
+
+        out = import_gguf(args.hf_dir, args.out)
+    else:
+        out = import_hf(args.hf_dir, args.out)
     config = load_model_dir(out).model.config.to_dict()
     settings = " ".join(f"model.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
                         for k, v in config.items() if k != "vocab_size")
@@ -243,13 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--interactive", action="store_true", help="keep a prompt loop open")
     g.add_argument("--escapes", action="store_true", help="interpret \\n in interactive prompts")
 
-    e = sub.add_parser("export", help="write a model directory as a transformers directory")
+    e = sub.add_parser("export", help="write a model directory as a transformers directory or a GGUF file")
     _add_model_arguments(e)
-    e.add_argument("--format", required=True, choices=["hf"], help="hf: GPT2LMHeadModel or LlamaForCausalLM")
-    e.add_argument("out", help="the directory to write")
-    i = sub.add_parser("import", help="turn a local transformers GPT-2/Llama directory into a model directory")
-    i.add_argument("--format", required=True, choices=["hf"])
-    i.add_argument("hf_dir", help="a transformers directory: config.json, safetensors weights, tokenizer.json")
+    e.add_argument("--format", required=True, choices=["hf", "gguf"],
+                   help="hf: GPT2LMHeadModel or LlamaForCausalLM; gguf: one file for llama.cpp, Ollama, Candle, ...")
+    e.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF weight type (default f32)")
+    e.add_argument("out", help="the directory (hf) or .gguf file (gguf) to write")
+    i = sub.add_parser("import", help="turn a local transformers GPT-2/Llama directory or a GGUF file into a model directory")
+    i.add_argument("--format", required=True, choices=["hf", "gguf"])
+    i.add_argument("hf_dir", metavar="SOURCE", help="a transformers directory (config.json, safetensors weights, "
+                   "tokenizer.json), or a gpt2/llama .gguf file")
     i.add_argument("out", help="the model directory to write")
 
     r = sub.add_parser("runs", help="list tracked runs, or show one run's lineage, params and metrics")

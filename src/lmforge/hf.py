@@ -4,7 +4,8 @@ and a local ``transformers`` GPT-2 or Llama-family directory in as a model direc
 Two families are representable both ways (lmforge's parameter names follow GPT-2 and its tensor
 layouts follow Llama, see ``lmforge.model``):
 
-* ``GPT2LMHeadModel``: learned positions, LayerNorm, GELU MLP, multi-head attention.
+* ``GPT2LMHeadModel``: learned positions, LayerNorm, GELU MLP (exact ``gelu`` or GPT-2's own
+  tanh approximation ``gelu_tanh``, transformers' ``gelu_new``), multi-head attention.
   GPT-2's Conv1D weights are our Linear weights transposed. GPT-2 always has biases, so a model
   with ``bias=False`` exports zero biases (the same function).
 * ``LlamaForCausalLM``: RoPE (rotate-half layout), RMSNorm, SwiGLU, grouped-query attention.
@@ -39,6 +40,10 @@ from lmforge.tokenizer import UNK_TOKEN
 GPT2 = "gpt2"
 LLAMA = "llama"
 ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
+# Our GPT-2 MLP kinds <-> transformers' activation_function names (one function each way;
+# "gelu_pytorch_tanh" is the same tanh approximation computed by PyTorch's kernel).
+GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+GPT2_ACTIVATIONS_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 PAD_TOKENS = ("<pad>", "<|pad|>")
 
 
@@ -52,10 +57,10 @@ def hf_family(config: GPTConfig) -> str:
 
     Raises LmforgeError naming the settings that neither family has.
     """
-    gpt2 = {"positions": "learned", "norm": "layernorm", "mlp": "gelu"}
-    llama = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+    gpt2 = {"positions": ("learned",), "norm": ("layernorm",), "mlp": tuple(GPT2_ACTIVATIONS)}
+    llama = {"positions": ("rope",), "norm": ("rmsnorm",), "mlp": ("swiglu",)}
     for family, wanted in ((GPT2, gpt2), (LLAMA, llama)):
-        if all(getattr(config, k) == v for k, v in wanted.items()):
+        if all(getattr(config, k) in v for k, v in wanted.items()):
             if family == GPT2 and config.kv_heads != config.n_head:
                 raise LmforgeError(
                     f"model.n_kv_head={config.n_kv_head} (grouped-query attention) has no GPT-2 counterpart; "
@@ -65,7 +70,7 @@ def hf_family(config: GPTConfig) -> str:
     settings = f"positions={config.positions}, norm={config.norm}, mlp={config.mlp}"
     raise LmforgeError(
         f"a model with {settings} cannot be exported to transformers: GPT2LMHeadModel needs "
-        "positions=learned, norm=layernorm, mlp=gelu and LlamaForCausalLM needs positions=rope, "
+        "positions=learned, norm=layernorm, mlp=gelu or gelu_tanh and LlamaForCausalLM needs positions=rope, "
         "norm=rmsnorm, mlp=swiglu; train with one of those combinations."
     )
 
@@ -209,7 +214,7 @@ def to_hf_config(config: GPTConfig, family: str, eot_id: int) -> dict:
             "n_layer": config.n_layer,
             "n_head": config.n_head,
             "n_inner": config.mlp_hidden_size,
-            "activation_function": "gelu",  # exact (erf) GELU, as ours; GPT-2's own is "gelu_new"
+            "activation_function": GPT2_ACTIVATIONS[config.mlp],
             "layer_norm_epsilon": config.norm_eps,
             "resid_pdrop": config.dropout,
             "embd_pdrop": config.dropout,
@@ -247,9 +252,9 @@ def from_hf_config(hf: dict, source: Path) -> tuple[str, GPTConfig]:
 
     if family == GPT2:
         activation = hf.get("activation_function", "gelu_new")
-        if activation != "gelu":
+        if activation not in GPT2_ACTIVATIONS_IN:
             raise refuse(f"activation_function={activation!r}",
-                         "is not the exact (erf) GELU lmforge uses (GPT-2's own 'gelu_new' is the tanh approximation)")
+                         f"is none of the GELUs lmforge has ({', '.join(GPT2_ACTIVATIONS_IN)})")
         if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx", False):
             raise refuse("the attention scaling", "differs from 1/sqrt(head size)")
         if hf.get("add_cross_attention", False):
@@ -267,7 +272,7 @@ def from_hf_config(hf: dict, source: Path) -> tuple[str, GPTConfig]:
             positions="learned",
             norm="layernorm",
             norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-            mlp="gelu",
+            mlp=GPT2_ACTIVATIONS_IN[activation],
             mlp_hidden=None if inner in (None, 4 * n_embd) else inner,
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         )

@@ -4,7 +4,7 @@ Configuration, then the pieces in the order the forward pass meets them: positio
 normalisation, causal self-attention (with a KV cache for generation), the MLP, the pre-norm
 block, and the model. The defaults are GPT-2 (Radford et al. 2019, as in nanoGPT); the options
 ``positions="rope"``, ``norm="rmsnorm"``, ``mlp="swiglu"``, ``n_kv_head`` and ``bias=False``
-give a Llama-style model.
+give a Llama-style model; ``mlp="gelu_tanh"`` is GPT-2's own tanh-approximate GELU.
 
 Parameter names follow GPT-2 (``transformer.wte``, ``transformer.h.0.attn.c_attn``, ``ln_1`` ... also
 when the norm is RMSNorm) so that a GPT-2 export is a transpose of the Conv1D weights, and the
@@ -27,7 +27,7 @@ from lmforge.errors import LmforgeError
 
 Positions = Literal["learned", "sinusoidal", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]
-MLPKind = Literal["gelu", "swiglu"]
+MLPKind = Literal["gelu", "gelu_tanh", "swiglu"]
 
 
 class ConfigError(LmforgeError, ValueError):
@@ -55,7 +55,7 @@ class GPTConfig:
     rope_theta: float = 10000.0
     norm: Norm = "layernorm"
     norm_eps: float = 1e-5
-    mlp: MLPKind = "gelu"  # "gelu": exact (erf) GELU; "swiglu": Shazeer 2020
+    mlp: MLPKind = "gelu"  # "gelu": exact (erf) GELU; "gelu_tanh": GPT-2's approximation; "swiglu": Shazeer 2020
     mlp_hidden: int | None = None  # None: see mlp_hidden_size
     tie_embeddings: bool = True  # lm_head shares wte's weight (Press & Wolf 2017)
 
@@ -78,7 +78,7 @@ class GPTConfig:
         """
         if self.mlp_hidden is not None:
             return self.mlp_hidden
-        if self.mlp == "gelu":
+        if self.mlp != "swiglu":
             return 4 * self.n_embd
         multiple_of = 32
         hidden = int(2 * 4 * self.n_embd / 3)
@@ -332,10 +332,16 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2's feed-forward layer: c_proj(GELU(c_fc(x))), exact (erf) GELU."""
+    """GPT-2's feed-forward layer: c_proj(GELU(c_fc(x))).
+
+    GELU is exact (erf) for ``mlp="gelu"``; for ``mlp="gelu_tanh"`` it is the tanh approximation
+    (Hendrycks & Gimpel 2016, section 2) that GPT-2 was trained with, transformers' ``gelu_new``
+    and llama.cpp's GELU, so GPT-2 checkpoints and GGUF files compute the same function.
+    """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
         hidden = config.mlp_hidden_size
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -343,7 +349,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class SwiGLU(nn.Module):
