@@ -259,6 +259,62 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class KVSlots:
+    """Keys and values of up to ``n_slots`` independent sequences, each at its own length.
+
+    For serving many requests in one forward pass (``lmforge.batching``): the first B slots are
+    the active ones, and ``GPT.forward(idx, cache=slots)`` with idx (B, 1) appends one token to
+    each, at that slot's own position, attending only to that slot's tokens. A slot is filled
+    (prefilled) on its own through ``slot(i)``, a KVCache whose tensors are views of slot i.
+    """
+
+    def __init__(self, n_layer: int, n_slots: int, n_kv_head: int, block_size: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        shape = (n_slots, n_kv_head, block_size, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.n_slots = n_slots
+        self.block_size = block_size
+
+    def slot(self, i: int) -> KVCache:
+        """A batch-1 KVCache writing into slot ``i`` from position 0; set ``lengths[i]`` after using it."""
+        view = KVCache.__new__(KVCache)
+        view.k = [k[i : i + 1] for k in self.k]
+        view.v = [v[i : i + 1] for v in self.v]
+        view.batch_size, view.block_size, view.length = 1, self.block_size, 0
+        return view
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot ``src`` (keys, values, length) into slot ``dst``: keeps the active slots first."""
+        n = int(self.lengths[src])
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :n] = k[src, :, :n]
+            v[dst, :, :n] = v[src, :, :n]
+        self.lengths[dst] = n
+
+    def decode_inputs(self, B: int, T: int) -> tuple[Tensor, Tensor]:
+        """Positions (B, 1) of the new tokens of slots 0..B-1 and their (B, 1, 1, S) attention mask."""
+        if T != 1 or not 0 < B <= self.n_slots:
+            raise ValueError(f"KVSlots decodes one token for 1..{self.n_slots} slots, not idx of shape ({B}, {T}).")
+        lengths = self.lengths[:B]
+        span = int(lengths.max()) + 1
+        if span > self.block_size:
+            raise ValueError(f"a slot holds {span - 1} tokens already: model.block_size={self.block_size} is full.")
+        keys = torch.arange(span, device=lengths.device)
+        return lengths[:, None], (keys[None, :] <= lengths[:, None])[:, None, None, :]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store each active slot's new (1-token) key/value at its own length; return keys/values to attend over."""
+        B = k.size(0)
+        lengths = self.lengths[:B]
+        rows = torch.arange(B, device=lengths.device)
+        self.k[layer][rows, :, lengths] = k[:, :, 0]
+        self.v[layer][rows, :, lengths] = v[:, :, 0]
+        span = int(lengths.max()) + 1
+        return self.k[layer][:B, :, :span], self.v[layer][:B, :, :span]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention, with grouped-query heads and an optional KV cache.
 
@@ -286,7 +342,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor] | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | KVSlots | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         """(B, T, n_embd) -> (B, T, n_embd).
@@ -307,19 +363,18 @@ class CausalSelfAttention(nn.Module):
         v = qkv[:, :, nh + nkv :]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
 
-        past = 0
         if cache is not None:
-            past = cache.length
             k, v = cache.update(self.layer_idx, k, v)
         # is_causal aligns the mask top-left, which is right only when the queries start at
-        # position 0; after cached tokens, one query sees everything and several need attn_mask.
+        # position 0 (as many keys as queries); after cached tokens, one query sees everything
+        # and several need attn_mask.
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None and past == 0,
+            is_causal=attn_mask is None and k.size(2) == T,
             enable_gqa=nkv != nh,  # query head h reads kv head h // (nh / nkv), as HF's repeat_kv
         )
         y = y.transpose(1, 2).reshape(B, T, nh * self.head_dim)
@@ -389,7 +444,7 @@ class Block(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor] | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | KVSlots | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache, attn_mask)
@@ -442,17 +497,23 @@ class GPT(nn.Module):
         self,
         idx: Tensor,
         targets: Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | KVSlots | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits for every position of ``idx``, and the loss when ``targets`` are given.
 
         idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is wanted.
         cache: when given, ``idx`` continues the tokens already in it (positions start at
-        ``cache.length``); their keys/values are appended and ``cache.length`` grows by T.
+        ``cache.length``); their keys/values are appended and ``cache.length`` grows by T. With
+        KVSlots, idx is (B, 1): one token for each of the first B slots, each at its own length.
         Returns (logits (B, T, vocab_size), mean cross-entropy or None).
         Raises ValueError when the tokens would pass block_size positions.
         """
         B, T = idx.shape
+        if isinstance(cache, KVSlots):  # one token for each of B slots, each at its own position
+            pos, attn_mask = cache.decode_inputs(B, T)
+            logits = self._run(idx, pos, cache, attn_mask)
+            cache.lengths[:B] += 1
+            return logits, None
         past = 0
         if cache is not None:
             past = cache.length
@@ -467,30 +528,38 @@ class GPT(nn.Module):
                 "crop the input or reset the cache."
             )
 
-        x = self.transformer.wte(idx)
-        rope = None
-        if self.config.positions == "learned":
-            x = x + self.transformer.wpe.weight[past : past + T]
-        elif self.config.positions == "sinusoidal":
-            x = x + self.pos_table[past : past + T]
-        else:  # rope rotates q and k inside attention; shaped to broadcast over (B, T, heads, head_dim)
-            rope = (self.rope_cos[past : past + T, None], self.rope_sin[past : past + T, None])
-        x = self.transformer.drop(x)
-
         attn_mask = None
         if past > 0 and T > 1:
             # New token i (position past + i) sees every cached token and new tokens 0..i.
             attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=idx.device).tril(diagonal=past)
-        for block in self.transformer.h:
-            x = block(x, rope, cache, attn_mask)
+        logits = self._run(idx, slice(past, past + T), cache, attn_mask)
         if cache is not None:
             cache.length = past + T
-
-        logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def _run(self, idx: Tensor, pos: slice | Tensor, cache, attn_mask: Tensor | None) -> Tensor:
+        # pos: a slice of positions shared by every row, or a (B, T) tensor of each row's own.
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.transformer.wpe.weight[pos]
+        elif self.config.positions == "sinusoidal":
+            x = x + self.pos_table[pos]
+        else:  # rope rotates q and k inside attention; shaped to broadcast over (B, T, heads, head_dim)
+            rope = (self.rope_cos[pos, None], self.rope_sin[pos, None])
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, cache, attn_mask)
+        return self.lm_head(self.transformer.ln_f(x))
+
+    def new_kv_slots(self, n_slots: int, dtype: torch.dtype | None = None) -> KVSlots:
+        """Empty KVSlots for ``n_slots`` independent sequences on the model's device (dtype: the model's)."""
+        weight = self.transformer.wte.weight
+        c = self.config
+        return KVSlots(c.n_layer, n_slots, c.kv_heads, c.block_size, c.head_dim, weight.device, dtype or weight.dtype)
 
     def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KVCache for ``batch_size`` sequences on the model's device (dtype: the model's)."""
