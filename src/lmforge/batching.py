@@ -139,10 +139,17 @@ class Engine:
         rows_of: dict[int, list[int]] = {}
         for row, sample in enumerate(self.active):
             rows_of.setdefault(id(sample.job), []).append(row)
+        groups = [sorted(rows, key=lambda r: self.active[r].index) for rows in rows_of.values()]  # draws in sample order
+        token_ids = [0] * len(self.active)
+        for rows in groups:
+            for row, token_id in zip(rows, self._draw(rows, logits)):
+                token_ids[row] = token_id
+        # One log-softmax for the whole batch rather than one per job.
+        chosen = torch.tensor(token_ids, device=self.device)[:, None]
+        logprobs = F.log_softmax(logits, dim=-1).gather(-1, chosen)[:, 0].tolist()
         ended = []
-        for rows in rows_of.values():
-            rows.sort(key=lambda r: self.active[r].index)  # draws in sample order, as one batch would
-            ended += self._sample_job(rows, logits)
+        for rows in groups:
+            ended += self._advance(rows, token_ids, logprobs)
         self._free(ended)
         for row, sample in enumerate(self.active):
             if len(sample.tokens) - sample.start > self.block_size:  # the window is full: restart it
@@ -178,30 +185,35 @@ class Engine:
             self.model(torch.tensor([window], device=self.device), cache=self.slots.slot(row))
         self.slots.lengths[row] = len(window)
 
-    def _sample_job(self, rows: list[int], logits: Tensor) -> list[_Sample]:
-        """Sample the next token of each of a job's rows; emit events; return the samples of a finished job."""
+    def _draw(self, rows: list[int], logits: Tensor) -> list[int]:
+        """The next token of each of one job's rows (in sample order), with the job's settings and generator."""
         samples = [self.active[r] for r in rows]
-        job, cfg = samples[0].job, samples[0].job.cfg
-        job_logits = logits[rows]
+        job = samples[0].job
+        contiguous = rows[-1] - rows[0] == len(rows) - 1 and rows == sorted(rows)
+        job_logits = logits[rows[0] : rows[-1] + 1] if contiguous else logits[rows]
         previous = None
-        if cfg.repetition_penalty != 1.0:
+        if job.cfg.repetition_penalty != 1.0:
             previous = torch.tensor([s.tokens for s in samples], device=self.device)
-        chosen = sample_next(job_logits, cfg, self.generators[id(job)], previous)
-        logprobs = F.log_softmax(job_logits, dim=-1).gather(-1, chosen)[:, 0].tolist()
-        for sample, token_id, logprob in zip(samples, chosen[:, 0].tolist(), logprobs):
-            sample.tokens.append(token_id)
+        return sample_next(job_logits, job.cfg, self.generators[id(job)], previous)[:, 0].tolist()
+
+    def _advance(self, rows: list[int], token_ids: list[int], logprobs: list[float]) -> list[_Sample]:
+        """Append each row's token, emit its text; return the job's samples when they have all ended."""
+        samples = [self.active[r] for r in rows]
+        job = samples[0].job
+        for row, sample in zip(rows, samples):
+            sample.tokens.append(token_ids[row])
             if sample.finished:  # sampled only to keep the job's draws those of one batch
                 continue
             sample.generated += 1
-            text = sample.tail.push(token_id)
+            text = sample.tail.push(token_ids[row])
             reason = None
             if sample.tail.done:
                 reason = "stop"
-            elif sample.generated >= cfg.max_new_tokens:
+            elif sample.generated >= job.cfg.max_new_tokens:
                 reason = "length"
                 text += sample.tail.finish()
             sample.finished = reason is not None
-            job.emit(Event("token", sample.index, text, token_id, logprob, reason))
+            job.emit(Event("token", sample.index, text, token_ids[row], logprobs[row], reason))
         if all(s.finished for s in samples):
             job.emit(Event("done"))
             return samples

@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", help="the model's name in the API (default: the directory's name, or the URI)")
     s.add_argument("--max-batch", type=int, default=32, help="samples decoded together (KV cache slots)")
     s.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts with a 400 (default: 4 x block_size)")
+    s.add_argument("--threads", type=int, help="torch threads for the model (default: torch's choice)")
 
     r = sub.add_parser("runs", help="list tracked runs, or show one run's lineage, params and metrics")
     runs = r.add_subparsers(dest="runs_command", required=True)
@@ -323,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from lmforge.openai_server import serve
 
         _guarded(lambda: serve(args.model, args.host, args.port, args.tracking_uri, args.name, args.max_batch,
-                               args.max_prompt_tokens))
+                               args.max_prompt_tokens, args.threads))
 
 
 if __name__ == "__main__":

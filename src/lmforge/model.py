@@ -294,7 +294,7 @@ class KVSlots:
         self.lengths[dst] = n
 
     def decode_inputs(self, B: int, T: int) -> tuple[Tensor, Tensor]:
-        """Positions (B, 1) of the new tokens of slots 0..B-1 and their (B, 1, 1, S) attention mask."""
+        """Positions (B, 1) of the new tokens of slots 0..B-1 and their additive (B, 1, 1, S) attention mask."""
         if T != 1 or not 0 < B <= self.n_slots:
             raise ValueError(f"KVSlots decodes one token for 1..{self.n_slots} slots, not idx of shape ({B}, {T}).")
         lengths = self.lengths[:B]
@@ -302,17 +302,22 @@ class KVSlots:
         if span > self.block_size:
             raise ValueError(f"a slot holds {span - 1} tokens already: model.block_size={self.block_size} is full.")
         keys = torch.arange(span, device=lengths.device)
-        return lengths[:, None], (keys[None, :] <= lengths[:, None])[:, None, None, :]
+        # Where every layer writes this step, worked out once. The mask is additive (0 or -inf):
+        # a boolean one would be converted by every layer's attention.
+        self._write = (torch.arange(B, device=lengths.device), lengths.clone(), span)
+        mask = torch.zeros(B, 1, 1, span, dtype=self.k[0].dtype, device=lengths.device)
+        mask.masked_fill_((keys[None, :] > lengths[:, None])[:, None, None, :], float("-inf"))
+        return lengths[:, None], mask
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store each active slot's new (1-token) key/value at its own length; return keys/values to attend over."""
-        B = k.size(0)
-        lengths = self.lengths[:B]
-        rows = torch.arange(B, device=lengths.device)
+        """Store each active slot's new (1-token) key/value at its own length; return keys/values to attend over.
+
+        Used inside ``GPT.forward``, after ``decode_inputs`` worked out the step's positions.
+        """
+        rows, lengths, span = self._write
         self.k[layer][rows, :, lengths] = k[:, :, 0]
         self.v[layer][rows, :, lengths] = v[:, :, 0]
-        span = int(lengths.max()) + 1
-        return self.k[layer][:B, :, :span], self.v[layer][:B, :, :span]
+        return self.k[layer][: len(rows), :, :span], self.v[layer][: len(rows), :, :span]
 
 
 class CausalSelfAttention(nn.Module):

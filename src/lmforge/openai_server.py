@@ -225,8 +225,10 @@ async def _stream(request, loaded, ask: Ask, name: str, job: Job, events: asynci
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, tracking_uri: str | None = None,
-          name: str | None = None, max_batch: int = 32, max_prompt_tokens: int | None = None) -> None:
+          name: str | None = None, max_batch: int = 32, max_prompt_tokens: int | None = None,
+          threads: int | None = None) -> None:
     """Load ``model`` (a directory or an MLflow URI) and serve it until interrupted."""
+    import torch
     import uvicorn
 
     from lmforge.modeldir import fetch_model_dir, is_mlflow_uri, load_model_dir
@@ -235,6 +237,10 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, tracking_uri: s
         raise LmforgeError(f"--max-batch {max_batch} must be at least 1.")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise LmforgeError(f"--max-prompt-tokens {max_prompt_tokens} must be at least 1.")
+    if threads is not None:
+        if threads < 1:
+            raise LmforgeError(f"--threads {threads} must be at least 1.")
+        torch.set_num_threads(threads)
     loaded = load_model_dir(fetch_model_dir(model, tracking_uri))
     name = name or (model if is_mlflow_uri(model) else Path(model).resolve().name)
     app = create_app(loaded, name, max_batch, max_prompt_tokens)
