@@ -12,6 +12,9 @@ first token runs from sending the request to the first text chunk; inter-token l
 between chunks (a character model sends one chunk per token). Aggregate tokens/s is all
 completion tokens (from ``usage``) over the wall time of the round. Each level runs ``--rounds``
 times after a warm-up; the table gives the best round's throughput and the latencies over all.
+On a machine shared with other work the wall clock says as much about the neighbours as about
+the server, so the table also gives the server process's CPU time per token (user + system),
+which the neighbours do not change much: batching shows as that cost falling with more clients.
 
 The bar (issue 11): aggregate throughput at 16 clients at least 4x one client's, and p99 time to
 first token at 16 clients under 1 s. Prints a table and writes ``benchmarks/results/serve.json``.
@@ -35,6 +38,7 @@ import time
 from pathlib import Path
 
 import httpx2 as httpx  # the HTTP client the openai package uses
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "ROMEO:\nO "
@@ -128,11 +132,14 @@ def main(argv: list[str] | None = None) -> dict:
         url = f"http://127.0.0.1:{port}"
         info = machine()
         proc = start_server(model_dir, port, max(args.clients), args.threads)
+        server = psutil.Process(proc.pid)
         try:
             asyncio.run(round_of(url, 2, 20, 0))  # warm-up
             rows = {}
             for clients in args.clients:
+                before = sum(server.cpu_times()[:2])
                 rounds = [asyncio.run(round_of(url, clients, args.new_tokens, 1000 * r)) for r in range(args.rounds)]
+                cpu = sum(server.cpu_times()[:2]) - before
                 ttft = [t for r in rounds for t in r["ttft"]]
                 gaps = [g for r in rounds for g in r["gaps"]]
                 rows[clients] = {
@@ -140,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "ttft_p50_s": statistics.median(ttft), "ttft_p99_s": percentile(ttft, 99),
                     "itl_p50_ms": 1000 * statistics.median(gaps), "itl_p99_ms": 1000 * percentile(gaps, 99),
                     "tokens_per_request": rounds[0]["tokens"] / clients,
+                    "server_cpu_ms_per_token": 1000 * cpu / sum(r["tokens"] for r in rounds),
                 }
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -148,11 +156,12 @@ def main(argv: list[str] | None = None) -> dict:
     base = rows[args.clients[0]]["tokens_per_second"]
     print(f"machine: {info}; server threads: {args.threads or 'torch default'}")
     print(f"model: baby (4 layers, 4 heads, 128 embedding, block {args.block_size}), {args.new_tokens} tokens a request")
-    print(f"{'clients':>7} {'tokens/s':>9} {'x 1 client':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
+    print(f"{'clients':>7} {'tokens/s':>9} {'x 1 client':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+          f"{'ITL p99':>8} {'server CPU/token':>16}")
     for clients, r in rows.items():
         print(f"{clients:>7} {r['tokens_per_second']:>9.0f} {r['tokens_per_second'] / base:>10.1f} "
               f"{r['ttft_p50_s'] * 1000:>7.0f}ms {r['ttft_p99_s'] * 1000:>7.0f}ms "
-              f"{r['itl_p50_ms']:>6.1f}ms {r['itl_p99_ms']:>6.1f}ms")
+              f"{r['itl_p50_ms']:>6.1f}ms {r['itl_p99_ms']:>6.1f}ms {r['server_cpu_ms_per_token']:>14.2f}ms")
     result = {"machine": info, "threads": args.threads, "new_tokens": args.new_tokens, "block_size": args.block_size,
               "levels": {str(c): r for c, r in rows.items()}}
     out = ROOT / "benchmarks" / "results" / "serve.json"

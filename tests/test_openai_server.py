@@ -38,9 +38,13 @@ def make_model_dir(path):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("serve") / "model")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
     """The base URL of `lmforge serve` on a tiny model (4 slots, prompts up to 100 tokens)."""
-    model_dir = make_model_dir(tmp_path_factory.mktemp("serve") / "model")
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmforge.cli", "serve", "--model", str(model_dir), "--name", NAME, "--port", str(port),
@@ -105,6 +109,16 @@ def test_completion_counts_usage_and_seeds_reproduce(client):
     assert first.choices[0].text == again.choices[0].text != other.choices[0].text
     assert first.choices[0].finish_reason == "length"
     assert (first.usage.prompt_tokens, first.usage.completion_tokens, first.usage.total_tokens) == (8, 20, 28)
+
+
+def test_the_server_samples_what_generate_samples(client, model_dir):
+    from lmforge.generation import SamplingConfig, complete_samples
+    from lmforge.modeldir import load_model_dir
+
+    cfg = SamplingConfig(max_new_tokens=40, temperature=0.9, top_k=20, seed=13)
+    expected = complete_samples(load_model_dir(model_dir), "the king", cfg, ["xq"], num_samples=2)
+    answer = complete(client, max_tokens=40, temperature=0.9, seed=13, stop="xq", n=2, extra_body={"top_k": 20})
+    assert [c.text for c in answer.choices] == expected
 
 
 def test_n_samples_differ_and_repeat_with_the_seed(client):
