@@ -10,6 +10,7 @@ import torch
 
 from lmforge.batching import Engine, Job
 from lmforge.generation import SamplingConfig, encode_prompt, stream_samples
+from lmforge.kv_slots import KVSlots
 from lmforge.modeldir import load_model_dir
 from tests.test_generation import LLAMA_STYLE, make_model_dir, tiny_model
 
@@ -23,7 +24,7 @@ def test_slot_decoding_equals_each_sequence_decoded_alone(options):
     model = tiny_model(**options)
     lengths = [3, 9, 1, 6]  # each slot at its own position
     sequences = [torch.randint(0, 32, (n + 4,), generator=torch.Generator().manual_seed(n)) for n in lengths]
-    slots = model.new_kv_slots(6)
+    slots = KVSlots.for_model(model, 6)
     for row, (seq, n) in enumerate(zip(sequences, lengths)):
         model(seq[None, :n], cache=slots.slot(row))
         slots.lengths[row] = n
@@ -38,7 +39,7 @@ def test_slot_decoding_equals_each_sequence_decoded_alone(options):
 def test_moving_a_slot_keeps_its_sequence():
     model = tiny_model()
     seq = torch.arange(1, 8)[None]
-    slots = model.new_kv_slots(3)
+    slots = KVSlots.for_model(model, 3)
     model(seq[:, :6], cache=slots.slot(2))
     slots.lengths[2] = 6
     slots.move(2, 0)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.generation import SamplingConfig, TextTail, sample_next
+from lmforge.kv_slots import KVSlots
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Engine:
         self.max_batch = max_batch
         self.block_size = self.model.config.block_size
         self.device = next(self.model.parameters()).device
-        self.slots = self.model.new_kv_slots(max_batch)
+        self.slots = KVSlots.for_model(self.model, max_batch)
         self.active: list[_Sample] = []  # active[i] lives in slot i
         self.waiting: deque[Job] = deque()
         self.generators: dict[int, torch.Generator | None] = {}
@@ -139,7 +140,8 @@ class Engine:
         rows_of: dict[int, list[int]] = {}
         for row, sample in enumerate(self.active):
             rows_of.setdefault(id(sample.job), []).append(row)
-        groups = [sorted(rows, key=lambda r: self.active[r].index) for rows in rows_of.values()]  # draws in sample order
+        # Each job's rows in sample order: its draws are then those of one batch of its samples.
+        groups = [sorted(rows, key=lambda r: self.active[r].index) for rows in rows_of.values()]
         token_ids = [0] * len(self.active)
         for rows in groups:
             for row, token_id in zip(rows, self._draw(rows, logits)):
@@ -158,11 +160,13 @@ class Engine:
 
     def _admit(self) -> None:
         with self.wake:
-            while self.waiting and (self.waiting[0].cancelled or len(self.active) + self.waiting[0].n <= self.max_batch):
-                job = self.waiting.popleft()
-                if job.cancelled:
-                    continue
-                self._start(job)
+            while self.waiting:
+                job = self.waiting[0]
+                if not job.cancelled and len(self.active) + job.n > self.max_batch:
+                    return  # first come, first served: the job waits for free slots
+                self.waiting.popleft()
+                if not job.cancelled:
+                    self._start(job)
 
     def _start(self, job: Job) -> None:
         first = len(self.active)

@@ -259,67 +259,6 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-class KVSlots:
-    """Keys and values of up to ``n_slots`` independent sequences, each at its own length.
-
-    For serving many requests in one forward pass (``lmforge.batching``): the first B slots are
-    the active ones, and ``GPT.forward(idx, cache=slots)`` with idx (B, 1) appends one token to
-    each, at that slot's own position, attending only to that slot's tokens. A slot is filled
-    (prefilled) on its own through ``slot(i)``, a KVCache whose tensors are views of slot i.
-    """
-
-    def __init__(self, n_layer: int, n_slots: int, n_kv_head: int, block_size: int, head_dim: int,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-        shape = (n_slots, n_kv_head, block_size, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
-        self.n_slots = n_slots
-        self.block_size = block_size
-
-    def slot(self, i: int) -> KVCache:
-        """A batch-1 KVCache writing into slot ``i`` from position 0; set ``lengths[i]`` after using it."""
-        view = KVCache.__new__(KVCache)
-        view.k = [k[i : i + 1] for k in self.k]
-        view.v = [v[i : i + 1] for v in self.v]
-        view.batch_size, view.block_size, view.length = 1, self.block_size, 0
-        return view
-
-    def move(self, src: int, dst: int) -> None:
-        """Copy slot ``src`` (keys, values, length) into slot ``dst``: keeps the active slots first."""
-        n = int(self.lengths[src])
-        for k, v in zip(self.k, self.v):
-            k[dst, :, :n] = k[src, :, :n]
-            v[dst, :, :n] = v[src, :, :n]
-        self.lengths[dst] = n
-
-    def decode_inputs(self, B: int, T: int) -> tuple[Tensor, Tensor]:
-        """Positions (B, 1) of the new tokens of slots 0..B-1 and their additive (B, 1, 1, S) attention mask."""
-        if T != 1 or not 0 < B <= self.n_slots:
-            raise ValueError(f"KVSlots decodes one token for 1..{self.n_slots} slots, not idx of shape ({B}, {T}).")
-        lengths = self.lengths[:B]
-        span = int(lengths.max()) + 1
-        if span > self.block_size:
-            raise ValueError(f"a slot holds {span - 1} tokens already: model.block_size={self.block_size} is full.")
-        keys = torch.arange(span, device=lengths.device)
-        # Where every layer writes this step, worked out once. The mask is additive (0 or -inf):
-        # a boolean one would be converted by every layer's attention.
-        self._write = (torch.arange(B, device=lengths.device), lengths.clone(), span)
-        mask = torch.zeros(B, 1, 1, span, dtype=self.k[0].dtype, device=lengths.device)
-        mask.masked_fill_((keys[None, :] > lengths[:, None])[:, None, None, :], float("-inf"))
-        return lengths[:, None], mask
-
-    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store each active slot's new (1-token) key/value at its own length; return keys/values to attend over.
-
-        Used inside ``GPT.forward``, after ``decode_inputs`` worked out the step's positions.
-        """
-        rows, lengths, span = self._write
-        self.k[layer][rows, :, lengths] = k[:, :, 0]
-        self.v[layer][rows, :, lengths] = v[:, :, 0]
-        return self.k[layer][: len(rows), :, :span], self.v[layer][: len(rows), :, :span]
-
-
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention, with grouped-query heads and an optional KV cache.
 
@@ -347,7 +286,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor] | None = None,
-        cache: KVCache | KVSlots | None = None,
+        cache: KVCache | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         """(B, T, n_embd) -> (B, T, n_embd).
@@ -449,7 +388,7 @@ class Block(nn.Module):
         self,
         x: Tensor,
         rope: tuple[Tensor, Tensor] | None = None,
-        cache: KVCache | KVSlots | None = None,
+        cache: KVCache | None = None,
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache, attn_mask)
@@ -502,19 +441,19 @@ class GPT(nn.Module):
         self,
         idx: Tensor,
         targets: Tensor | None = None,
-        cache: KVCache | KVSlots | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits for every position of ``idx``, and the loss when ``targets`` are given.
 
         idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is wanted.
         cache: when given, ``idx`` continues the tokens already in it (positions start at
         ``cache.length``); their keys/values are appended and ``cache.length`` grows by T. With
-        KVSlots, idx is (B, 1): one token for each of the first B slots, each at its own length.
+        ``lmforge.kv_slots.KVSlots``, idx is (B, 1): one token for each of the first B slots.
         Returns (logits (B, T, vocab_size), mean cross-entropy or None).
         Raises ValueError when the tokens would pass block_size positions.
         """
         B, T = idx.shape
-        if isinstance(cache, KVSlots):  # one token for each of B slots, each at its own position
+        if hasattr(cache, "decode_inputs"):  # KVSlots: one token for each of B slots, each at its own position
             pos, attn_mask = cache.decode_inputs(B, T)
             logits = self._run(idx, pos, cache, attn_mask)
             cache.lengths[:B] += 1
@@ -559,12 +498,6 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, rope, cache, attn_mask)
         return self.lm_head(self.transformer.ln_f(x))
-
-    def new_kv_slots(self, n_slots: int, dtype: torch.dtype | None = None) -> KVSlots:
-        """Empty KVSlots for ``n_slots`` independent sequences on the model's device (dtype: the model's)."""
-        weight = self.transformer.wte.weight
-        c = self.config
-        return KVSlots(c.n_layer, n_slots, c.kv_heads, c.block_size, c.head_dim, weight.device, dtype or weight.dtype)
 
     def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KVCache for ``batch_size`` sequences on the model's device (dtype: the model's)."""

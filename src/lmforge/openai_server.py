@@ -66,19 +66,7 @@ def create_app(loaded, name: str, max_batch: int = 32, max_prompt_tokens: int | 
         app.state.engine.close()
 
     app = FastAPI(title="lmforge", lifespan=lifespan)
-
-    @app.exception_handler(ApiError)
-    async def api_error(request, err: ApiError):
-        return JSONResponse(err.body(), status_code=err.status)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, err: HTTPException):  # unknown paths and methods, in OpenAI's shape
-        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
-        return JSONResponse(ApiError(err.status_code, str(err.detail), kind=kind).body(), status_code=err.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, err: RequestValidationError):
-        return JSONResponse(ApiError(400, f"the request is malformed: {err.errors()[:1]}").body(), status_code=400)
+    _add_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -121,6 +109,22 @@ def create_app(loaded, name: str, max_batch: int = 32, max_prompt_tokens: int | 
         return await answer(request, "chat")
 
     return app
+
+
+def _add_error_handlers(app) -> None:
+    # Every refusal in OpenAI's error shape, unknown paths and methods included.
+    @app.exception_handler(ApiError)
+    async def api_error(request, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, err: HTTPException):
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return JSONResponse(ApiError(err.status_code, str(err.detail), kind=kind).body(), status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, err: RequestValidationError):
+        return JSONResponse(ApiError(400, f"the request is malformed: {err.errors()[:1]}").body(), status_code=400)
 
 
 def _encode(loaded, ask: Ask, limit: int) -> list[int]:
