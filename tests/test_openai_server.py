@@ -5,6 +5,7 @@ batching across concurrent requests and clients that leave."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -299,3 +300,48 @@ def test_a_client_that_leaves_frees_its_slots(server):
                 break
             time.sleep(0.2)
         assert httpx.get(f"{server}/health").json()["active_samples"] == 0
+
+
+# --- A registered MLflow model with its own chat template ----------------------------------------
+
+
+@pytest.mark.slow
+def test_a_registered_model_is_served_with_its_chat_template(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from lmforge import tracking
+    from lmforge.modeldir import write_run_info
+    from lmforge.serving import log_pyfunc_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    experiment_id = tracking.ensure_experiment(uri, "serve-test")
+    run = {"tracking_uri": uri, "experiment_id": experiment_id,
+           "run_id": MlflowClient(tracking_uri=uri).create_run(experiment_id).info.run_id}
+    model_dir = make_model_dir(tmp_path / "model")
+    (model_dir / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m.role | upper }}: {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}", encoding="utf-8")
+    write_run_info(model_dir, run)
+    log_pyfunc_model(model_dir, run, "tiny-chat")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lmforge.cli", "serve", "--model", "models:/tiny-chat/1", "--tracking-uri", uri,
+         "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env={**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache")})
+    try:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise AssertionError(f"lmforge serve exited: {proc.stdout.read()}")
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health")
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0) as c:
+            assert [m.id for m in c.models.list().data] == ["models:/tiny-chat/1"]
+            answer = c.chat.completions.create(model="models:/tiny-chat/1", max_tokens=5, seed=1,
+                                               messages=[{"role": "user", "content": "Hail"}])
+    finally:
+        stop_process_group(proc)
+    assert answer.model_extra["lmforge"]["chat_template"] == "model"
+    assert answer.usage.prompt_tokens == len("USER: Hail\nASSISTANT:")
