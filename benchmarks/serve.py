@@ -9,7 +9,8 @@ its own process on 127.0.0.1 (``--max-batch`` = the most clients); the clients a
 process, each streaming one /v1/completions request of ``--new-tokens`` tokens (``ignore_eos``,
 so every answer has that length, temperature 1, its own seed) after an 8-character prompt. Time to
 first token runs from sending the request to the first text chunk; inter-token latency is the gap
-between chunks (a character model sends one chunk per token). Aggregate tokens/s is all
+between chunks, divided among the tokens of the later chunk (one chunk per token, except when a
+client falls behind and the server sends what piled up at once). Aggregate tokens/s is all
 completion tokens (from ``usage``) over the wall time of the round. Each level runs ``--rounds``
 times after a warm-up; the table gives the best round's throughput and the latencies over all.
 On a machine shared with other work the wall clock says as much about the neighbours as about
@@ -80,15 +81,17 @@ async def one_client(http, url: str, new_tokens: int, seed: int) -> dict:
     stamps, tokens = [], 0
     async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
         async for line in response.aiter_lines():
-            # Only the usage chunk is parsed: the clients share the server's two cores, so they
-            # should cost as little as they can.
             if not line.startswith("data: {"):
                 continue
-            if '"usage"' in line:
-                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
-            elif '"text": ""' not in line:
-                stamps.append(time.perf_counter())
-    return {"ttft": stamps[0] - sent, "gaps": [b - a for a, b in zip(stamps, stamps[1:])], "tokens": tokens}
+            now, chunk = time.perf_counter(), json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                stamps.append((now, len(chunk["choices"][0]["text"])))
+    # A client that falls behind gets several tokens in one chunk (one character each, here):
+    # each of them counts as having taken its share of the gap.
+    gaps = [(b - a) / n for (a, _), (b, n) in zip(stamps, stamps[1:]) for _ in range(n)]
+    return {"ttft": stamps[0][0] - sent, "gaps": gaps, "tokens": tokens}
 
 
 async def round_of(url: str, clients: int, new_tokens: int, seed: int) -> dict:

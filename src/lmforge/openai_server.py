@@ -5,8 +5,10 @@
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and
 ``POST /v1/chat/completions`` (request and answer shapes: ``lmforge.openai_protocol``;
 sampling: ``lmforge.batching``). Streaming answers are Server-Sent Events in OpenAI's chunk
-format ending with ``data: [DONE]``; a client that leaves (mid-stream or while waiting for a
-whole answer) has its job cancelled, which frees its batch slots at the engine's next step.
+format ending with ``data: [DONE]``: one chunk per token, or per sample the tokens that piled up
+while the client was being served, so a busy server sends fewer, larger chunks. A client that
+leaves (mid-stream or while waiting for a whole answer) has its job cancelled, which frees its
+batch slots at the engine's next step.
 
 Why FastAPI + uvicorn and an engine of our own rather than LitServe: LitServe's batching groups
 the requests that arrive within a timeout and runs that batch to its end, so a request arriving
@@ -153,9 +155,13 @@ async def _next(request, events: asyncio.Queue, last_check: list[float]) -> Even
             event = await asyncio.wait_for(events.get(), timeout=0.5)
         except asyncio.TimeoutError:
             continue
-        if event.kind == "error":
-            raise ApiError(500, f"the server failed while sampling: {event.text}", kind="server_error")
-        return event
+        return _checked(event)
+
+
+def _checked(event: Event) -> Event:
+    if event.kind == "error":
+        raise ApiError(500, f"the server failed while sampling: {event.text}", kind="server_error")
+    return event
 
 
 class _Samples:
@@ -208,15 +214,26 @@ async def _stream(request, loaded, ask: Ask, name: str, job: Job, events: asynci
         if ask.kind == "chat":  # OpenAI opens each choice with the role
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(ask.n)])
-        while (event := await _next(request, events, checked)).kind != "done":
-            samples.add(event)
-            i = event.sample
-            if not event.text and event.finish_reason is None:
-                continue  # held back (a partial stop string or character): the tokens go with the next piece
-            logprobs = logprobs_block(ask, samples.tokens[i][sent_tokens[i]:], samples.logprobs[i][sent_tokens[i]:],
-                                      sent_text[i])
-            sent_tokens[i], sent_text[i] = len(samples.tokens[i]), len(samples.text[i])
-            yield chunk([choice(ask, i, event.text, event.finish_reason, logprobs, chunk=True)])
+        done = False
+        while not done:
+            batch = [await _next(request, events, checked)]
+            while not events.empty():  # the client fell behind: what piled up goes as one chunk per sample
+                batch.append(_checked(events.get_nowait()))
+            finished: dict[int, str | None] = {}
+            for event in batch:
+                if event.kind == "done":
+                    done = True
+                    continue
+                samples.add(event)
+                finished[event.sample] = event.finish_reason or finished.get(event.sample)
+            for i, reason in finished.items():
+                text = samples.text[i][sent_text[i]:]
+                if not text and reason is None:
+                    continue  # held back (a partial stop string or character): the tokens go with the next piece
+                logprobs = logprobs_block(ask, samples.tokens[i][sent_tokens[i]:], samples.logprobs[i][sent_tokens[i]:],
+                                          sent_text[i])
+                sent_tokens[i], sent_text[i] = len(samples.tokens[i]), len(samples.text[i])
+                yield chunk([choice(ask, i, text, reason, logprobs, chunk=True)])
         if ask.include_usage:
             yield chunk([], usage=usage(prompt_tokens, samples.completion_tokens))
         yield "data: [DONE]\n\n"
