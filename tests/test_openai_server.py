@@ -302,6 +302,37 @@ def test_a_client_that_leaves_frees_its_slots(server):
         assert httpx.get(f"{server}/health").json()["active_samples"] == 0
 
 
+# --- The README's examples ----------------------------------------------------------------------
+
+
+def readme_serving_blocks() -> dict[str, list[str]]:
+    """The code blocks of README.md's "Serving" section, by language."""
+    from tests.conftest import ROOT
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("\n## Serving\n"):text.index("\n## Serving (MLflow)\n")]
+    blocks: dict[str, list[str]] = {}
+    for part in section.split("```")[1::2]:
+        language, _, body = part.partition("\n")
+        blocks.setdefault(language, []).append(body)
+    return blocks
+
+
+def test_the_readme_examples_run_against_the_server(server):
+    host = server.removeprefix("http://")
+    blocks = readme_serving_blocks()
+    assert blocks["bash"][0].startswith("lmforge serve --model ")  # what the server fixture runs
+    curl = blocks["bash"][1].replace("127.0.0.1:8000", host).replace('"gpt"', f'"{NAME}"')
+    commands = ["curl" + c for c in curl.split("curl")[1:]]
+    answer = subprocess.run(["bash", "-c", commands[0]], capture_output=True, text=True, timeout=120)
+    assert json.loads(answer.stdout)["choices"][0]["finish_reason"] in ("stop", "length")
+    stream = subprocess.run(["bash", "-c", commands[1]], capture_output=True, text=True, timeout=120)
+    assert stream.stdout.rstrip().endswith("data: [DONE]")
+    code = blocks["python"][0].replace("http://127.0.0.1:8000", server).replace('"gpt"', f'"{NAME}"')
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
 # --- A registered MLflow model with its own chat template ----------------------------------------
 
 
