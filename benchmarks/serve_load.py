@@ -1,6 +1,6 @@
 """A load run of `lmforge serve`: good, bad and disconnecting clients for a while, then checks.
 
-    python benchmarks/serve_load.py [--seconds 120] [--workers 8]
+    python benchmarks/serve_load.py [--seconds 120] [--workers 8] [--out benchmarks/results/serve_load.json]
 
 One server on 127.0.0.1 (the baby model of benchmarks/serve.py, block 256); ``--workers``
 asyncio clients loop until the time is up, each request drawn at random among:
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load.json")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model_dir(256, Path(tmp))
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"server RSS {rss_start / 2**20:.0f} MiB after warm-up, {rss_end / 2**20:.0f} MiB at the end ({growth:+.1%})")
     for name, ok in checks.items():
         print(f"{'ok  ' if ok else 'FAIL'} {name}")
-    out = ROOT / "benchmarks" / "results" / "serve_load.json"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "seconds": elapsed, "workers": args.workers, "tally": tally,
                                "rss_start": rss_start, "rss_end": rss_end, "checks": checks}, indent=2) + "\n")

@@ -377,3 +377,15 @@ def test_a_registered_model_is_served_with_its_chat_template(tmp_path):
         stop_process_group(proc)
     assert answer.model_extra["lmforge"]["chat_template"] == "model"
     assert answer.usage.prompt_tokens == len("USER: Hail\nASSISTANT:")
+
+
+@pytest.mark.slow
+def test_a_short_load_run_of_good_bad_and_leaving_clients_passes_its_checks(tmp_path):
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), "--seconds", "5",
+                           "--workers", "4", "--out", str(tmp_path / "load.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout and proc.stdout.count("ok   ") == 4
+    assert all(json.loads((tmp_path / "load.json").read_text())["checks"].values())
