@@ -19,7 +19,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install install-test run test test-fast ui bench clean
+.PHONY: install install-test run test test-fast ui serve bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ test-fast: install-test
 
 ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1 --host 127.0.0.1 --port 5000
+
+# The pipeline's model (paths.model) behind the OpenAI API on http://127.0.0.1:8000/v1
+serve: install
+	lmforge serve --model $$(python -c "import yaml; print(yaml.safe_load(open('params.yaml'))['paths']['model'])")
 
 bench: install-test
 	python benchmarks/train_throughput.py

@@ -270,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokenizer.json), or a gpt2/llama .gguf file")
     i.add_argument("out", help="the model directory to write")
 
+    s = sub.add_parser("serve", help="serve a model with the OpenAI HTTP API (completions, chat, streaming, batching)")
+    _add_model_arguments(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--name", help="the model's name in the API (default: the directory's name, or the URI)")
+    s.add_argument("--max-batch", type=int, default=32, help="samples decoded together (KV cache slots)")
+    s.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts with a 400 (default: 4 x block_size)")
+    s.add_argument("--threads", type=int, help="torch threads for the model (default: torch's choice)")
+
     r = sub.add_parser("runs", help="list tracked runs, or show one run's lineage, params and metrics")
     runs = r.add_subparsers(dest="runs_command", required=True)
     listing = runs.add_parser("list", help="the newest runs of the experiment (id, name, DVC experiment, val loss)")
@@ -329,6 +338,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         _guarded(lambda: _import(args))
     elif args.command == "runs":
         _guarded(lambda: _runs(args))
+    elif args.command == "serve":
+        from lmforge.openai_server import serve
+
+        _guarded(lambda: serve(args.model, args.host, args.port, args.tracking_uri, args.name, args.max_batch,
+                               args.max_prompt_tokens, args.threads))
 
 
 if __name__ == "__main__":

@@ -290,6 +290,9 @@ class _TextTail:
         return piece
 
 
+TextTail = _TextTail  # the public name, for the serving engine (lmforge.batching)
+
+
 def stream_samples(loaded, prompt: str, cfg: SamplingConfig, stop: list[str] | None = None,
                    num_samples: int = 1) -> Iterator[tuple[int, str]]:
     """Sample ``num_samples`` continuations of ``prompt`` as one batch; yield ``(sample, piece)``.

@@ -307,19 +307,18 @@ class CausalSelfAttention(nn.Module):
         v = qkv[:, :, nh + nkv :]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
 
-        past = 0
         if cache is not None:
-            past = cache.length
             k, v = cache.update(self.layer_idx, k, v)
         # is_causal aligns the mask top-left, which is right only when the queries start at
-        # position 0; after cached tokens, one query sees everything and several need attn_mask.
+        # position 0 (as many keys as queries); after cached tokens, one query sees everything
+        # and several need attn_mask.
         y = F.scaled_dot_product_attention(
             q,
             k,
             v,
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
-            is_causal=attn_mask is None and past == 0,
+            is_causal=attn_mask is None and k.size(2) == T,
             enable_gqa=nkv != nh,  # query head h reads kv head h // (nh / nkv), as HF's repeat_kv
         )
         y = y.transpose(1, 2).reshape(B, T, nh * self.head_dim)
@@ -454,11 +453,17 @@ class GPT(nn.Module):
 
         idx: (B, T) token ids. targets: (B, T) next-token ids, -100 where no loss is wanted.
         cache: when given, ``idx`` continues the tokens already in it (positions start at
-        ``cache.length``); their keys/values are appended and ``cache.length`` grows by T.
+        ``cache.length``); their keys/values are appended and ``cache.length`` grows by T. With
+        ``lmforge.kv_slots.KVSlots``, idx is (B, 1): one token for each of the first B slots.
         Returns (logits (B, T, vocab_size), mean cross-entropy or None).
         Raises ValueError when the tokens would pass block_size positions.
         """
         B, T = idx.shape
+        if hasattr(cache, "decode_inputs"):  # KVSlots: one token for each of B slots, each at its own position
+            pos, attn_mask = cache.decode_inputs(B, T)
+            logits = self._run(idx, pos, cache, attn_mask)
+            cache.lengths[:B] += 1
+            return logits, None
         past = 0
         if cache is not None:
             past = cache.length
@@ -473,30 +478,32 @@ class GPT(nn.Module):
                 "crop the input or reset the cache."
             )
 
-        x = self.transformer.wte(idx)
-        rope = None
-        if self.config.positions == "learned":
-            x = x + self.transformer.wpe.weight[past : past + T]
-        elif self.config.positions == "sinusoidal":
-            x = x + self.pos_table[past : past + T]
-        else:  # rope rotates q and k inside attention; shaped to broadcast over (B, T, heads, head_dim)
-            rope = (self.rope_cos[past : past + T, None], self.rope_sin[past : past + T, None])
-        x = self.transformer.drop(x)
-
         attn_mask = None
         if past > 0 and T > 1:
             # New token i (position past + i) sees every cached token and new tokens 0..i.
             attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=idx.device).tril(diagonal=past)
-        for block in self.transformer.h:
-            x = block(x, rope, cache, attn_mask)
+        logits = self._run(idx, slice(past, past + T), cache, attn_mask)
         if cache is not None:
             cache.length = past + T
-
-        logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def _run(self, idx: Tensor, pos: slice | Tensor, cache, attn_mask: Tensor | None) -> Tensor:
+        # pos: a slice of positions shared by every row, or a (B, T) tensor of each row's own.
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.transformer.wpe.weight[pos]
+        elif self.config.positions == "sinusoidal":
+            x = x + self.pos_table[pos]
+        else:  # rope rotates q and k inside attention; shaped to broadcast over (B, T, heads, head_dim)
+            rope = (self.rope_cos[pos, None], self.rope_sin[pos, None])
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, cache, attn_mask)
+        return self.lm_head(self.transformer.ln_f(x))
 
     def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KVCache for ``batch_size`` sequences on the model's device (dtype: the model's)."""
