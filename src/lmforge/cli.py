@@ -2,6 +2,7 @@
 
     lmforge prepare|vocab|tokenize|train|evaluate [key=value | group=choice ...]
     lmforge compose [overrides...]          rewrite params.yaml from conf/
+    lmforge check [overrides...]            every check of the composed config (no data, no GPU)
     lmforge generate --model DIR|URI --prompt TEXT [sampling options]
     lmforge evaluate --model DIR|URI --data FILE... [--mlflow]      score any text
     lmforge export --model DIR|URI --format hf OUT                 a transformers directory
@@ -35,6 +36,8 @@ def _stage(name: str) -> Callable:
         from lmforge.training import train as run
     elif name == "evaluate":
         from lmforge.evaluation import evaluate as run
+    elif name == "check":  # the DVC stage that runs on any parameter change (pipelines/check.py)
+        from lmforge.checks import check_stage as run
     else:
         raise LmforgeError(f"unknown stage '{name}'; stages: {', '.join(STAGES)}.")
     return run
@@ -53,8 +56,11 @@ def _run_stage(name: str, overrides: Sequence[str]) -> None:
     from lmforge.config import load_config
     from lmforge.tracking import quiet_mlflow_env
 
+    from lmforge.checks import check_config
+
     quiet_mlflow_env()
     cfg = load_config(overrides)
+    check_config(cfg, light=name in ("prepare", "vocab", "tokenize"))  # what `lmforge check` checks
     result = _stage(name)(cfg)
     if name == "evaluate" and isinstance(result, dict):
         print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
@@ -191,6 +197,18 @@ def _compose(args: argparse.Namespace) -> None:
     print("wrote params.yaml")
 
 
+def _check(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lmforge.checks import check_config, summary, summary_line
+    from lmforge.config import CONF_DIR, compose_config, load_config
+
+    # As `dvc exp run -S` composes (conf/ plus overrides); a project without conf/ has params.yaml only.
+    cfg = compose_config(args.overrides) if (Path(CONF_DIR) / "config.yaml").is_file() else load_config(args.overrides)
+    check_config(cfg)
+    print(summary_line(summary(cfg)))
+
+
 def _runs(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
@@ -227,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key=value or group=choice")
     p = sub.add_parser("compose", help="rewrite params.yaml from conf/ (what `dvc exp run` does)")
     p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("check", help="compose conf/ with overrides and run every check that needs no data or accelerator")
+    p.add_argument("overrides", nargs="*", help="as for `dvc exp run -S`: key=value, group=choice, +key=value")
 
     g = sub.add_parser("generate", help="sample text from a model directory, streamed as it is produced")
     _add_model_arguments(g)
@@ -303,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_stage(args.command, args.overrides)
     elif args.command == "compose":
         _guarded(lambda: _compose(args))
+    elif args.command == "check":
+        _guarded(lambda: _check(args))
     elif args.command == "generate":
         _guarded(lambda: _generate(args))
     elif args.command == "export":
