@@ -152,9 +152,8 @@ def check_global_batch(cfg: DictConfig) -> None:
 
 
 # The data stages run the checks that import nothing heavy; train, evaluate and check run them all.
-LIGHT_CHECKS: tuple[Callable[[DictConfig], None], ...] = (
-    check_precision, check_sampling, check_tokenizer, check_dvc_paths)
-CHECKS = (check_training, check_global_batch, check_model, *LIGHT_CHECKS)
+LIGHT_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_precision, check_tokenizer, check_dvc_paths)
+CHECKS = (check_training, check_global_batch, check_model, check_sampling, *LIGHT_CHECKS)
 
 
 def problems(cfg: DictConfig, conf_dir: str | Path = CONF_DIR, light: bool = False) -> list[str]:

@@ -33,8 +33,14 @@ def _stage(name: str) -> Callable:
     elif name == "tokenize":
         from lmforge.tokens import tokenize as run
     elif name == "train":
+        from lmforge.tracking import quiet_mlflow_env  # before MLflow is imported
+
+        quiet_mlflow_env()
         from lmforge.training import train as run
     elif name == "evaluate":
+        from lmforge.tracking import quiet_mlflow_env
+
+        quiet_mlflow_env()
         from lmforge.evaluation import evaluate as run
     elif name == "check":  # the DVC stage that runs on any parameter change (pipelines/check.py)
         from lmforge.checks import check_stage as run
@@ -53,12 +59,9 @@ def run_stage(name: str, overrides: Sequence[str] | None = None) -> None:
 
 
 def _run_stage(name: str, overrides: Sequence[str]) -> None:
-    from lmforge.config import load_config
-    from lmforge.tracking import quiet_mlflow_env
-
     from lmforge.checks import check_config
+    from lmforge.config import load_config
 
-    quiet_mlflow_env()
     cfg = load_config(overrides)
     check_config(cfg, light=name in ("prepare", "vocab", "tokenize"))  # what `lmforge check` checks
     result = _stage(name)(cfg)
@@ -72,9 +75,9 @@ def _guarded(action: Callable[[], object]) -> None:
     except LmforgeError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C: 130; SIGTERM after training saved a checkpoint: 143
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(getattr(err, "exit_status", 130))
     except BrokenPipeError:  # `lmforge runs list | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
@@ -101,7 +104,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _print_samples(loaded, prompt: str, sampling, args: argparse.Namespace) -> None:
     # The samples are one batch: the first streams as it is produced, the others print when it ends.
-    from lmforge.generation import stream_samples
+    from lmforge.generation import stream_samples, unescape
 
     n = args.num_samples
     later = [""] * n
@@ -109,7 +112,8 @@ def _print_samples(loaded, prompt: str, sampling, args: argparse.Namespace) -> N
     def header(i: int) -> str:
         return f"--- sample {i + 1} ---\n" if n > 1 else ""
 
-    pieces = stream_samples(loaded, prompt, sampling, stop=args.stop, num_samples=n)  # checks the prompt
+    stop = [unescape(s) for s in args.stop] if args.stop else None  # `--stop "\n\n"`: two newlines
+    pieces = stream_samples(loaded, prompt, sampling, stop=stop, num_samples=n)  # checks the prompt
     sys.stdout.write(header(0) + prompt)
     sys.stdout.flush()
     for sample, piece in pieces:
@@ -123,6 +127,8 @@ def _print_samples(loaded, prompt: str, sampling, args: argparse.Namespace) -> N
 
 
 def _interactive(loaded, sampling, args) -> None:
+    from lmforge.generation import unescape
+
     print("lmforge: type a prompt, an empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:
@@ -131,7 +137,7 @@ def _interactive(loaded, sampling, args) -> None:
             break
         if not prompt:
             break
-        prompt = prompt.encode("utf-8").decode("unicode_escape") if args.escapes else prompt
+        prompt = unescape(prompt) if args.escapes else prompt
         try:
             _print_samples(loaded, prompt, sampling, args)
         except LmforgeError as err:  # e.g. a character the vocabulary lacks: say so, keep the loop
@@ -258,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch; the first streams")
-    g.add_argument("--stop", action="append", default=None, help="stop when this string is produced (repeatable)")
+    g.add_argument("--stop", action="append", default=None, help="stop when this string is produced (repeatable; backslash escapes such as \\n are read)")
     g.add_argument("--no-cache", action="store_true", help="recompute the context every step (slow; for checks)")
     g.add_argument("--interactive", action="store_true", help="keep a prompt loop open")
     g.add_argument("--escapes", action="store_true", help="interpret \\n in interactive prompts")
