@@ -151,17 +151,20 @@ def check_global_batch(cfg: DictConfig) -> None:
         accumulation_steps(t.global_batch_tokens, int(t.batch_size), int(cfg.model.block_size), 1)
 
 
-# The data stages run the checks that import nothing heavy; train, evaluate and check run them all.
+# Each stage runs the checks of what it reads, and none that would import more than it does
+# (the training checks import Lightning); train, check and `lmforge check` run them all.
 LIGHT_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_precision, check_tokenizer, check_dvc_paths)
 CHECKS = (check_training, check_global_batch, check_model, check_sampling, *LIGHT_CHECKS)
+STAGE_CHECKS = {"prepare": LIGHT_CHECKS, "vocab": LIGHT_CHECKS, "tokenize": LIGHT_CHECKS,
+                "evaluate": (check_model, check_sampling, *LIGHT_CHECKS)}
 
 
-def problems(cfg: DictConfig, conf_dir: str | Path = CONF_DIR, light: bool = False) -> list[str]:
-    """One sentence per problem of ``cfg`` (empty when every check passes); ``light``: only the
-    checks that need neither torch nor Lightning (for the data stages)."""
+def problems(cfg: DictConfig, conf_dir: str | Path = CONF_DIR, stage: str | None = None) -> list[str]:
+    """One sentence per problem of ``cfg`` (empty when every check passes); ``stage``: only the
+    checks that stage runs (``STAGE_CHECKS``; all of them for train, check or None)."""
     found = []
     keys = lambda c: check_keys(c, Path(conf_dir)) if (Path(conf_dir) / "config.yaml").is_file() else None  # noqa: E731
-    for check in (keys, *(LIGHT_CHECKS if light else CHECKS)):
+    for check in (keys, *STAGE_CHECKS.get(stage, CHECKS)):
         try:
             check(cfg)
         except LmforgeError as err:
@@ -169,9 +172,9 @@ def problems(cfg: DictConfig, conf_dir: str | Path = CONF_DIR, light: bool = Fal
     return found
 
 
-def check_config(cfg: DictConfig, conf_dir: str | Path = CONF_DIR, light: bool = False) -> None:
+def check_config(cfg: DictConfig, conf_dir: str | Path = CONF_DIR, stage: str | None = None) -> None:
     """LmforgeError listing every problem of ``cfg``, one sentence each; nothing when it is sound."""
-    found = problems(cfg, conf_dir, light)
+    found = problems(cfg, conf_dir, stage)
     if found:
         raise LmforgeError(found[0] if len(found) == 1 else "\n".join(["the configuration has problems:", *found]))
 

@@ -63,7 +63,7 @@ def _run_stage(name: str, overrides: Sequence[str]) -> None:
     from lmforge.config import load_config
 
     cfg = load_config(overrides)
-    check_config(cfg, light=name in ("prepare", "vocab", "tokenize"))  # what `lmforge check` checks
+    check_config(cfg, stage=name)  # what `lmforge check` checks, as far as this stage reads
     result = _stage(name)(cfg)
     if name == "evaluate" and isinstance(result, dict):
         print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
