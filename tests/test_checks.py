@@ -102,4 +102,4 @@ def test_dvc_exp_run_stops_before_anything_runs(tmp_path_factory, override, word
     assert proc.returncode != 0, output[-2000:]
     for word in words:
         assert word in output, output[-2000:]
-    assert not (project / "data/prepared").exists() and not (project / "models").exists()
+    assert not (project / "data/prepared").exists() and not (project / "models/gpt").exists()

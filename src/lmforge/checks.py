@@ -24,6 +24,8 @@ CPU_PRECISIONS = ("32", "bf16-mixed", "bf16-true")
 # What a tokenizer kind reads of its settings (vocab.py): anything else set away from its default
 # would do nothing, silently.
 TOKENIZER_SETTINGS = {"char": (), "word": ("lowercase", "min_frequency"), "bpe": ("min_frequency",)}
+# List keys that also take a single string (``data.sources=corpus/books``).
+ONE_OR_MANY = ("data.sources",)
 # The paths that dvc.yaml names as literal outputs: under DVC a stage must write where they say.
 DVC_OUTPUTS = {"prepared": "data/prepared", "vocab": "data/vocab", "tokens": "data/tokens",
                "model": "models/gpt", "checkpoints": "models/checkpoints", "reports": "reports"}
@@ -36,6 +38,8 @@ def check_keys(cfg: DictConfig, conf_dir: Path) -> None:
     for key in flat_keys(cfg):
         value = OmegaConf.select(cfg, key)
         if value is None or key not in seen or not seen[key]:
+            continue
+        if key in ONE_OR_MANY and isinstance(value, str):
             continue
         if not any(_same_kind(value, example) for example in seen[key]):
             expected = " or ".join(sorted({type(e).__name__ for e in seen[key]}))
@@ -72,7 +76,8 @@ def _same_kind(value: Any, example: Any) -> bool:
         return isinstance(value, (list, tuple)) or OmegaConf.is_list(value)
     if isinstance(example, dict):
         return OmegaConf.is_dict(value) or isinstance(value, dict)
-    return isinstance(value, str)
+    # A string key takes any scalar: Hydra reads `trainer.precision=32` as the number 32.
+    return not (OmegaConf.is_config(value) or isinstance(value, (list, dict)))
 
 
 def check_training(cfg: DictConfig) -> None:

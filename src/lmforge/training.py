@@ -815,10 +815,10 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
             print(f"{err}: saved {checkpoints / LAST_CHECKPOINT}; run again with train.resume=auto to continue",
                   flush=True)
         raise Stopped(err.signum) from None
-    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C during fitting into sys.exit(1)
+    except (KeyboardInterrupt, SystemExit) as err:  # Lightning: Ctrl-C is sys.exit(1), a 2nd SIGTERM SIGTERMException
         if rank_zero_only.rank == 0:
             tracking.set_run_status(run, "KILLED")
-        raise KeyboardInterrupt from None
+        raise Stopped(signal.SIGTERM if type(err).__name__ == "SIGTERMException" else signal.SIGINT) from None
     trainer.save_checkpoint(checkpoints / LAST_CHECKPOINT, weights_only=False)  # the finished state (resume=auto then only exports)
     # The last validation may fall before the last step: score the final weights too.
     if trainer.global_step % int(t.eval_interval) != 0:
