@@ -142,6 +142,11 @@ def test_the_readme_has_commands_and_every_one_has_a_handler():
                         "tests/test_readme.py or a `<!-- readme-test: skip: REASON -->` marker):\n" + "\n".join(unknown)
 
 
+def test_a_grid_splits_on_commas_outside_brackets():
+    assert split_values("tiny,baby") == ["tiny", "baby"]
+    assert split_values("[a,b],[c]") == ["[a,b]", "[c]"]
+
+
 def test_the_extraction_joins_continuations_and_drops_comments():
     text = "x\n<!-- readme-test: skip: a server -->\n```bash\n# note\nlmforge check a=1 \\\n    b=2   # why\n" \
            "curl -d '{\n  \"k\": 1}'\n```\n```console\n$ lmforge runs show\nrun abc\n```\n"
@@ -171,7 +176,10 @@ def split_values(values: str) -> list[str]:
     """Hydra's sweep syntax `a,b` (commas outside brackets) as a list of values."""
     parts, depth, current = [], 0, ""
     for ch in values:
-        depth += ch in "[{(" and 1 or ch in "]})" and -1 or 0
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
         if ch == "," and depth == 0:
             parts.append(current)
             current = ""
