@@ -249,6 +249,7 @@ def readme_project(dvc_project, tmp_path_factory) -> tuple[Path, Path]:
 def test_runnable_commands_run_as_written(readme_project):
     project, home = readme_project
     run_id = json.loads((project / "models/gpt/run.json").read_text())["run_id"]
+    lines = README.read_text().splitlines()
     ran = 0
     for command in readme_commands(README.read_text()):
         if command.handler != "run" or command.skip:
@@ -262,5 +263,8 @@ def test_runnable_commands_run_as_written(readme_project):
                                 "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
         assert proc.returncode == 0, (f"README.md:{command.line}: `{command.text}` failed ({proc.returncode}):\n"
                                       f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        shown = lines[command.line]  # the line after a one-line command: `# ok: ...` is its output
+        if shown.startswith("# ok: "):
+            assert proc.stdout.strip() == shown[2:], f"README.md:{command.line + 1} shows another output"
         ran += 1
     assert ran >= 12
