@@ -184,3 +184,24 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 20) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def assert_learned(loss: float, first_loss: float, vocab_size: int, margin: float = 0.2) -> None:
+    """``loss`` (after training) is what training must achieve: well below a uniform guess over
+    the vocabulary (ln V) and below the loss of the same run's first step, by ``margin`` nats
+    each. An untrained model scores about ln V, so it cannot pass."""
+    import math
+
+    uniform = math.log(vocab_size)
+    assert loss < uniform - margin, f"loss {loss:.4f} is not well below uniform ln({vocab_size}) = {uniform:.4f}"
+    assert loss < first_loss - margin, f"loss {loss:.4f} is not below the first step's {first_loss:.4f}"
+
+
+def first_train_loss(model_dir: Path) -> float:
+    """The training loss logged at step 1 (the initial weights on the first batch) in ``model_dir/curves``."""
+    import csv
+
+    with open(Path(model_dir) / "curves" / "train_loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and rows[0]["step"] == "1", "the first step's loss is not in the curves"
+    return float(rows[0]["train_loss"])

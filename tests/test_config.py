@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from omegaconf import OmegaConf
@@ -65,3 +67,27 @@ def test_a_key_added_with_plus_is_refused(project_root, tmp_path):
     with pytest.raises(LmforgeError) as err:
         load_config([], params_path=bad, conf_dir=project_root / "conf")
     assert "train.max_stepz" in str(err.value) and "train.max_steps" in str(err.value)
+
+
+GROUPS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "conf").iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_an_unknown_key_under_any_group_is_refused(project_root, tmp_path, group):
+    # `dvc exp run -S +optimizer.lrr=0.5` composes the typo into params.yaml: every group must refuse it.
+    from lmforge.config import check_known_keys
+
+    first = sorted(compose_config(conf_dir=project_root / "conf")[group])[0]
+    typo = f"+{group}.{first}x=1"
+    cfg = compose_config([typo], conf_dir=project_root / "conf")
+    with pytest.raises(LmforgeError) as err:
+        check_known_keys(cfg, project_root / "conf")
+    assert f"'{group}.{first}x'" in str(err.value) and f"{group}.{first}" in str(err.value).split("did you mean")[1]
+
+
+def test_plus_optimizer_lrr_names_the_nearest_keys(project_root, tmp_path):
+    from lmforge.config import check_known_keys
+
+    cfg = compose_config(["+optimizer.lrr=0.5"], conf_dir=project_root / "conf")
+    with pytest.raises(LmforgeError, match=r"'optimizer\.lrr'.*did you mean optimizer\.lr"):
+        check_known_keys(cfg, project_root / "conf")

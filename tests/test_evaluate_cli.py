@@ -174,3 +174,15 @@ def test_jsonl_and_compressed_files_read_as_the_corpus_is(tmp_path, text_files):
     assert metrics["documents"] == 3 and metrics["bytes"] == sum(len(d.encode()) for d in cleaned)
     ids = [loaded.tokenizer.encode(d, add_special_tokens=False).ids for d in cleaned]
     assert metrics["tokens"] == sum(map(len, ids)) + 2
+
+
+def test_a_model_without_train_config_reads_plain_utf8_without_params_yaml(tmp_path, text_files, monkeypatch, capsys):
+    # README: "UTF-8 text for a model without one" (an imported model has no train_config.yaml).
+    model_dir = make_model_dir(tmp_path / "model")
+    assert not (model_dir / "train_config.yaml").exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # no params.yaml here
+    code, out, err = run_cli(["evaluate", "--model", model_dir, "--data", text_files], capsys)
+    assert code == 0, err
+    assert "2 file(s), 2 document(s)" in out

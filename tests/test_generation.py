@@ -362,3 +362,34 @@ def test_incremental_decoding_equals_decoding_the_whole_sample(kind):
         ids = [i for i in ids if i != 0]  # 0 plays the end-of-text token here
         tail = _TextTail(tokenizer, eot_id=0, stop=[])
         assert "".join(tail.push(i) for i in ids) + tail.finish() == tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def test_unescape_reads_escapes_and_keeps_non_ascii():
+    from lmforge.generation import unescape
+
+    assert unescape("\\n\\n") == "\n\n"
+    assert unescape("caf\u00e9\\t\u20ac\\u00e9") == "caf\u00e9\t\u20ac\u00e9"  # é stays é, not Ã©
+
+
+def test_stop_option_takes_backslash_escapes(model_dir, capsys):
+    # README: `lmforge generate ... --stop "\n\n"`: the shell passes a backslash and an n.
+    from lmforge.generation import complete, unescape
+    from lmforge.modeldir import load_model_dir
+
+    loaded = load_model_dir(model_dir)
+    greedy = SamplingConfig(max_new_tokens=60, temperature=0)
+    full = complete(loaded, "the", greedy)
+    stop = full.index(full[3])  # where a character the greedy continuation produces first appears
+    typed = f"\\u{ord(full[3]):04x}"  # typed as an escape, as `--stop "\n"` is
+    code, out, _ = run_cli(["generate", "--model", model_dir, "--prompt", "the", "--max-new-tokens", 60,
+                            "--temperature", 0, "--stop", typed], capsys)
+    assert code == 0 and out == "the" + full[:stop] + "\n"
+    assert unescape("\\n\\n") == "\n\n"
+
+
+def test_interactive_escapes_keep_non_ascii(model_dir, capsys, monkeypatch):
+    answers = iter(["fair \u00e9", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    code, _, err = run_cli(["generate", "--model", model_dir, "--interactive", "--escapes", "--max-new-tokens", 5],
+                           capsys)
+    assert code == 0 and "('\u00e9')" in err  # the character itself was refused, not 'Ã©'

@@ -235,3 +235,33 @@ def test_training_continues_from_an_imported_model(tiny_cfg, tmp_path):
     tiny_cfg.train.init_from = str(other)
     with pytest.raises(LmforgeError, match="uses a different tokenizer than the token files"):
         train(tiny_cfg)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../outside.safetensors"])
+def test_a_shard_name_outside_the_directory_is_refused(tmp_path, shard):
+    # model.safetensors.index.json comes with a downloaded model: it must not name files elsewhere.
+    from safetensors.torch import save_file
+
+    from lmforge.hf import _read_weights
+
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "outside.safetensors"))
+    save_file({"w": torch.zeros(2)}, "/tmp/outside.safetensors")
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+    with pytest.raises(LmforgeError, match="not a file inside"):
+        _read_weights(hf_dir)
+
+
+def test_shards_inside_the_directory_are_read(tmp_path):
+    from safetensors.torch import save_file
+
+    from lmforge.hf import _read_weights
+
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    save_file({"a": torch.ones(2)}, str(hf_dir / "model-00001.safetensors"))
+    save_file({"b": torch.zeros(2)}, str(hf_dir / "model-00002.safetensors"))
+    weight_map = {"a": "model-00001.safetensors", "b": "model-00002.safetensors"}
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert sorted(_read_weights(hf_dir)) == ["a", "b"]

@@ -48,10 +48,15 @@ def make_project(directory: Path, overrides: list[str]) -> Path:
     return directory
 
 
-def train_process(project: Path, *overrides: str, **popen) -> subprocess.Popen:
+def train_process(project: Path, *overrides: str, flush_every_add: bool = False, **popen) -> subprocess.Popen:
+    """``python pipelines/train.py`` in ``project``; ``flush_every_add``: the same stage with every metric
+    sent to MLflow at once (as a 10 s flush would in a long run), so a kill leaves steps past the checkpoint."""
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    return subprocess.Popen([sys.executable, str(ROOT / "pipelines/train.py"), *overrides], cwd=project, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    cmd = [sys.executable, str(ROOT / "pipelines/train.py"), *overrides]
+    if flush_every_add:
+        cmd = [sys.executable, "-c", "import sys; import lmforge.training as t; t.MetricsLog.FLUSH_SECONDS = -1; "
+               "from lmforge.cli import run_stage; run_stage('train', sys.argv[1:])", *overrides]
+    return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
 def run_train(project: Path, *overrides: str) -> None:
@@ -80,13 +85,14 @@ def run_record(project: Path) -> dict:
     return json.loads((project / "models/checkpoints/run.json").read_text())
 
 
-def mlflow_run(project: Path, run_id: str) -> tuple[str, dict[str, dict[int, set[float]]]]:
-    """The run's status and its metrics as {key: {step: {values logged at that step}}}."""
+def mlflow_run(project: Path, run_id: str) -> tuple[str, dict[str, dict[int, list[float]]]]:
+    """The run's status and its metrics as {key: {step: [every value logged at that step]}}."""
     db = sqlite3.connect(project / "mlflow.db")
     status = db.execute("select status from runs where run_uuid=?", (run_id,)).fetchone()[0]
-    metrics: dict[str, dict[int, set[float]]] = {}
+    metrics: dict[str, dict[int, list[float]]] = {}
+    # The metrics table holds one row per logged point (its key includes the value and timestamp).
     for key, step, value in db.execute("select key, step, value from metrics where run_uuid=?", (run_id,)):
-        metrics.setdefault(key, {}).setdefault(step, set()).add(value)
+        metrics.setdefault(key, {}).setdefault(step, []).append(value)
     db.close()
     return status, metrics
 
@@ -102,8 +108,9 @@ def assert_same_training(run: Path, reference: Path) -> None:
     _, metrics = mlflow_run(run, run_record(run)["run_id"])
     _, expected_metrics = mlflow_run(reference, run_record(reference)["run_id"])
     for key in ("train/loss", "train/lr", "val/loss"):
-        # Steps logged before the kill and again after the resume were logged twice, with equal values.
-        assert all(len(values) == 1 for values in metrics[key].values()), key
+        # Each step once: a step logged before the interruption is not logged again after the resume.
+        twice = {step: values for step, values in metrics[key].items() if len(values) > 1}
+        assert not twice, f"{key} logged more than once at steps {sorted(twice)}"
         assert metrics[key] == expected_metrics[key], key
 
 
@@ -157,4 +164,45 @@ def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(project, reference, 
     run_train(directory, "train.resume=auto")
     assert run_record(directory)["run_id"] == run_id
     assert mlflow_run(directory, run_id)[0] == "FINISHED"
+    assert_same_training(directory, reference)
+
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(project, reference, tmp_path):
+    # What SLURM and Kubernetes send before a kill: finish the step, save, mark KILLED, exit 128 + 15.
+    directory = tmp_path / "project"
+    shutil.copytree(project, directory)
+    proc = train_process(directory, "train.resume=auto")
+    wait_for_checkpoint(directory, 40, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    stopped = checkpoint_step(directory / "models/checkpoints/last.ckpt")
+    assert 40 <= stopped < 400
+    assert f"terminated (SIGTERM) at step {stopped}" in out
+    run_id = run_record(directory)["run_id"]
+    assert mlflow_run(directory, run_id)[0] == "KILLED"
+
+    run_train(directory, "train.resume=auto")
+    assert run_record(directory)["run_id"] == run_id
+    assert mlflow_run(directory, run_id)[0] == "FINISHED"
+    assert_same_training(directory, reference)
+
+
+def test_steps_logged_past_the_checkpoint_are_not_logged_again(project, reference, tmp_path):
+    # A kill after metrics past the last checkpoint reached MLflow: the resumed run must skip them.
+    directory = tmp_path / "project"
+    shutil.copytree(project, directory)
+    # checkpoint_every is not part of the fingerprint; at 200 the next save (400) is the end of the run.
+    proc = train_process(directory, "train.resume=auto", "train.checkpoint_every=200", flush_every_add=True)
+    saved = wait_for_checkpoint(directory, 200, proc)
+    run_id = run_record(directory)["run_id"]
+    deadline = time.monotonic() + 60
+    while max(mlflow_run(directory, run_id)[1].get("train/loss", {0: []})) <= saved + 10:
+        assert proc.poll() is None and time.monotonic() < deadline, "no step past the checkpoint was logged"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert checkpoint_step(directory / "models/checkpoints/last.ckpt") < max(mlflow_run(directory, run_id)[1]["train/loss"])
+
+    run_train(directory, "train.resume=auto", "train.checkpoint_every=200")
     assert_same_training(directory, reference)

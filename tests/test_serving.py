@@ -161,3 +161,17 @@ def test_train_stage_registers_a_model_that_mlflow_serves(tiny_cfg, tmp_path):
         assert status == 400 and "sampling.temperature=-1.0 must be a number >= 0" in body["message"]
     finally:
         stop_process_group(server)
+
+
+def test_the_pip_requirement_names_lmforge_by_its_source_not_pypi():
+    # `lmforge==0.1.0` names a PyPI package that is not ours: pip must install this source instead.
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+
+    from lmforge.serving import pip_requirements
+
+    requirement = Requirement(pip_requirements()[0])
+    assert requirement.name == "lmforge" and not requirement.specifier
+    assert requirement.url == json.loads(distribution("lmforge").read_text("direct_url.json"))["url"]
+    assert requirement.url.startswith("file://")

@@ -16,7 +16,7 @@ from lmforge.shards import TokenStream
 from lmforge.tokens import tokenize
 from lmforge.training import accumulation_steps, build_optimizer, lr_at, lr_factor
 from lmforge.vocab import vocab_stage
-from tests.conftest import write_corpus
+from tests.conftest import assert_learned, first_train_loss, write_corpus
 
 
 @pytest.fixture
@@ -247,6 +247,19 @@ def test_early_stopping_on_validation_loss(tokens_cfg, monkeypatch):
     run_id = run_record(tokens_cfg)["run_id"]
     assert run_status(tokens_cfg, run_id) == "FINISHED"
     assert {"perf/tokens_per_second", "perf/mfu", "model/parameters", "model/flops_per_token"} <= metric_keys(tokens_cfg, run_id)
+    # MFU is the model's FLOPs at the measured rate over the device's peak, step by step.
+    from mlflow.tracking import MlflowClient
+
+    from lmforge.tracking import resolve_uri
+
+    client = MlflowClient(resolve_uri(tokens_cfg.tracking.uri))
+    history = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)}
+               for k in ("perf/tokens_per_second", "perf/mfu")}
+    flops = client.get_metric_history(run_id, "model/flops_per_token")[0].value
+    assert history["perf/mfu"] and history["perf/mfu"].keys() == history["perf/tokens_per_second"].keys()
+    for step, mfu in history["perf/mfu"].items():
+        assert mfu == pytest.approx(flops * history["perf/tokens_per_second"][step] / 1e9, rel=1e-6)
+        assert 0 < mfu
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])  # 16-mixed needs CUDA: Lightning makes it bf16 on CPU
@@ -255,10 +268,14 @@ def test_mixed_and_half_precision_train_on_cpu(tokens_cfg, precision):
     from lmforge.training import train
 
     tokens_cfg.tracking.log_model = False
-    tokens_cfg.train.max_steps = 6
+    tokens_cfg.train.max_steps = 20
     tokens_cfg.trainer.precision = precision
-    loaded = load_model_dir(train(tokens_cfg))
+    out = train(tokens_cfg)
+    loaded = load_model_dir(out)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in loaded.model.parameters())
+    # ... and the precision trains: the final validation loss is what 20 steps must reach.
+    val = [float(line.split(",")[1]) for line in (out / "curves/val_loss.csv").read_text().splitlines()[1:]]
+    assert_learned(val[-1], first_train_loss(out), loaded.model.config.vocab_size)
 
 
 class SignalAt(L.Callback if (L := __import__("lightning")) else object):

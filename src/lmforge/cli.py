@@ -2,6 +2,7 @@
 
     lmforge prepare|vocab|tokenize|train|evaluate [key=value | group=choice ...]
     lmforge compose [overrides...]          rewrite params.yaml from conf/
+    lmforge check [overrides...]            every check of the composed config (no data, no GPU)
     lmforge generate --model DIR|URI --prompt TEXT [sampling options]
     lmforge evaluate --model DIR|URI --data FILE... [--mlflow]      score any text
     lmforge export --model DIR|URI --format hf OUT                 a transformers directory
@@ -34,9 +35,17 @@ def _stage(name: str) -> Callable:
     elif name == "tokenize":
         from lmforge.tokens import tokenize as run
     elif name == "train":
+        from lmforge.tracking import quiet_mlflow_env  # before MLflow is imported
+
+        quiet_mlflow_env()
         from lmforge.training import train as run
     elif name == "evaluate":
+        from lmforge.tracking import quiet_mlflow_env
+
+        quiet_mlflow_env()
         from lmforge.evaluation import evaluate as run
+    elif name == "check":  # the DVC stage that runs on any parameter change (pipelines/check.py)
+        from lmforge.checks import check_stage as run
     else:
         raise LmforgeError(f"unknown stage '{name}'; stages: {', '.join(STAGES)}.")
     return run
@@ -52,11 +61,11 @@ def run_stage(name: str, overrides: Sequence[str] | None = None) -> None:
 
 
 def _run_stage(name: str, overrides: Sequence[str]) -> None:
+    from lmforge.checks import check_config
     from lmforge.config import load_config
-    from lmforge.tracking import quiet_mlflow_env
 
-    quiet_mlflow_env()
     cfg = load_config(overrides)
+    check_config(cfg, stage=name)  # what `lmforge check` checks, as far as this stage reads
     result = _stage(name)(cfg)
     if name == "evaluate" and isinstance(result, dict):
         print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
@@ -68,9 +77,9 @@ def _guarded(action: Callable[[], object]) -> None:
     except LmforgeError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C: 130; SIGTERM after training saved a checkpoint: 143
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(getattr(err, "exit_status", 130))
     except BrokenPipeError:  # `lmforge runs list | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
@@ -97,7 +106,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _print_samples(loaded, prompt: str, sampling, args: argparse.Namespace) -> None:
     # The samples are one batch: the first streams as it is produced, the others print when it ends.
-    from lmforge.generation import stream_samples
+    from lmforge.generation import stream_samples, unescape
 
     n = args.num_samples
     later = [""] * n
@@ -105,7 +114,8 @@ def _print_samples(loaded, prompt: str, sampling, args: argparse.Namespace) -> N
     def header(i: int) -> str:
         return f"--- sample {i + 1} ---\n" if n > 1 else ""
 
-    pieces = stream_samples(loaded, prompt, sampling, stop=args.stop, num_samples=n)  # checks the prompt
+    stop = [unescape(s) for s in args.stop] if args.stop else None  # `--stop "\n\n"`: two newlines
+    pieces = stream_samples(loaded, prompt, sampling, stop=stop, num_samples=n)  # checks the prompt
     sys.stdout.write(header(0) + prompt)
     sys.stdout.flush()
     for sample, piece in pieces:
@@ -119,6 +129,8 @@ def _print_samples(loaded, prompt: str, sampling, args: argparse.Namespace) -> N
 
 
 def _interactive(loaded, sampling, args) -> None:
+    from lmforge.generation import unescape
+
     print("lmforge: type a prompt, an empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:
@@ -127,7 +139,7 @@ def _interactive(loaded, sampling, args) -> None:
             break
         if not prompt:
             break
-        prompt = prompt.encode("utf-8").decode("unicode_escape") if args.escapes else prompt
+        prompt = unescape(prompt) if args.escapes else prompt
         try:
             _print_samples(loaded, prompt, sampling, args)
         except LmforgeError as err:  # e.g. a character the vocabulary lacks: say so, keep the loop
@@ -206,6 +218,18 @@ def _compose(args: argparse.Namespace) -> None:
     print("wrote params.yaml")
 
 
+def _check(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from lmforge.checks import check_config, summary, summary_line
+    from lmforge.config import CONF_DIR, compose_config, load_config
+
+    # As `dvc exp run -S` composes (conf/ plus overrides); a project without conf/ has params.yaml only.
+    cfg = compose_config(args.overrides) if (Path(CONF_DIR) / "config.yaml").is_file() else load_config(args.overrides)
+    check_config(cfg)
+    print(summary_line(summary(cfg)))
+
+
 def _runs(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
@@ -242,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key=value or group=choice")
     p = sub.add_parser("compose", help="rewrite params.yaml from conf/ (what `dvc exp run` does)")
     p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("check", help="compose conf/ with overrides and run every check that needs no data or accelerator")
+    p.add_argument("overrides", nargs="*", help="as for `dvc exp run -S`: key=value, group=choice, +key=value")
 
     g = sub.add_parser("generate", help="sample text from a model directory, streamed as it is produced")
     _add_model_arguments(g)
@@ -253,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch; the first streams")
-    g.add_argument("--stop", action="append", default=None, help="stop when this string is produced (repeatable)")
+    g.add_argument("--stop", action="append", default=None, help="stop when this string is produced (repeatable; backslash escapes such as \\n are read)")
     g.add_argument("--no-cache", action="store_true", help="recompute the context every step (slow; for checks)")
     g.add_argument("--interactive", action="store_true", help="keep a prompt loop open")
     g.add_argument("--escapes", action="store_true", help="interpret \\n in interactive prompts")
@@ -330,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_stage(args.command, args.overrides)
     elif args.command == "compose":
         _guarded(lambda: _compose(args))
+    elif args.command == "check":
+        _guarded(lambda: _check(args))
     elif args.command == "generate":
         _guarded(lambda: _generate(args))
     elif args.command == "export":

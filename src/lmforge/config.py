@@ -44,26 +44,45 @@ def load_config(
 
 
 def check_known_keys(cfg: DictConfig, conf_dir: Path, source: str = "params.yaml") -> None:
-    """Refuse keys that no file in ``conf/`` defines (a ``-S +train.max_stepz=5`` typo would
-    otherwise train silently with the default). Skipped when ``conf/`` is not there."""
+    """Refuse keys that no file in ``conf/`` defines, at every level: a ``-S +optimizer.lrr=0.5``
+    typo would otherwise train silently with the default. Skipped when ``conf/`` is not there."""
+    known = known_keys(conf_dir)
+    if known is None:
+        return
+    for key in flat_keys(cfg):
+        # A key under a known leaf is allowed: a null leaf (``train.init_from``) may take a mapping.
+        if key not in known and not any(key.startswith(k + ".") for k in known):
+            raise LmforgeError(
+                f"{source} has the key '{key}', which no file in {conf_dir}/ defines{nearest_keys(key, known)}; "
+                "remove it (a `+key=value` override adds new keys) or add it to conf/."
+            )
+
+
+def known_keys(conf_dir: Path) -> set[str] | None:
+    """Every dotted leaf key that ``conf/config.yaml`` or a config group file defines (group keys
+    prefixed by the group's name), or None when ``conf/`` is not there."""
     root_file = conf_dir / "config.yaml"
     if not root_file.is_file():
-        return
+        return None
     known = set(flat_keys(OmegaConf.create(yaml.safe_load(root_file.read_text(encoding="utf-8")) or {})))
     for group_dir in (p for p in conf_dir.iterdir() if p.is_dir()):
         for option in group_dir.glob("*.yaml"):
             body = yaml.safe_load(option.read_text(encoding="utf-8")) or {}
+            # Only the group's own keys: the group's name alone must not admit any key below it.
             known.update(f"{group_dir.name}.{k}" for k in flat_keys(OmegaConf.create(body)))
-            known.add(group_dir.name)
     known.discard("defaults")
-    for key in flat_keys(cfg):
-        if key not in known and not any(key.startswith(k + ".") for k in known):
-            close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise LmforgeError(
-                f"{source} has the key '{key}', which no file in {conf_dir}/ defines{hint}; "
-                "remove it (a `+key=value` override adds new keys) or add it to conf/."
-            )
+    return known
+
+
+def nearest_keys(key: str, known: Iterable[str]) -> str:
+    """`` (did you mean a, b?)`` with the valid keys nearest to ``key``, or the keys of its group."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    if not close:
+        group = key.split(".", 1)[0] + "."
+        close = [k for k in known if k.startswith(group)][:8]
+        return f" (valid keys under {group[:-1]}: {', '.join(close)})" if close else ""
+    return f" (did you mean {', '.join(close)}?)"
 
 
 def compose_config(overrides: Iterable[str] = (), conf_dir: str | Path = CONF_DIR) -> DictConfig:
@@ -99,7 +118,7 @@ def apply_override(cfg: DictConfig, override: str, conf_dir: Path) -> None:
         cfg[key] = _load_group_choice(group_dir, key, str(raw).strip())
         return
     if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-        raise LmforgeError(f"unknown config key '{key}'{_suggest(cfg, key)}; see params.yaml for the valid keys.")
+        raise LmforgeError(f"unknown config key '{key}'{nearest_keys(key, flat_keys(cfg))}; see params.yaml for the valid keys.")
     old = OmegaConf.select(cfg, key)
     _check_type(key, old, value)
     OmegaConf.update(cfg, key, value, merge=False)
@@ -161,11 +180,6 @@ def flat_keys(cfg: Any, prefix: str = "") -> list[str]:
         else:
             keys.append(dotted)
     return keys
-
-
-def _suggest(cfg: DictConfig, key: str) -> str:
-    close = difflib.get_close_matches(key, flat_keys(cfg), n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def flat_params(cfg: DictConfig) -> dict[str, Any]:

@@ -73,7 +73,7 @@ def evaluate_text(loaded, sources: list[str], data_cfg=None, batch_size: int | N
     sources: files, directories or globs (any format the prepare stage reads: text, JSONL,
     Parquet, compressed or not), read and cleaned as ``lmforge.corpus`` reads a corpus, with the
     ``data`` settings ``data_cfg``; None takes those the model was trained with
-    (``train_config.yaml``), else those of ./params.yaml. Documents are joined with the
+    (``train_config.yaml``), else ``PLAIN_TEXT`` (UTF-8 text). Documents are joined with the
     end-of-text token, as the tokenize stage does, and scored by ``score_tokens`` and
     ``summarise``, the code of the evaluate stage. Returns ``summarise``'s metrics plus
     ``files``, ``documents`` and ``unknown_tokens`` (text the tokenizer mapped to ``<unk>``).
@@ -122,19 +122,20 @@ def evaluate_text(loaded, sources: list[str], data_cfg=None, batch_size: int | N
     return metrics
 
 
+# How text is read for a model that carries no training config (an imported one): plain UTF-8,
+# the format by extension, NFC as the prepare stage's default, nothing skipped.
+PLAIN_TEXT = {"format": "auto", "text_field": "text", "column": "text", "decode_errors": "strict",
+              "skip_bad_files": False, "normalize": "NFC"}
+
+
 def _data_settings(loaded):
-    # How the text is read and cleaned: as the model's training corpus was, else as this project reads its own.
+    # How the text is read and cleaned: as the model's training corpus was, else as plain UTF-8 text.
     train_cfg = loaded.train_config()
     if train_cfg is not None and "data" in train_cfg:
         return train_cfg.data
-    if Path("params.yaml").is_file():
-        from lmforge.config import load_config
+    from omegaconf import OmegaConf
 
-        return load_config().data
-    raise LmforgeError(
-        f"{loaded.path} has no train_config.yaml to say how to read text; run from a project root "
-        "(its params.yaml data settings are used)."
-    )
+    return OmegaConf.create(PLAIN_TEXT)
 
 
 def log_text_metrics(loaded, metrics: dict, name: str, tracking_uri: str | None = None,

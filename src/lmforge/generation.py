@@ -66,6 +66,13 @@ class SamplingConfig:
             fail("use_cache", "must be true or false")
 
 
+def unescape(text: str) -> str:
+    """Backslash escapes typed on a command line (``\\n``, ``\\t``, ``\\u00e9``) as the characters
+    they name; every other character, non-ASCII included, stays as it is (``é`` stays ``é``:
+    ``unicode_escape`` alone would read its UTF-8 bytes as Latin-1)."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

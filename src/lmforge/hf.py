@@ -414,6 +414,17 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
                           extra={"imported_from": {"path": str(hf_dir.resolve()), "architecture": ARCHITECTURES[family]}})
 
 
+def _shard_path(hf_dir: Path, name: object, index: Path) -> Path:
+    """The shard ``name`` of ``index``: a file name inside ``hf_dir``. A path that leaves it
+    (``../x``, ``/etc/x``, a link out) is refused: an index must not make us read other files."""
+    path = hf_dir / str(name)
+    inside = hf_dir.resolve()
+    if not isinstance(name, str) or Path(name).is_absolute() or (path.resolve() != inside and inside not in path.resolve().parents):
+        raise LmforgeError(f"{index} names the shard {name!r}, which is not a file inside {hf_dir}; "
+                           "shards must be file names in the model directory.")
+    return path
+
+
 def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
     single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
     if single.is_file():
@@ -423,7 +434,7 @@ def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
             shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
         except (json.JSONDecodeError, KeyError) as err:
             raise LmforgeError(f"{index} is not a valid safetensors index ({err}); re-save the model.") from None
-        files = [hf_dir / name for name in shards]
+        files = [_shard_path(hf_dir, name, index) for name in shards]
     elif any(hf_dir.glob("*.bin")):
         raise LmforgeError(
             f"{hf_dir} has only pickled .bin weights, which lmforge never loads; convert them with "

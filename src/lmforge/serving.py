@@ -137,13 +137,30 @@ def signature():
 
 def pip_requirements() -> list[str]:
     """What the served model needs: lmforge (which brings the rest) and the torch and mlflow it ran with."""
-    from importlib.metadata import version
-
     import torch
 
     # Given explicitly: MLflow's own inference of requirements costs about 10 s a model.
-    return [f"lmforge=={version('lmforge')}", f"torch=={torch.__version__.split('+')[0]}",
-            f"mlflow=={mlflow.__version__}"]
+    return [lmforge_requirement(), f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
+
+
+def lmforge_requirement() -> str:
+    """lmforge as pip should install it: from the source it was installed from (PEP 610's
+    ``direct_url.json``: ``lmforge @ file:///...``). lmforge is not on PyPI, so a bare
+    ``lmforge==0.1.0`` would make an environment manager install whatever has that name there."""
+    import json
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from lmforge.errors import LmforgeError
+
+    try:
+        direct = distribution("lmforge").read_text("direct_url.json")
+    except PackageNotFoundError:
+        direct = None
+    url = json.loads(direct).get("url") if direct else None
+    if not url:
+        raise LmforgeError("lmforge is not installed from a source directory, so a served model could not name it as "
+                           "a requirement; install it with `pip install -e .` (or `make install`) and train again.")
+    return f"lmforge @ {url}"
 
 
 def log_pyfunc_model(model_dir: str | Path, run: dict, registered_model: str | None = None):

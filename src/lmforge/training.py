@@ -9,8 +9,9 @@ validation batches is scored. Lightning runs it on one CPU or many GPUs and node
 Surviving: ``checkpoints/last.ckpt`` is rewritten atomically every ``train.checkpoint_every``
 steps, with the optimizer, schedule, random-number and data position in it; ``train.resume=auto``
 continues from it bit for bit, in the same MLflow run (``checkpoints/run.json``). A non-finite
-loss stops the run (FAILED) before a bad checkpoint is written; Ctrl-C finishes the step, saves a
-checkpoint and stops (KILLED). At the end the final weights become a model directory.
+loss stops the run (FAILED) before a bad checkpoint is written; Ctrl-C or SIGTERM finishes the
+step, saves a checkpoint and stops (KILLED; exit status 130 or 143). A resumed run logs no step
+that MLflow already holds. At the end the final weights become a model directory.
 """
 
 from __future__ import annotations
@@ -340,12 +341,13 @@ class MetricsLog(Callback):
     def __init__(self):
         self.pending: list[tuple[str, float, int, int]] = []  # key, value, step, timestamp (ms)
         self._last_flush = time.monotonic()
+        self.logged: set[tuple[str, int]] = set()  # (key, step) already in a resumed run: not logged twice
 
     def add(self, trainer, metrics: dict[str, float], step: int) -> None:
         if trainer.logger is None:
             return
         now = int(time.time() * 1000)
-        self.pending += [(key, float(value), step, now) for key, value in metrics.items()]
+        self.pending += [(key, float(value), step, now) for key, value in metrics.items() if (key, step) not in self.logged]
         if time.monotonic() - self._last_flush > self.FLUSH_SECONDS:
             self.flush(trainer)
 
@@ -458,20 +460,35 @@ def _as_tuples(value):
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C stopped training at ``step``, after saving a checkpoint."""
+    """Ctrl-C (SIGINT) or SIGTERM stopped training at ``step``, after saving a checkpoint."""
 
-    def __init__(self, step: int):
-        super().__init__(f"interrupted at step {step}")
+    def __init__(self, step: int, signum: int = signal.SIGINT):
+        name = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+        super().__init__(f"{name} at step {step}")
         self.step = step
+        self.signum = signum
+
+
+class Stopped(KeyboardInterrupt):
+    """Training stopped on a signal; the command exits with ``exit_status`` (128 + the signal)."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__()
+        self.exit_status = 128 + int(signum)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what schedulers send before a kill
 
 
 class LastCheckpoint(Checkpoint):
-    """Keeps ``last.ckpt``: every ``every`` steps, and at once when Ctrl-C (SIGINT) asks to stop.
+    """Keeps ``last.ckpt``: every ``every`` steps, and at once when Ctrl-C (SIGINT) or SIGTERM
+    (SLURM, Kubernetes: pre-emption, the time limit) asks to stop.
 
     A checkpoint is written at a step boundary, after that step's validation when one is due, so
-    that a run resumed from it logs exactly what the uninterrupted run logs. Ctrl-C finishes the
-    step, saves, and raises TrainingInterrupted; a second Ctrl-C interrupts at once. With several
-    processes the ranks agree (every ``sync_every`` steps) on when to stop.
+    that a run resumed from it logs exactly what the uninterrupted run logs. The signal finishes
+    the step, saves, and raises TrainingInterrupted; a second one acts at once (the handler before
+    ours is back). With several processes the ranks agree (every ``sync_every`` steps) on when to
+    stop. Ours replaces Lightning's SIGTERM handler for the fit, which would stop without a save.
     """
 
     def __init__(self, path: Path, every: int, eval_interval: int, sync_every: int):
@@ -480,16 +497,17 @@ class LastCheckpoint(Checkpoint):
         self.eval_interval = eval_interval
         self.sync_every = sync_every
         self.requested = False
+        self.signum = signal.SIGINT
         self._stop_at: int | None = None
-        self._previous = None
+        self._previous: dict = {}
 
     def _request(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous)
+        self.requested, self.signum = True, signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
     def on_train_start(self, trainer, pl_module):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._request)
+            self._previous = {s: signal.signal(s, self._request) for s in STOP_SIGNALS}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.mid_step:
@@ -511,7 +529,7 @@ class LastCheckpoint(Checkpoint):
         if step % self.every == 0 or self._stop_at == step:
             trainer.save_checkpoint(self.path, weights_only=False)
         if self._stop_at == step:
-            raise TrainingInterrupted(step)
+            raise TrainingInterrupted(step, self.signum)
 
     def on_train_end(self, trainer, pl_module):
         self._restore_handler()
@@ -520,9 +538,10 @@ class LastCheckpoint(Checkpoint):
         self._restore_handler()
 
     def _restore_handler(self):
-        if self._previous is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+            self._previous = {}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -611,6 +630,15 @@ def find_resume_point(checkpoints: Path, resume: str, fingerprint: str) -> tuple
     return (last if last.is_file() else None), record
 
 
+def logged_metric_steps(logger) -> set[tuple[str, int]]:
+    """The (metric, step) pairs a resumed MLflow run already holds. Steps after the last
+    checkpoint may have been logged before the interruption (a flush, a kill): the resumed run
+    skips them, so MLflow keeps each step once (the first value, on a CPU equal to the new one)."""
+    client = logger.experiment
+    keys = client.get_run(logger.run_id).data.metrics
+    return {(key, m.step) for key in keys for m in client.get_metric_history(logger.run_id, key)}
+
+
 def clear_checkpoints(checkpoints: Path) -> None:
     """Remove what a previous run left in ``checkpoints`` (ours only: *.ckpt, run.json, temporaries)."""
     if not checkpoints.is_dir():
@@ -672,7 +700,8 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
 
     ``callbacks``: extra Lightning callbacks (tests and experiments hook in here). Raises
     LmforgeError for a bad setting or a non-finite loss (the MLflow run is then FAILED) and
-    KeyboardInterrupt after Ctrl-C has saved a checkpoint (the run is then KILLED).
+    ``Stopped`` (a KeyboardInterrupt) after Ctrl-C or SIGTERM has saved a checkpoint (the run is
+    then KILLED).
     """
     _quiet_lightning()
     from lightning.pytorch.utilities import rank_zero_only
@@ -725,6 +754,7 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
             write_json(checkpoints / RUN_FILE, {**run, "fingerprint": fingerprint})
         else:
             tracking.set_run_status(run, "RUNNING")
+            lit.metrics_log.logged = logged_metric_steps(logger)
         if record is not None:
             print(f"resuming from {ckpt_path or 'step 0'} in MLflow run {run['run_id']}")
 
@@ -782,12 +812,13 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
     except TrainingInterrupted as err:
         if rank_zero_only.rank == 0:
             tracking.set_run_status(run, "KILLED")
-            print(f"{err}: saved {checkpoints / LAST_CHECKPOINT}; run again with train.resume=auto to continue")
-        raise KeyboardInterrupt from None
-    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C during fitting into sys.exit(1)
+            print(f"{err}: saved {checkpoints / LAST_CHECKPOINT}; run again with train.resume=auto to continue",
+                  flush=True)
+        raise Stopped(err.signum) from None
+    except (KeyboardInterrupt, SystemExit) as err:  # Lightning: Ctrl-C is sys.exit(1), a 2nd SIGTERM SIGTERMException
         if rank_zero_only.rank == 0:
             tracking.set_run_status(run, "KILLED")
-        raise KeyboardInterrupt from None
+        raise Stopped(signal.SIGTERM if type(err).__name__ == "SIGTERMException" else signal.SIGINT) from None
     trainer.save_checkpoint(checkpoints / LAST_CHECKPOINT, weights_only=False)  # the finished state (resume=auto then only exports)
     # The last validation may fall before the last step: score the final weights too.
     if trainer.global_step % int(t.eval_interval) != 0:

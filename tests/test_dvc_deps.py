@@ -1,0 +1,191 @@
+"""dvc.yaml declares what each stage runs and reads, derived rather than kept by hand.
+
+Code: the lmforge modules a stage's entry point imports, transitively, at module level and inside
+functions (the AST of every module on the way). ``cli.py`` is read per stage: its own imports, the
+stage runner's, and the one branch of ``_stage`` that picks the stage. ``checks.py`` only accepts
+or refuses a configuration and writes nothing a data stage outputs, so the walk stops there
+(except for the ``check`` stage, whose output it writes).
+
+Params: every config key a stage reads while it runs, recorded on the real stages of a tiny
+project. ``paths.*`` are not params: dvc.yaml names the paths as literal deps and outs, and a
+stage under DVC refuses a ``paths.*`` that differs from them (``checks.check_dvc_paths``).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+STAGE_NAMES = ("check", "prepare", "vocab", "tokenize", "train", "evaluate")
+RUNNER_FUNCTIONS = ("run_stage", "_run_stage", "_guarded")
+
+
+def dvc_stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def module_file(name: str) -> Path | None:
+    """The file of module ``name`` (``lmforge.corpus`` -> its ``__init__.py``), or None for an attribute."""
+    base = SRC / Path(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_names(nodes) -> set[str]:
+    """Every lmforge module (or module attribute) that the import statements under ``nodes`` name."""
+    names = set()
+    for tree in nodes:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names if a.name.startswith("lmforge")}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lmforge"):
+                names.add(node.module)
+                names |= {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def cli_nodes(stage: str) -> list:
+    """The parts of cli.py that run for ``stage``: module level, the runner, and its ``_stage`` branch."""
+    tree = ast.parse((SRC / "lmforge/cli.py").read_text())
+    nodes = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
+        if fn.name in RUNNER_FUNCTIONS:
+            nodes.append(fn)
+        elif fn.name == "_stage":
+            branch = next(n for n in ast.walk(fn) if isinstance(n, ast.If) and isinstance(n.test, ast.Compare)
+                          and any(isinstance(c, ast.Constant) and c.value == stage for c in n.test.comparators))
+            nodes.extend(branch.body)
+    return nodes
+
+
+def code_closure(stage: str) -> set[Path]:
+    """The lmforge files that ``pipelines/<stage>.py`` imports, transitively."""
+    entry = ROOT / "pipelines" / f"{stage}.py"
+    files: set[Path] = set()
+    todo = [name for name in imported_names([ast.parse(entry.read_text())])]
+    while todo:
+        name = todo.pop()
+        path = module_file(name)
+        if path is None:
+            continue
+        # Importing a.b.c runs the __init__ of a.b first.
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(2, len(parts)) if ".".join(parts[:i]) not in {n for n in todo}]
+        if path in files:
+            continue
+        if path.name == "checks.py" and stage != "check":
+            continue  # accepts or refuses a config; writes nothing a data stage outputs
+        files.add(path)
+        nodes = cli_nodes(stage) if path == SRC / "lmforge/cli.py" else [ast.parse(path.read_text())]
+        todo += sorted(imported_names(nodes))
+    return {f for f in files if f != SRC / "lmforge/__init__.py"}  # the package's empty __init__
+
+
+def declared(path: Path, deps: list[str]) -> bool:
+    relative = path.relative_to(ROOT)
+    return any(relative == Path(d) or Path(d) in relative.parents for d in deps)
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_every_module_a_stage_imports_is_a_dependency(stage):
+    deps = [d if isinstance(d, str) else next(iter(d)) for d in dvc_stages()[stage]["deps"]]
+    assert f"pipelines/{stage}.py" in deps
+    closure = code_closure(stage)
+    assert SRC / "lmforge/cli.py" in closure and SRC / "lmforge/config.py" in closure  # the walk itself works
+    missing = sorted(str(p.relative_to(ROOT)) for p in closure if not declared(p, deps))
+    assert not missing, f"dvc.yaml stage '{stage}' runs these files but does not declare them: {missing}"
+
+
+def test_the_walk_follows_function_level_imports():
+    # training.train imports lmforge.serving inside the function: it must count.
+    assert SRC / "lmforge/serving.py" in code_closure("train")
+    assert SRC / "lmforge/training.py" not in code_closure("prepare")
+
+
+# --- params: recorded while the real stages run on a tiny project ---
+
+
+@contextlib.contextmanager
+def recording_reads(root):
+    """Record the full key of every value of config ``root`` read through attribute, item or ``get``
+    access (configs made from parts of it, e.g. the optimizer's dict, are read already: by key)."""
+    from omegaconf import DictConfig
+
+    reads: set[str] = set()
+    originals = {name: getattr(DictConfig, name) for name in ("__getattr__", "__getitem__", "get")}
+
+    def wrap(name):
+        original = originals[name]
+
+        def read(self, key, *args, **kwargs):
+            value = original(self, key, *args, **kwargs)
+            if isinstance(key, str) and not key.startswith("_") and self._get_root() is root:
+                with contextlib.suppress(Exception):
+                    reads.add(self._get_full_key(key))
+            return value
+
+        return read
+
+    for name in originals:
+        setattr(DictConfig, name, wrap(name))
+    try:
+        yield reads
+    finally:
+        for name, original in originals.items():
+            setattr(DictConfig, name, original)
+
+
+def covered(key: str, params: list[str]) -> bool:
+    """A read of ``key`` is declared by a param equal to it or above it; reading a group node on
+    the way to its keys (``cfg.train`` then ``.max_steps``) is covered by any declared key below it."""
+    return any(key == p or key.startswith(p + ".") or p.startswith(key + ".") for p in params)
+
+
+@pytest.fixture(scope="module")
+def stage_reads(tmp_path_factory, one_thread) -> dict[str, set[str]]:
+    from lmforge.cli import _stage
+    from lmforge.config import compose_config, write_params
+    from tests.conftest import TINY_PIPELINE, write_corpus
+
+    project = tmp_path_factory.mktemp("deps")
+    cfg = compose_config([*TINY_PIPELINE, f"tracking.uri=sqlite:///{project}/mlflow.db", "tracking.log_model=false"],
+                         conf_dir=ROOT / "conf")
+    reads = {}
+    with contextlib.chdir(project):
+        cfg.data.sources = [str(write_corpus(Path("corpus"), n_docs=6, words=200))]
+        write_params(cfg)
+        for stage in STAGE_NAMES:
+            with recording_reads(cfg) as seen:
+                _stage(stage)(cfg)
+            reads[stage] = seen
+    return reads
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_every_param_a_stage_reads_is_declared(stage_reads, stage):
+    spec = dvc_stages()[stage]
+    params = [p if isinstance(p, str) else next(iter(p)) for p in spec.get("params", [])]
+    paths = {str(p) for p in [*spec.get("deps", []), *spec.get("outs", []), *spec.get("metrics", []),
+                              *spec.get("plots", [])] if isinstance(p, str)}
+    paths |= {next(iter(p)) for p in [*spec.get("outs", []), *spec.get("metrics", []), *spec.get("plots", [])]
+              if isinstance(p, dict)}
+    reads = stage_reads[stage]
+    assert reads, "nothing was recorded: the recorder is broken"
+    missing = sorted(k for k in reads if not k.startswith("paths") and not covered(k, params))
+    assert not missing, f"dvc.yaml stage '{stage}' reads these params but does not declare them: {missing}"
+    # paths.* are not params: the directory a stage reads or writes must be a literal dep or out.
+    from lmforge.checks import DVC_OUTPUTS
+
+    for key in (k for k in reads if k.startswith("paths.")):
+        where = DVC_OUTPUTS[key.split(".", 1)[1]]
+        assert any(p == where or p.startswith(where + "/") for p in paths), (
+            f"stage '{stage}' reads {key} ({where}) but dvc.yaml names it in none of its deps or outs")
