@@ -49,7 +49,7 @@ def build_model_dir(arch: str, block_size: int, out: Path, tokenizer_kind: str =
     from lmforge.model import GPT, GPTConfig
     from lmforge.modeldir import save_model_dir
     from lmforge.tokenizer import eot_token_id, save_tokenizer
-    from lmforge.training import model_config_for
+    from lmforge.training.stage import model_config_for
     from lmforge.vocab import build_tokenizer
 
     overrides = ["model=baby", f"model.block_size={block_size}", f"tokenizer={tokenizer_kind}"]

@@ -2,7 +2,7 @@
 
 The budget is nanoGPT's CPU "baby" run: 2000 steps of 12 x 64 tokens on the default corpus, with
 models of the baby's size (0.81M parameters, within 10%). Each recipe is the real train stage
-(``lmforge.training.train``) on the project's token files, then the evaluate stage's score
+(``lmforge.training.stage.train``) on the project's token files, then the evaluate stage's score
 (``lmforge.evaluation.score_tokens``: every validation token, non-overlapping windows). The
 training validation estimate every ``--eval-interval`` steps gives the step at which the recipe
 reaches nanoGPT's final loss (1.78). The time to get there is that many steps at the recipe's
@@ -64,7 +64,7 @@ def run_recipe(name: str, extra: list[str], data: Path, eval_interval: int, thre
     from lmforge.evaluation import score_tokens
     from lmforge.modeldir import load_model_dir
     from lmforge.shards import TokenStream
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     class StepClock(L.Callback):
         """Wall time of the training steps alone (validation excluded)."""
@@ -172,7 +172,7 @@ def step_costs(results: dict, data: Path, steps: int, rounds: int, threads: int 
     import lightning as L
 
     from lmforge.config import compose_config
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     warmup = 10
     # The learning rates do not change the cost of a step: one measurement per architecture,

@@ -1,6 +1,6 @@
 """Training throughput for the baby configuration on CPU: our trainer against a bare PyTorch loop.
 
-"trainer" is the real train stage (``lmforge.training.train``: Lightning, the MLflow logging every
+"trainer" is the real train stage (``lmforge.training.stage.train``: Lightning, the MLflow logging every
 ``train.log_every`` steps, checkpoints, NaN watch, tokens/s), in a temporary project on the
 project's token files. "bare" is a plain loop over the same model, batches, optimizer (fused
 AdamW), schedule, clipping and autocast, with no Lightning: what the trainer costs is the gap.
@@ -68,7 +68,7 @@ def trainer_side(data: Path, precision: str, compiled: bool, warmup: int, steps:
     """Tokens per second of the train stage over steps warmup..warmup+steps."""
     import lightning as L
 
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     timer = StepTimer(warmup, warmup + steps)
 
@@ -98,7 +98,7 @@ def bare_side(data: Path, precision: str, compiled: bool, warmup: int, steps: in
     from lmforge.data import RandomWindows
     from lmforge.model import GPT, GPTConfig
     from lmforge.shards import TokenStream, read_index
-    from lmforge.training import build_optimizer, lr_factor
+    from lmforge.training.optim import build_optimizer, lr_factor
 
     cfg = base_config([])
     t, opt_cfg = cfg.train, cfg.optimizer

@@ -24,7 +24,7 @@ import json, sys
 import lightning as L
 import torch
 from lmforge.config import load_config
-from lmforge.training import train
+from lmforge.training.stage import train
 
 
 class Record(L.Callback):

@@ -195,7 +195,7 @@ def test_training_continues_from_an_imported_model(tiny_cfg, tmp_path):
     from lmforge.corpus import prepare
     from lmforge.shards import read_index
     from lmforge.tokens import tokenize
-    from lmforge.training import train
+    from lmforge.training.stage import train
     from lmforge.vocab import vocab_stage
     from tests.conftest import write_corpus
 

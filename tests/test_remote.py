@@ -19,7 +19,7 @@ def run_pipeline(cfg, corpus: Path) -> dict:
     from lmforge.corpus import prepare
     from lmforge.evaluation import evaluate
     from lmforge.tokens import tokenize
-    from lmforge.training import train
+    from lmforge.training.stage import train
     from lmforge.vocab import vocab_stage
 
     cfg.data.sources = [str(corpus)]

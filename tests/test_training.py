@@ -14,7 +14,7 @@ from lmforge.corpus import prepare
 from lmforge.errors import LmforgeError
 from lmforge.shards import TokenStream
 from lmforge.tokens import tokenize
-from lmforge.training import accumulation_steps, build_optimizer, lr_at, lr_factor
+from lmforge.training.optim import accumulation_steps, build_optimizer, lr_at, lr_factor
 from lmforge.vocab import vocab_stage
 from tests.conftest import assert_learned, first_train_loss, write_corpus
 
@@ -82,7 +82,7 @@ def test_global_batch_in_tokens_sets_the_accumulation():
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tmp_path):
     from lmforge.config import compose_config
     from lmforge.model import GPT, GPTConfig
-    from lmforge.training import MuonWithAdamW
+    from lmforge.training.optim import MuonWithAdamW
 
     opt_cfg = compose_config(["optimizer=muon"], conf_dir=Path(__file__).parents[1] / "conf").optimizer
     torch.manual_seed(0)
@@ -129,7 +129,7 @@ def test_weight_decay_only_on_matrices():
 def test_train_and_evaluate_write_a_model_directory_and_metrics(tokens_cfg):
     from lmforge.evaluation import evaluate
     from lmforge.modeldir import load_model_dir
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     tokens_cfg.train.max_steps = 30
     out = train(tokens_cfg)
@@ -145,7 +145,7 @@ def test_train_and_evaluate_write_a_model_directory_and_metrics(tokens_cfg):
 
 
 def test_block_size_larger_than_validation_split_is_a_clear_error(tokens_cfg):
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     val_tokens = TokenStream(tokens_cfg.paths.tokens, "val").__len__()
     tokens_cfg.model.block_size = val_tokens + 10
@@ -194,7 +194,7 @@ def run_record(cfg) -> dict:
 
 
 def test_a_nan_loss_stops_training_keeps_the_last_good_checkpoint_and_fails_the_run(tokens_cfg):
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     tokens_cfg.tracking.log_model = False
     tokens_cfg.optimizer = compose_optimizer("adamw")
@@ -220,7 +220,7 @@ def test_a_nan_loss_stops_training_keeps_the_last_good_checkpoint_and_fails_the_
      ("NVIDIA GeForce RTX 3090", None)],
 )
 def test_peak_flops_by_device_name(monkeypatch, name, peak):
-    from lmforge.training import peak_flops
+    from lmforge.training.callbacks import peak_flops
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda", 0)) == peak
@@ -229,11 +229,11 @@ def test_peak_flops_by_device_name(monkeypatch, name, peak):
 
 @pytest.mark.slow
 def test_early_stopping_on_validation_loss(tokens_cfg, monkeypatch):
-    from lmforge import training
     from lmforge.modeldir import load_model_dir
-    from lmforge.training import train
+    from lmforge.training import callbacks
+    from lmforge.training.stage import train
 
-    monkeypatch.setattr(training, "peak_flops", lambda device: 1e9)  # as if the device's peak were known
+    monkeypatch.setattr(callbacks, "peak_flops", lambda device: 1e9)  # as if the device's peak were known
 
     tokens_cfg.tracking.log_model = False
     tokens_cfg.optimizer = compose_optimizer("adamw")
@@ -265,7 +265,7 @@ def test_early_stopping_on_validation_loss(tokens_cfg, monkeypatch):
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])  # 16-mixed needs CUDA: Lightning makes it bf16 on CPU
 def test_mixed_and_half_precision_train_on_cpu(tokens_cfg, precision):
     from lmforge.modeldir import load_model_dir
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     tokens_cfg.tracking.log_model = False
     tokens_cfg.train.max_steps = 20
@@ -297,7 +297,7 @@ def test_muon_with_accumulation_resumes_exactly_after_ctrl_c(tokens_cfg):
     """In-process twin of tests/test_resume.py for the Muon optimizer and gradient accumulation."""
     from safetensors.torch import load_file
 
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     cfg = tokens_cfg
     cfg.tracking.log_model = False
@@ -331,7 +331,7 @@ def compose_optimizer(name: str):
 
 
 def test_resume_auto_continues_only_a_run_of_the_same_configuration(tokens_cfg):
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     cfg = tokens_cfg
     cfg.tracking.log_model = False
@@ -361,7 +361,7 @@ def test_resume_auto_continues_only_a_run_of_the_same_configuration(tokens_cfg):
     ],
 )
 def test_bad_training_settings_are_clear_errors(tokens_cfg, override, words):
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     key, value = override.split("=")
     OmegaConf.update(tokens_cfg, key, int(value) if value.isdigit() else value)
@@ -375,7 +375,8 @@ def test_gpu_trainer_presets_compose_and_fsdp_shards_by_block(project_root):
 
     from lmforge.config import compose_config
     from lmforge.model import Block
-    from lmforge.training import _strategy, check_training_config
+    from lmforge.checks import check_training as check_training_config
+    from lmforge.training.stage import _strategy
 
     for preset in ("gpu", "ddp", "fsdp"):
         # AdamW: the default Muon needs whole matrices, which FSDP shards (checked below)

@@ -38,7 +38,7 @@ def _stage(name: str) -> Callable:
         from lmforge.tracking import quiet_mlflow_env  # before MLflow is imported
 
         quiet_mlflow_env()
-        from lmforge.training import train as run
+        from lmforge.training.stage import train as run
     elif name == "evaluate":
         from lmforge.tracking import quiet_mlflow_env
 
