@@ -31,9 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 import nanogpt_ref
+import torch
 from train_throughput import StepTimer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,7 +18,7 @@ def progress_lines(err: str) -> list[re.Match]:
     return [m for m in map(LINE.match, err.splitlines()) if m]
 
 
-def test_a_run_without_a_terminal_prints_progress_at_each_evaluation(tokens_cfg, capfd):
+def test_a_run_without_a_terminal_prints_progress_at_each_evaluation(tokens_cfg, capfd):  # noqa: F811
     from lmforge.training import train
 
     tokens_cfg.tracking.log_model = False  # 20 steps, validation every 10
@@ -35,7 +35,7 @@ def test_a_run_without_a_terminal_prints_progress_at_each_evaluation(tokens_cfg,
     assert params["hardware.muon_dtype"] in ("float32", "bfloat16")
 
 
-def test_progress_lines_come_every_interval_and_never_on_a_terminal(tokens_cfg, capfd, monkeypatch):
+def test_progress_lines_come_every_interval_and_never_on_a_terminal(tokens_cfg, capfd, monkeypatch):  # noqa: F811
     from lmforge import training
 
     tokens_cfg.tracking.log_model = False

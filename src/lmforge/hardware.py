@@ -227,11 +227,12 @@ def machine_info(probe_seconds: float = 5.0) -> dict:
 def format_info(info: dict) -> str:
     """``machine_info``'s block as the lines ``lmforge info`` and the benchmarks print."""
     gpus = ", ".join(f"{g['name']} (bf16 {'yes' if g['bf16'] else 'no'})" for g in info["gpus"]) or "none"
+    forced = "".join(f"  [{k}={v}]" for k, v in info["env"].items())  # an emulated CPU says so
+    native = "yes" if info["cpu_bf16_native"] else "no"
     lines = [
-        f"cpu:          {info['cpu']} ({info['machine']}), {info['cores']} cores, torch threads {info['torch_threads']}",
-        f"capability:   ATen {info['aten_cpu_capability']}, native bf16 on CPU: "
-        f"{'yes' if info['cpu_bf16_native'] else 'no'}"
-        + (f"  [{' '.join(f'{k}={v}' for k, v in info['env'].items())}]" if info["env"] else ""),
+        f"cpu:          {info['cpu']} ({info['machine']}), {info['cores']} cores, "
+        f"torch threads {info['torch_threads']}",
+        f"capability:   ATen {info['aten_cpu_capability']}, native bf16 on CPU: {native}{forced}",
         f"gpus:         {gpus}",
         "versions:     " + ", ".join(f"{k} {v or '-'}" for k, v in info["versions"].items()),
         "precision:    auto -> " + ", ".join(f"{d}: {p}" for d, p in info["precision_auto"].items()),
