@@ -8,8 +8,10 @@ Two choices depend on the hardware rather than on the recipe, and both are decid
   and at the baby's sizes that is 18-27x slower than float32 (an AVX2 EPYC, and this project's
   Xeon restricted to AVX2), which made Muon's step 6x nanoGPT's.
 - **``trainer.precision: auto``** (``resolve_precision``): ``bf16-mixed`` where bf16 is native
-  *and* a short probe (``bf16_speedup``) measures bf16 matmuls at the baby's sizes faster than
-  float32; ``32`` elsewhere.
+  *and* a short probe (``autocast_speedup``) measures the baby GPT's training step faster under
+  bf16 autocast than in float32; ``32`` elsewhere. A faster matmul is not enough: on this
+  project's Xeon (AMX) a bf16 matmul at the baby's sizes is 4-6x faster than float32, yet the
+  baby's step is 10-20% slower under autocast, which casts around every matmul.
 
 Native support is read from the capabilities torch itself dispatches on (ATen's CPU capability,
 cpuinfo's flags, ``torch.cuda.is_bf16_supported``), so ``ATEN_CPU_CAPABILITY=avx2`` makes a
@@ -28,8 +30,8 @@ from importlib import metadata
 import torch
 
 PRECISION_AUTO = "auto"
-# bf16 autocast must beat float32 by this much at the baby's matmul sizes to be chosen: autocast
-# adds casts around every matmul, so a marginal matmul gain is a loss per step.
+# bf16 autocast must beat float32 by this much on the probe's training step to be chosen: a
+# marginal gain there is within what the rest of a real step (optimizer, data) can undo.
 MIN_BF16_SPEEDUP = 1.15
 # The baby's largest matmul: a micro-batch (12 x 64 tokens) through the 128 -> 384 MLP projection.
 PROBE_SHAPE = (768, 128, 384)
@@ -89,32 +91,66 @@ def bf16_native(device_type: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def matmul_seconds(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int = 20,
-                   device: str = "cpu") -> float:
-    """Seconds for one (m x k) @ (k x n) matmul in ``dtype``: the best of ``repeats`` timings."""
+def matmul_seconds(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE, repeats: int = 20) -> float:
+    """CPU seconds of the calling thread for one (m x k) @ (k x n) matmul in ``dtype`` on one torch
+    thread: the best of ``repeats``. Thread CPU time does not count the time another process holds
+    the core, so a busy machine measures what an idle one does (wall time of two threads did not:
+    one preempted thread stalls the other at every barrier, and the ratio swung from 0.6 to 4)."""
     m, k, n = shape
-    a = torch.randn(m, k, device=device).to(dtype)
-    b = torch.randn(k, n, device=device).to(dtype)
-    best = float("inf")
-    for _ in range(repeats + 2):  # the first two warm up (allocation, oneDNN primitive creation)
-        start = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the matmul then runs on this thread, which thread_time measures
+    try:
+        best = float("inf")
+        for _ in range(repeats + 2):  # the first two warm up (allocation, oneDNN kernel creation)
+            start = time.thread_time()
+            a @ b
+            best = min(best, time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return best
+
+
+# The probe's model: the baby (4 layers, 4 heads, 128 wide, 64 tokens), a batch of 12 windows.
+PROBE_MODEL = {"vocab_size": 86, "block_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128}
+
+
+def _train_step_seconds(autocast: bool, repeats: int = 4) -> float:
+    """Thread CPU seconds of one forward and backward pass of a baby GPT on a batch of 12 x 64
+    tokens, in float32 or under bf16 autocast, on one torch thread: the best of ``repeats``."""
+    from lmforge.model import GPT, GPTConfig
+
+    gen = torch.Generator().manual_seed(0)
+    model = GPT(GPTConfig.from_dict(PROBE_MODEL))
+    x, y = (torch.randint(0, PROBE_MODEL["vocab_size"], (12, 64), generator=gen) for _ in range(2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first warms up (allocation, oneDNN kernel creation)
+            start = time.thread_time()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                _, loss = model(x, y)
+            loss.backward()
+            best = min(best, time.thread_time() - start)
+    finally:
+        torch.set_num_threads(threads)
     return best
 
 
 @functools.cache
+def autocast_speedup() -> float:
+    """How many times faster a baby GPT's training step (forward and backward) runs under bf16
+    autocast than in float32 on one core of this CPU; measured once per process, about 1 s. What
+    ``precision: auto`` asks: autocast casts around every matmul, which a matmul probe does not see."""
+    return _train_step_seconds(autocast=False) / _train_step_seconds(autocast=True)
+
+
+@functools.cache
 def bf16_speedup() -> float:
-    """How many times faster a bfloat16 matmul is than a float32 one at the baby's sizes, on this
-    CPU with torch's current thread count (measured once per process, about 10 ms where bf16 is
-    native). Best-of timings, interleaved, so that another process's load does not decide it."""
-    fp32 = bf16 = float("inf")
-    for _ in range(3):
-        fp32 = min(fp32, matmul_seconds(torch.float32, repeats=10))
-        bf16 = min(bf16, matmul_seconds(torch.bfloat16, repeats=10))
-    return fp32 / bf16
+    """How many times faster a bfloat16 matmul is than a float32 one at the baby's sizes on one
+    core of this CPU (measured once per process: about 10 ms where bf16 is native)."""
+    return matmul_seconds(torch.float32) / matmul_seconds(torch.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,14 +176,14 @@ def device_type_for(accelerator: str) -> str:
 
 def resolve_precision(precision: str, accelerator: str) -> str:
     """``trainer.precision`` as Lightning takes it: ``auto`` becomes ``bf16-mixed`` where bf16 is
-    native and measured faster (CPU: ``bf16_speedup`` at least ``MIN_BF16_SPEEDUP``; CUDA: any GPU
+    native and measured faster (CPU: ``autocast_speedup`` at least ``MIN_BF16_SPEEDUP``; CUDA: any GPU
     with bf16 tensor cores), else ``32``. Any other setting is returned as given."""
     if str(precision) != PRECISION_AUTO:
         return str(precision)
     device_type = device_type_for(accelerator)
     if not bf16_native(device_type):
         return "32"
-    if device_type == "cpu" and bf16_speedup() < MIN_BF16_SPEEDUP:
+    if device_type == "cpu" and autocast_speedup() < MIN_BF16_SPEEDUP:
         return "32"
     return "bf16-mixed"
 
@@ -184,19 +220,25 @@ def _gpus() -> list[dict]:
 
 
 def probe_gflops(seconds: float = 5.0) -> dict[str, float]:
-    """Matmul GFLOP/s in float32 and bfloat16 at the baby's sizes (``PROBE_SHAPE``), on the CPU with
-    torch's thread count: about ``seconds`` in all, split between the two dtypes."""
+    """Matmul GFLOP/s of one core in float32 and bfloat16 at the baby's sizes (``PROBE_SHAPE``):
+    about ``seconds`` in all, split between the two dtypes. Counted in the thread's CPU time, so
+    that other processes on a shared machine do not lower it (wall time is capped at 4x)."""
     m, k, n = PROBE_SHAPE
     flops = 2 * m * k * n
     out = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
-        a @ b
-        count, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < seconds / 2:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
             a @ b
-            count += 1
-        out[str(dtype).removeprefix("torch.")] = flops * count / elapsed / 1e9
+            count, cpu0, wall0 = 0, time.thread_time(), time.perf_counter()
+            while time.thread_time() - cpu0 < seconds / 2 and time.perf_counter() - wall0 < 2 * seconds:
+                a @ b
+                count += 1
+            out[str(dtype).removeprefix("torch.")] = flops * count / (time.thread_time() - cpu0) / 1e9
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -213,6 +255,8 @@ def machine_info(probe_seconds: float = 5.0) -> dict:
         "gpus": _gpus(),
         "versions": {p: _version(p) for p in ("torch", "lightning", "mlflow", "dvc")},
         "precision_auto": {"cpu": resolve_precision(PRECISION_AUTO, "cpu")},
+        # the measured reason (None where bf16 is emulated: no probe then)
+        "cpu_autocast_speedup": autocast_speedup() if cpu_bf16_native() else None,
         "muon_dtype": {"cpu": str(muon_dtype("cpu")).removeprefix("torch.")},
         "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},
     }
@@ -235,13 +279,15 @@ def format_info(info: dict) -> str:
         f"capability:   ATen {info['aten_cpu_capability']}, native bf16 on CPU: {native}{forced}",
         f"gpus:         {gpus}",
         "versions:     " + ", ".join(f"{k} {v or '-'}" for k, v in info["versions"].items()),
-        "precision:    auto -> " + ", ".join(f"{d}: {p}" for d, p in info["precision_auto"].items()),
+        "precision:    auto -> " + ", ".join(f"{d}: {p}" for d, p in info["precision_auto"].items())
+        + (f" (baby step under bf16 autocast: {info['cpu_autocast_speedup']:.2f}x the float32 speed on CPU)"
+           if info["cpu_autocast_speedup"] else ""),
         "muon dtype:   " + ", ".join(f"{d}: {t}" for d, t in info["muon_dtype"].items()),
     ]
     if "matmul_gflops" in info:
         m, k, n = PROBE_SHAPE
         g = info["matmul_gflops"]
-        lines.append(f"matmul:       {m}x{k} @ {k}x{n}: float32 {g['float32']:.1f} GFLOP/s, "
+        lines.append(f"matmul:       {m}x{k} @ {k}x{n}, one core: float32 {g['float32']:.1f} GFLOP/s, "
                      f"bfloat16 {g['bfloat16']:.1f} GFLOP/s ({g['bfloat16'] / g['float32']:.2f}x)")
     return "\n".join(lines)
 
