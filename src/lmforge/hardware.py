@@ -271,7 +271,7 @@ def machine_info(probe_seconds: float = 5.0) -> dict:
 def format_info(info: dict) -> str:
     """``machine_info``'s block as the lines ``lmforge info`` and the benchmarks print."""
     gpus = ", ".join(f"{g['name']} (bf16 {'yes' if g['bf16'] else 'no'})" for g in info["gpus"]) or "none"
-    forced = "".join(f"  [{k}={v}]" for k, v in info["env"].items())  # an emulated CPU says so
+    forced = f"  [forced: {' '.join(f'{k}={v}' for k, v in info['env'].items())}]" if info["env"] else ""
     native = "yes" if info["cpu_bf16_native"] else "no"
     lines = [
         f"cpu:          {info['cpu']} ({info['machine']}), {info['cores']} cores, "

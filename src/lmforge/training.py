@@ -696,8 +696,7 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
     from lmforge.hardware import training_choices  # trainer.precision=auto and Muon's dtype, for this machine
 
     choices = training_choices(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
-    rank_zero_only(print)(f"precision {choices['hardware.precision']}, Muon orthogonalises in "
-                          f"{choices['hardware.muon_dtype']} ({choices['hardware.cpu']}, {choices['hardware.aten_cpu_capability']})")
+    rank_zero_only(print)(", ".join(f"{k.removeprefix('hardware.')} {v}" for k, v in choices.items()))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     index = read_index(cfg.paths.tokens)
     model_config = model_config_for(cfg, index["vocab_size"])
