@@ -10,6 +10,7 @@
     lmforge import --format hf DIR OUT                             a transformers directory in
     lmforge import --format gguf FILE.gguf OUT                     a GGUF file in
     lmforge runs list | runs show [RUN_ID]                         tracked runs and their lineage
+    lmforge info [--json] [--probe-seconds S]                      this machine: CPU, bf16, versions, a probe
 
 A model is named by its directory or an MLflow URI (runs:/<run_id>/model, models:/<name>/<version>).
 
@@ -256,6 +257,17 @@ def _runs(args: argparse.Namespace) -> None:
     print(describe_run(run_id, uri))
 
 
+def _info(args: argparse.Namespace) -> None:
+    import json
+
+    from lmforge.hardware import format_info, machine_info
+
+    if args.probe_seconds < 0:
+        raise LmforgeError(f"--probe-seconds {args.probe_seconds} must be 0 (no probe) or more.")
+    info = machine_info(probe_seconds=args.probe_seconds)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -314,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run_id", nargs="?", help="default: the run of the current model (paths.model/run.json)")
     for each in (listing, show):
         each.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else tracking.uri of ./params.yaml")
+    n = sub.add_parser("info", help="this machine: CPU, SIMD level, native bf16, GPUs, versions, a matmul probe")
+    n.add_argument("--json", action="store_true", help="print the block as JSON (what benchmarks record)")
+    n.add_argument("--probe-seconds", type=float, default=5.0, help="length of the matmul probe; 0: none")
     return parser
 
 
@@ -371,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         _guarded(lambda: serve(args.model, args.host, args.port, args.tracking_uri, args.name, args.max_batch,
                                args.max_prompt_tokens, args.threads))
+    elif args.command == "info":
+        _guarded(lambda: _info(args))
 
 
 if __name__ == "__main__":

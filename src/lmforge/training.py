@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT, Block, GPTConfig
 
-PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
+PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed", "bf16-true")  # auto: lmforge.hardware.resolve_precision
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "muon")
 RESUME = ("never", "auto")
@@ -106,7 +106,7 @@ def adamw_groups(params: list[torch.nn.Parameter], matrices: set[int], weight_de
 def build_optimizer(model: GPT, opt_cfg, fused: bool = False) -> torch.optim.Optimizer:
     """The optimizer ``optimizer.name`` names, for ``model``.
 
-    ``adamw``: AdamW over everything (decay on matrices only). ``muon``: torch.optim.Muon on the
+    ``adamw``: AdamW over everything (decay on matrices only). ``muon``: Muon (``lmforge.muon``) on the
     2-D weight matrices inside the transformer blocks, AdamW on embeddings, head, gains and biases.
     ``fused``: the fused AdamW kernel (CUDA and CPU). Parameters are told apart by the layer that
     owns them, not by their shape, which FSDP flattens.
@@ -120,9 +120,13 @@ def build_optimizer(model: GPT, opt_cfg, fused: bool = False) -> torch.optim.Opt
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
     if opt_cfg.name == "adamw":
         return torch.optim.AdamW(adamw_groups(params, matrices, float(opt_cfg.weight_decay)), **adamw)
+    from lmforge.hardware import muon_dtype
+    from lmforge.muon import Muon
+
     hidden = {id(m.weight) for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear)}
-    muon = torch.optim.Muon(
+    muon = Muon(  # torch.optim.Muon, orthogonalising in the device's native dtype (lmforge.hardware)
         [p for p in params if id(p) in hidden],
+        ns_dtype=muon_dtype(params[0].device),
         lr=float(opt_cfg.muon_lr),
         momentum=float(opt_cfg.muon_momentum),
         weight_decay=float(opt_cfg.muon_weight_decay),
@@ -718,6 +722,10 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     torch.set_float32_matmul_precision(cfg.trainer.float32_matmul_precision)
+    from lmforge.hardware import training_choices  # trainer.precision=auto and Muon's dtype, for this machine
+
+    choices = training_choices(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
+    rank_zero_only(print)(", ".join(f"{k.removeprefix('hardware.')} {v}" for k, v in choices.items()))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     index = read_index(cfg.paths.tokens)
     model_config = model_config_for(cfg, index["vocab_size"])
@@ -746,7 +754,7 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
         if not same_store:
             if record is None:
                 clear_checkpoints(checkpoints)  # before run.json names the new run: see find_resume_point
-            logger.log_hyperparams(flat_params(cfg))
+            logger.log_hyperparams({**flat_params(cfg), **choices})
             logger.log_metrics({"model/parameters": n_params, "model/flops_per_token": flops}, step=0)
             # Issue 3: the corpus and vocabulary counts (prepare's and vocab's DVC metrics) on this run too.
             from lmforge.corpus import reported_counts
@@ -773,7 +781,7 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
         devices=cfg.trainer.devices,
         num_nodes=int(cfg.trainer.num_nodes),
         strategy=_strategy(cfg.trainer),
-        precision=str(cfg.trainer.precision),
+        precision=choices["hardware.precision"],
         max_steps=int(t.max_steps),
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
@@ -794,6 +802,9 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
     tokens_per_step = int(t.batch_size) * block_size * accumulate * trainer.world_size
     throughput = Throughput(tokens_per_step, int(t.log_every))
     trainer.callbacks.append(throughput)
+    if not _show_progress():  # no bar: plain progress lines (make run > log, queued experiments, CI)
+        from lmforge.progress import ProgressLines
+        trainer.callbacks.append(ProgressLines(int(t.max_steps), tokens_per_step))
     if accumulate > 1:
         rank_zero_only(print)(f"global batch: {tokens_per_step} tokens per step ({accumulate} micro-batches per device)")
     if cfg.trainer.compile:
