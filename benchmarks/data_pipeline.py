@@ -146,12 +146,12 @@ def _overrides(workdir: Path, corpus: Path) -> list[str]:
 
 def run_stage_here(stage: str, overrides: list[str]) -> None:
     """(In the subprocess.) Run one stage and print its time and peak memory as JSON."""
-    from lmforge.cli import _stage
+    from lmforge.stages import stage_function
     from lmforge.config import load_config
 
     cfg = load_config(overrides)
     start = time.perf_counter()
-    _stage(stage)(cfg)
+    stage_function(stage)(cfg)
     seconds = time.perf_counter() - start
     print(json.dumps({"seconds": seconds, "main_rss_mb": _peak_rss_mb()}))
 

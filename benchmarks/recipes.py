@@ -13,8 +13,9 @@ wall time of runs made minutes apart does not compare, the CPU time of one threa
     python benchmarks/recipes.py                       # every recipe below
     python benchmarks/recipes.py llama-muon --set optimizer.muon_lr=0.04 --label llama-muon-lr0.04
 
-Results accumulate by label in ``benchmarks/results/recipes.json``; the table printed at the
-end shows all of them. One run takes minutes of CPU: run them one at a time on a shared machine.
+Results accumulate by label in ``benchmarks/results/recipes.json``, each with the machine block
+(``lmforge info``) it was trained on, which is printed first; the table printed at the end shows
+all of them, with the CPU capability each ran at (give runs on another CPU their own ``--label``). One run takes minutes of CPU: run them one at a time on a shared machine.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def crossing_step(curve: list[list[float]], target: float) -> float | None:
     return curve[0][0] if curve and curve[0][1] <= target else None
 
 
-def run_recipe(name: str, extra: list[str], data: Path, eval_interval: int, threads: int | None) -> dict:
+def run_recipe(name: str, extra: list[str], data: Path, eval_interval: int, threads: int | None,
+               machine: dict | None = None) -> dict:
     """Train one recipe in a temporary project on ``data`` (prepared/, vocab/, tokens/); score it."""
     import lightning as L
 
@@ -105,7 +107,7 @@ def run_recipe(name: str, extra: list[str], data: Path, eval_interval: int, thre
         "tokens_per_second": steps * cfg.train.batch_size * cfg.model.block_size / clock.seconds,
         "steps_to_nanogpt_loss": cross,
         "seconds_to_nanogpt_loss": None if cross is None else cross * clock.seconds / steps,
-        "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0],
+        "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "machine": machine,
     }
 
 
@@ -133,12 +135,18 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
+    from lmforge.hardware import format_info, machine_info
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = machine_info()
+    print(format_info(machine) + "\n", flush=True)
     out = ROOT / "benchmarks/results/recipes.json"
     results = json.loads(out.read_text()) if out.is_file() else {}
     for name in [] if args.no_train else args.recipes:
         label = args.label if args.label and len(args.recipes) == 1 else name
         print(f"training {label}: {RECIPES[name][0]} {' '.join(args.set)}", flush=True)
-        result = run_recipe(name, args.set, args.data.resolve(), args.eval_interval, args.threads)
+        result = run_recipe(name, args.set, args.data.resolve(), args.eval_interval, args.threads, machine)
         results[label] = result
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
@@ -153,16 +161,22 @@ def main() -> None:
         out.write_text(json.dumps(results, indent=2) + "\n")
 
     print(f"\n| recipe | parameters | val loss (whole split) | steps to {NANOGPT_FINAL_LOSS} | ms per step (CPU) "
-          f"| time to {NANOGPT_FINAL_LOSS} (CPU) | training time (wall) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          f"| time to {NANOGPT_FINAL_LOSS} (CPU) | training time (wall) | CPU (ATen capability) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for label, r in sorted(results.items(), key=lambda kv: kv[1]["val_loss"]):
         steps = "-" if r["steps_to_nanogpt_loss"] is None else f"{r['steps_to_nanogpt_loss']:.0f}"
         cost = r.get("cpu_seconds_per_step")
         to_target = r.get("cpu_seconds_to_nanogpt_loss")
         print(f"| {label} | {r['parameters']:,} | {r['val_loss']:.4f} | {steps} | "
               f"{'-' if cost is None else f'{cost * 1000:.1f}'} | {'-' if to_target is None else f'{to_target:.0f} s'} "
-              f"| {r['train_seconds']:.0f} s ({r['threads']} thread(s), load {r['load_average']:.1f}) |")
+              f"| {r['train_seconds']:.0f} s ({r['threads']} thread(s), load {r['load_average']:.1f}) "
+              f"| {where(r.get('machine'))} |")
     print(f"\nwrote {out.relative_to(ROOT)}")
+
+
+def where(machine: dict | None) -> str:
+    """The table's CPU cell: model and the capability torch ran at (unknown for older results)."""
+    return f"{machine['cpu']} ({machine['aten_cpu_capability']})" if machine else "-"
 
 
 def step_costs(results: dict, data: Path, steps: int, rounds: int, threads: int | None) -> dict[str, float]:

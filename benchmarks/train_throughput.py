@@ -13,8 +13,8 @@ process, so that load from other processes hits every side alike; medians are co
     python benchmarks/train_throughput.py [--steps 200] [--rounds 3] [--threads N]
                                           [--precisions 32 bf16-mixed] [--no-compile]
 
-Needs the prepared, vocabulary and token files of the default corpus (``dvc repro tokenize``). Prints a table and writes
-``benchmarks/results/train_throughput.json``. nanoGPT's 16,000 tokens/s (fp32, eager, 2 threads,
+Needs the prepared, vocabulary and token files of the default corpus (``dvc repro tokenize``). Prints the
+machine block (``lmforge info``) and a table, and writes both to ``benchmarks/results/train_throughput.json``. nanoGPT's 16,000 tokens/s (fp32, eager, 2 threads,
 measured alone on this kind of machine) is the outside anchor; the bare fp32 eager loop, which
 is nanoGPT's loop on nanoGPT's model, is the same anchor measured under today's load.
 """
@@ -150,6 +150,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
+    from lmforge.hardware import format_info, machine_info, resolve_precision
+
+    machine = machine_info()
+    print(format_info(machine) + "\n", flush=True)
+    args.precisions = [resolve_precision(p, "cpu") for p in args.precisions]  # auto: what this CPU gets
 
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     sides = [(p, m, s) for p in args.precisions for m in modes for s in ("trainer", "bare")]
@@ -195,7 +200,7 @@ def main() -> None:
     meta = {"threads": torch.get_num_threads(), "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "load_average": os.getloadavg(), "nanogpt_tokens_per_second": NANOGPT_TOKENS_PER_SECOND}
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"machine": machine, "meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"\nwrote {out.relative_to(ROOT)}  (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
 
 

@@ -50,6 +50,7 @@ HANDLERS: list[tuple[str, str]] = [
     ("lmforge prepare", "check"), ("lmforge vocab", "check"), ("lmforge tokenize", "check"),
     ("lmforge train", "check"),
     ("lmforge check", "run"),
+    ("lmforge info", "run"),
     ("lmforge compose", "run"),
     ("lmforge generate", "run"),
     ("lmforge evaluate --model", "run"),

@@ -55,7 +55,7 @@ def train_process(project: Path, *overrides: str, flush_every_add: bool = False,
     cmd = [sys.executable, str(ROOT / "pipelines/train.py"), *overrides]
     if flush_every_add:
         cmd = [sys.executable, "-c", "import sys; import lmforge.tracking as t; t.MetricsLog.FLUSH_SECONDS = -1; "
-               "from lmforge.cli import run_stage; run_stage('train', sys.argv[1:])", *overrides]
+               "from lmforge.stages import run_stage; run_stage('train', sys.argv[1:])", *overrides]
     return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 

@@ -19,9 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from lmforge.config import CONF_DIR, check_known_keys, flat_keys
 from lmforge.errors import LmforgeError
 
-PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")  # Lightning's names
+PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed", "bf16-true")  # Lightning's, and auto: hardware.resolve_precision
 # Lightning refuses fp16 autocast on a CPU; every other precision runs there.
-CPU_PRECISIONS = ("32", "bf16-mixed", "bf16-true")
+CPU_PRECISIONS = ("auto", "32", "bf16-mixed", "bf16-true")
 # What a tokenizer kind reads of its settings (vocab.py): anything else set away from its default
 # would do nothing, silently.
 TOKENIZER_SETTINGS = {"char": (), "word": ("lowercase", "min_frequency"), "bpe": ("min_frequency",)}
@@ -112,7 +112,7 @@ def check_precision(cfg: DictConfig) -> None:
     trainer = cfg.trainer
     if trainer.accelerator == "cpu" and str(trainer.precision) not in CPU_PRECISIONS:
         raise LmforgeError(f"trainer.precision={trainer.precision} is not supported on a CPU; "
-                           f"use one of {', '.join(CPU_PRECISIONS)} (bf16-mixed is the fast one).")
+                           f"use one of {', '.join(CPU_PRECISIONS)} (auto picks the faster of 32 and bf16-mixed on this machine: `lmforge info`).")
 
 
 def check_model(cfg: DictConfig) -> None:

@@ -10,6 +10,7 @@
     lmforge import --format hf DIR OUT                             a transformers directory in
     lmforge import --format gguf FILE.gguf OUT                     a GGUF file in
     lmforge runs list | runs show [RUN_ID]                         tracked runs and their lineage
+    lmforge info [--json] [--probe-seconds S]                      this machine: CPU, bf16, versions, a probe
 
 A model is named by its directory or an MLflow URI (runs:/<run_id>/model, models:/<name>/<version>).
 
@@ -24,65 +25,7 @@ import sys
 from typing import Callable, Sequence
 
 from lmforge.errors import LmforgeError
-
-
-def _stage(name: str) -> Callable:
-    # Imported lazily: `lmforge generate` should not pay for importing the training stack.
-    if name == "prepare":
-        from lmforge.corpus import prepare as run
-    elif name == "vocab":
-        from lmforge.vocab import vocab_stage as run
-    elif name == "tokenize":
-        from lmforge.tokens import tokenize as run
-    elif name == "train":
-        from lmforge.tracking import quiet_mlflow_env  # before MLflow is imported
-
-        quiet_mlflow_env()
-        from lmforge.training.stage import train as run
-    elif name == "evaluate":
-        from lmforge.tracking import quiet_mlflow_env
-
-        quiet_mlflow_env()
-        from lmforge.evaluation import evaluate as run
-    elif name == "check":  # the DVC stage that runs on any parameter change (pipelines/check.py)
-        from lmforge.checks import check_stage as run
-    else:
-        raise LmforgeError(f"unknown stage '{name}'; stages: {', '.join(STAGES)}.")
-    return run
-
-
-STAGES = ("prepare", "vocab", "tokenize", "train", "evaluate")
-
-
-def run_stage(name: str, overrides: Sequence[str] | None = None) -> None:
-    """Entry point of ``pipelines/<name>.py``: read params.yaml + overrides, run the stage."""
-    overrides = sys.argv[1:] if overrides is None else overrides
-    _guarded(lambda: _run_stage(name, overrides))
-
-
-def _run_stage(name: str, overrides: Sequence[str]) -> None:
-    from lmforge.checks import check_config
-    from lmforge.config import load_config
-
-    cfg = load_config(overrides)
-    check_config(cfg, stage=name)  # what `lmforge check` checks, as far as this stage reads
-    result = _stage(name)(cfg)
-    if name == "evaluate" and isinstance(result, dict):
-        print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
-
-
-def _guarded(action: Callable[[], object]) -> None:
-    try:
-        action()
-    except LmforgeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as err:  # Ctrl-C: 130; SIGTERM after training saved a checkpoint: 143
-        print("interrupted", file=sys.stderr)
-        sys.exit(getattr(err, "exit_status", 130))
-    except BrokenPipeError:  # `lmforge runs list | head`: the reader left, which is not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+from lmforge.stages import STAGES, guarded, run_stage
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -256,6 +199,17 @@ def _runs(args: argparse.Namespace) -> None:
     print(describe_run(run_id, uri))
 
 
+def _info(args: argparse.Namespace) -> None:
+    import json
+
+    from lmforge.hardware import format_info, machine_info
+
+    if args.probe_seconds < 0:
+        raise LmforgeError(f"--probe-seconds {args.probe_seconds} must be 0 (no probe) or more.")
+    info = machine_info(probe_seconds=args.probe_seconds)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="compose conf/ with overrides and run every check that needs no data or accelerator")
     p.add_argument("overrides", nargs="*", help="as for `dvc exp run -S`: key=value, group=choice, +key=value")
 
+    _add_generate_parser(sub)
+    _add_export_import_parsers(sub)
+    _add_serve_parser(sub)
+    _add_runs_and_info_parsers(sub)
+    return parser
+
+
+def _add_generate_parser(sub) -> None:
+    """`lmforge generate`: sampling options, streaming, an interactive loop."""
     g = sub.add_parser("generate", help="sample text from a model directory, streamed as it is produced")
     _add_model_arguments(g)
     g.add_argument("--prompt", help="text to continue")
@@ -284,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--interactive", action="store_true", help="keep a prompt loop open")
     g.add_argument("--escapes", action="store_true", help="interpret \\n in interactive prompts")
 
+
+def _add_export_import_parsers(sub) -> None:
+    """`lmforge export` and `lmforge import`: transformers directories and GGUF files."""
     e = sub.add_parser("export", help="write a model directory as a transformers directory or a GGUF file")
     _add_model_arguments(e)
     e.add_argument("--format", required=True, choices=["hf", "gguf"],
@@ -296,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "tokenizer.json), or a gpt2/llama .gguf file")
     i.add_argument("out", help="the model directory to write")
 
+
+def _add_serve_parser(sub) -> None:
+    """`lmforge serve`: the OpenAI-compatible HTTP server."""
     s = sub.add_parser("serve", help="serve a model with the OpenAI HTTP API (completions, chat, streaming, batching)")
     _add_model_arguments(s)
     s.add_argument("--host", default="127.0.0.1")
@@ -305,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts with a 400 (default: 4 x block_size)")
     s.add_argument("--threads", type=int, help="torch threads for the model (default: torch's choice)")
 
+
+def _add_runs_and_info_parsers(sub) -> None:
+    """`lmforge runs list|show` and `lmforge info`."""
     r = sub.add_parser("runs", help="list tracked runs, or show one run's lineage, params and metrics")
     runs = r.add_subparsers(dest="runs_command", required=True)
     listing = runs.add_parser("list", help="the newest runs of the experiment (id, name, DVC experiment, val loss)")
@@ -314,7 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run_id", nargs="?", help="default: the run of the current model (paths.model/run.json)")
     for each in (listing, show):
         each.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else tracking.uri of ./params.yaml")
-    return parser
+    n = sub.add_parser("info", help="this machine: CPU, SIMD level, native bf16, GPUs, versions, a matmul probe")
+    n.add_argument("--json", action="store_true", help="print the block as JSON (what benchmarks record)")
+    n.add_argument("--probe-seconds", type=float, default=5.0, help="length of the matmul probe; 0: none")
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -349,28 +323,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     # `lmforge evaluate` with options scores any text; with key=value overrides it is the stage.
     if argv[:1] == ["evaluate"] and any(a.startswith("--") for a in argv[1:]):
         text_args = build_evaluate_text_parser().parse_args(argv[1:])
-        _guarded(lambda: _evaluate_text(text_args))
+        guarded(lambda: _evaluate_text(text_args))
         return
     args = build_parser().parse_args(argv)
     if args.command in STAGES:
         run_stage(args.command, args.overrides)
     elif args.command == "compose":
-        _guarded(lambda: _compose(args))
+        guarded(lambda: _compose(args))
     elif args.command == "check":
-        _guarded(lambda: _check(args))
+        guarded(lambda: _check(args))
     elif args.command == "generate":
-        _guarded(lambda: _generate(args))
+        guarded(lambda: _generate(args))
     elif args.command == "export":
-        _guarded(lambda: _export(args))
+        guarded(lambda: _export(args))
     elif args.command == "import":
-        _guarded(lambda: _import(args))
+        guarded(lambda: _import(args))
     elif args.command == "runs":
-        _guarded(lambda: _runs(args))
+        guarded(lambda: _runs(args))
     elif args.command == "serve":
         from lmforge.openai_server import serve
 
-        _guarded(lambda: serve(args.model, args.host, args.port, args.tracking_uri, args.name, args.max_batch,
+        guarded(lambda: serve(args.model, args.host, args.port, args.tracking_uri, args.name, args.max_batch,
                                args.max_prompt_tokens, args.threads))
+    elif args.command == "info":
+        guarded(lambda: _info(args))
 
 
 if __name__ == "__main__":

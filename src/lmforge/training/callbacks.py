@@ -8,8 +8,8 @@ They decide when to save and what goes into a checkpoint; which checkpoint a run
 from __future__ import annotations
 
 import random
-import re
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,26 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-# Dense bf16 tensor-core peak FLOP/s by device name (NVIDIA data sheets); MFU is measured against
-# it. The first pattern that matches torch.cuda.get_device_name() wins; unknown devices (and CPUs)
-# get no MFU rather than a wrong one.
-PEAK_BF16_FLOPS = (
-    (r"H100.*PCIe", 756e12),
-    (r"H100 NVL", 835e12),
-    (r"H100|H200|GH200", 989e12),  # SXM (HBM3 / HBM3e)
-    (r"A100", 312e12),
-    (r"L40S", 362e12),
-    (r"\bL4\b", 121e12),
-)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak FLOP/s from ``PEAK_BF16_FLOPS``, or None when unknown (CPUs)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for pattern, flops in PEAK_BF16_FLOPS if re.search(pattern, name)), None)
-
+from lmforge.hardware import peak_flops
+from lmforge.progress import duration
 
 class FlushMetrics(Callback):
     """Sends the batched metrics (``tracking.MetricsLog``) before every checkpoint is written, so
@@ -236,3 +218,57 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
         with atomic_path(path) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+class ProgressLines(Callback):
+    """A progress line on ``stream`` (stderr) every ``every_seconds`` and after each validation:
+    step/max_steps, last train and val loss, tokens/s, elapsed time and ETA, for runs nobody watches
+    on a terminal (``lmforge.progress``). The rate and ETA count wall time since training started
+    (validation included). Rank 0 only."""
+
+    EVERY_SECONDS = 30.0
+
+    def __init__(self, max_steps: int, tokens_per_step: int, every_seconds: float | None = None, stream=None):
+        self.max_steps = max_steps
+        self.tokens_per_step = tokens_per_step
+        self.every_seconds = self.EVERY_SECONDS if every_seconds is None else every_seconds
+        self.stream = stream
+        self._start: float | None = None
+        self._start_step = 0
+        self._last_line = 0.0
+
+    def on_train_start(self, trainer, pl_module):
+        self._start = self._last_line = time.monotonic()
+        self._start_step = trainer.global_step  # a resumed run counts its rate from here
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if time.monotonic() - self._last_line >= self.every_seconds and not pl_module.mid_step:
+            self.write(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.state.fn == "fit" and self._start is not None:
+            self.write(trainer, pl_module)
+
+    def line(self, step: int, train_loss: float | None, val_loss: float | None, elapsed: float) -> str:
+        """The progress line at optimizer step ``step``, ``elapsed`` seconds after training started."""
+        done = step - self._start_step
+        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+        parts = [f"step {step}/{self.max_steps} ({100 * step / self.max_steps:.0f}%)",
+                 f"train loss {train_loss:.4f}" if train_loss is not None else "train loss -",
+                 f"val loss {val_loss:.4f}" if val_loss is not None else "val loss -",
+                 f"{rate * self.tokens_per_step:,.0f} tokens/s",
+                 f"elapsed {duration(elapsed)}",
+                 f"ETA {duration((self.max_steps - step) / rate)}" if rate else "ETA -"]
+        return "  ".join(parts)
+
+    def write(self, trainer, pl_module) -> None:
+        """Write the current progress line (rank 0 only)."""
+        self._last_line = time.monotonic()
+        if not trainer.is_global_zero:
+            return
+        history = pl_module.history
+        train_loss = history["train"][-1][1] if history["train"] else None
+        val_loss = history["val"][-1][1] if history["val"] else None
+        stream = self.stream or sys.stderr
+        print(self.line(trainer.global_step, train_loss, val_loss, self._last_line - self._start), file=stream,
+              flush=True)

@@ -13,7 +13,9 @@ import math
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge import hardware
 from lmforge.model import GPT
+from lmforge.training.muon import Muon
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "muon")
@@ -56,7 +58,7 @@ def adamw_groups(params: list[torch.nn.Parameter], matrices: set[int], weight_de
 def build_optimizer(model: GPT, opt_cfg, fused: bool = False) -> torch.optim.Optimizer:
     """The optimizer ``optimizer.name`` names, for ``model``.
 
-    ``adamw``: AdamW over everything (decay on matrices only). ``muon``: torch.optim.Muon on the
+    ``adamw``: AdamW over everything (decay on matrices only). ``muon``: Muon (``training.muon``) on the
     2-D weight matrices inside the transformer blocks, AdamW on embeddings, head, gains and biases.
     ``fused``: the fused AdamW kernel (CUDA and CPU). Parameters are told apart by the layer that
     owns them, not by their shape, which FSDP flattens.
@@ -71,8 +73,9 @@ def build_optimizer(model: GPT, opt_cfg, fused: bool = False) -> torch.optim.Opt
     if opt_cfg.name == "adamw":
         return torch.optim.AdamW(adamw_groups(params, matrices, float(opt_cfg.weight_decay)), **adamw)
     hidden = {id(m.weight) for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear)}
-    muon = torch.optim.Muon(
+    muon = Muon(  # torch.optim.Muon, orthogonalising in the device's native dtype (lmforge.hardware)
         [p for p in params if id(p) in hidden],
+        ns_dtype=hardware.muon_dtype(params[0].device),
         lr=float(opt_cfg.muon_lr),
         momentum=float(opt_cfg.muon_momentum),
         weight_decay=float(opt_cfg.muon_weight_decay),

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from lmforge.errors import LmforgeError
 from lmforge.model import GPT, Block, GPTConfig
+from lmforge.progress import watched
 from lmforge.shards import read_index
 from lmforge.tracking import TrainingRun
 from lmforge.training.callbacks import (
@@ -29,6 +30,7 @@ from lmforge.training.callbacks import (
     ExactResume,
     FlushMetrics,
     LastCheckpoint,
+    ProgressLines,
     Stopped,
     Throughput,
     TrainingInterrupted,
@@ -50,7 +52,7 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
     from lmforge.data import TokenDataModule
 
     check_training(cfg)
-    _set_up_torch(cfg)
+    choices = _set_up_torch(cfg)
     index = read_index(cfg.paths.tokens)
     t = cfg.train
     datamodule = TokenDataModule(cfg.paths.tokens, int(cfg.model.block_size), int(t.batch_size), int(cfg.seed),
@@ -60,10 +62,10 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
     checkpoints = Path(cfg.paths.checkpoints)
     fingerprint = config_fingerprint(cfg, index)
     ckpt_path, record = find_resume_point(checkpoints, t.resume, fingerprint)
-    run = _open_run(cfg, lit, record, fingerprint) if rank_zero_only.rank == 0 else None  # rank 0 talks to MLflow
+    run = _open_run(cfg, lit, record, fingerprint, choices) if rank_zero_only.rank == 0 else None  # rank 0: MLflow
     if run is not None and record is not None:
         print(f"resuming from {ckpt_path or 'step 0'} in MLflow run {run.info['run_id']}")
-    trainer = _trainer(cfg, run, [*callbacks, *_callbacks(cfg, run)])
+    trainer = _trainer(cfg, choices["hardware.precision"], run, [*callbacks, *_callbacks(cfg, run)])
     throughput = _steps_and_throughput(cfg, trainer)
     _compile(cfg, lit)
     _fit(trainer, lit, datamodule, ckpt_path, run, checkpoints)
@@ -77,13 +79,19 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
 # --- the steps of train(), in the order it takes them ------------------------------------------
 
 
-def _set_up_torch(cfg) -> None:
-    """Threads, float32 matmul precision and every random seed, before anything is built."""
+def _set_up_torch(cfg) -> dict[str, str]:
+    """Threads, float32 matmul precision and every random seed, before anything is built; returns
+    what this machine resolves (``trainer.precision=auto``, Muon's dtype: ``lmforge.hardware``)."""
+    from lmforge.hardware import training_choices
+
     _quiet_lightning()
     if cfg.trainer.num_threads:
         torch.set_num_threads(int(cfg.trainer.num_threads))
     torch.set_float32_matmul_precision(cfg.trainer.float32_matmul_precision)
+    choices = training_choices(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
+    rank_zero_only(print)(", ".join(f"{k.removeprefix('hardware.')} {v}" for k, v in choices.items()))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    return choices
 
 
 def model_config_for(cfg, vocab_size: int) -> dict:
@@ -112,7 +120,7 @@ def _lightning_module(cfg, index: dict) -> LitGPT:
     return lit
 
 
-def _open_run(cfg, lit: LitGPT, record: dict | None, fingerprint: str) -> TrainingRun:
+def _open_run(cfg, lit: LitGPT, record: dict | None, fingerprint: str, choices: dict[str, str]) -> TrainingRun:
     """Open the MLflow run (or continue ``record``'s), log a new run's parameters and step-0
     metrics, and name it in ``checkpoints/run.json`` for a later ``train.resume=auto``."""
     from lmforge import lineage
@@ -130,7 +138,7 @@ def _open_run(cfg, lit: LitGPT, record: dict | None, fingerprint: str) -> Traini
             clear_checkpoints(checkpoints)  # before run.json names the new run: see find_resume_point
         # The corpus and vocabulary counts (prepare's and vocab's DVC metrics) belong on the run too.
         model = {"model/parameters": lit.model.num_params(), "model/flops_per_token": lit.model.flops_per_token()}
-        run.log_start(flat_params(cfg), {**model, **reported_counts(cfg.paths.reports)})
+        run.log_start({**flat_params(cfg), **choices}, {**model, **reported_counts(cfg.paths.reports)})
         write_json(checkpoints / RUN_FILE, {**run.info, "fingerprint": fingerprint})
     return run
 
@@ -152,15 +160,16 @@ def _callbacks(cfg, run: TrainingRun | None) -> list[Callback]:
     ]
 
 
-def _trainer(cfg, run: TrainingRun | None, callbacks: list[Callback]) -> L.Trainer:
-    """Lightning's Trainer for ``cfg.trainer`` and ``cfg.train``, logging through ``run``."""
+def _trainer(cfg, precision: str, run: TrainingRun | None, callbacks: list[Callback]) -> L.Trainer:
+    """Lightning's Trainer for ``cfg.trainer`` (at the resolved ``precision``) and ``cfg.train``,
+    logging through ``run``."""
     t = cfg.train
     return L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
         num_nodes=int(cfg.trainer.num_nodes),
         strategy=_strategy(cfg.trainer),
-        precision=str(cfg.trainer.precision),
+        precision=precision,
         max_steps=int(t.max_steps),
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
@@ -169,7 +178,7 @@ def _trainer(cfg, run: TrainingRun | None, callbacks: list[Callback]) -> L.Train
         logger=run.logger if run is not None else False,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
-        enable_progress_bar=_show_progress(),
+        enable_progress_bar=watched(),  # else ProgressLines (_steps_and_throughput)
         enable_model_summary=False,
         enable_autolog_hparams=False,  # the whole config is logged once, by _open_run
     )
@@ -185,6 +194,8 @@ def _steps_and_throughput(cfg, trainer: L.Trainer) -> Throughput:
     tokens_per_step = int(t.batch_size) * block_size * accumulate * trainer.world_size
     throughput = Throughput(tokens_per_step, int(t.log_every))
     trainer.callbacks.append(throughput)
+    if not watched():  # no bar: plain progress lines (make run > log, queued experiments, CI)
+        trainer.callbacks.append(ProgressLines(int(t.max_steps), tokens_per_step))
     if accumulate > 1:
         rank_zero_only(print)(f"global batch: {tokens_per_step} tokens per step ({accumulate} micro-batches per device)")
     return throughput
@@ -290,10 +301,3 @@ def _strategy(trainer_cfg):
         return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy=trainer_cfg.fsdp_sharding,
                             state_dict_type="full")
     return trainer_cfg.strategy
-
-
-def _show_progress() -> bool:
-    import os
-    import sys
-
-    return sys.stderr.isatty() and not os.environ.get("CI")

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One GPU, at most 5 minutes: GPT-2 small (124M-class) trained by the real train stage in bf16,
+# compiled, with flash attention (scaled_dot_product_attention picks it on CUDA); prints tokens/s
+# and MFU against the GPU's bf16 peak, then runs the GPU-marked tests.
+#
+#   bash benchmarks/gpu_check.sh            # from the project root, torch with CUDA installed
+#                                           # (make install TORCH=torch), lmforge importable
+# Environment: STEPS (default 60 optimizer steps), BATCH (micro-batch, default 16 x 1024 tokens).
+# Writes its work under $OUT (or a temporary directory) and everything it measures to stdout.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+WORK="${OUT:-$(mktemp -d)}/gpu_check"
+STEPS="${STEPS:-60}"
+BATCH="${BATCH:-16}"
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" MLFLOW_DISABLE_TELEMETRY=true
+mkdir -p "$WORK"
+cd "$ROOT"
+
+echo "== machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+timeout 60 python -m lmforge.cli info --probe-seconds 2
+
+# The default corpus with a BPE vocabulary (4096), token files under $WORK.
+PATHS=(paths.prepared="$WORK/prepared" paths.vocab="$WORK/vocab" paths.tokens="$WORK/tokens"
+       paths.model="$WORK/gpt" paths.checkpoints="$WORK/checkpoints" paths.reports="$WORK/reports"
+       tokenizer=bpe tracking.uri="sqlite:///$WORK/mlflow.db" tracking.log_model=false)
+echo "== data (prepare, vocab, tokenize)"
+timeout 120 python pipelines/prepare.py "${PATHS[@]}"
+timeout 120 python pipelines/vocab.py "${PATHS[@]}"
+timeout 120 python pipelines/tokenize.py "${PATHS[@]}"
+
+echo "== train: model=gpt2-small trainer=gpu (bf16-mixed, compile, flash attention), $STEPS steps"
+timeout 240 python pipelines/train.py "${PATHS[@]}" model=gpt2-small trainer=gpu trainer.devices=1 \
+    trainer.precision=auto train.max_steps="$STEPS" train.batch_size="$BATCH" train.eval_interval="$STEPS" \
+    train.eval_iters=5 train.log_every=10 train.checkpoint_every=100000
+
+python - "$WORK/gpt" <<'EOF'
+import json, sys
+import torch
+from lmforge.modeldir import load_model_dir
+from lmforge.hardware import peak_flops
+
+loaded = load_model_dir(sys.argv[1])
+training = json.load(open(f"{sys.argv[1]}/config.json"))["training"]
+tps = training["tokens_per_second"]  # the run's mean over timed steps (compilation and validation excluded)
+flops = loaded.model.flops_per_token()
+peak = peak_flops(torch.device("cuda", 0))
+print(f"gpt2-small: {loaded.model.num_params() / 1e6:.1f}M parameters, {training['steps']} steps, "
+      f"{tps:,.0f} tokens/s on {torch.cuda.get_device_name(0)}")
+print(f"MFU: {flops * tps / peak:.1%} of {peak / 1e12:.0f} TFLOP/s bf16" if peak else "MFU: unknown peak for this GPU")
+EOF
+
+echo "== GPU-marked tests"
+timeout 120 python -m pytest -q -m gpu tests/
