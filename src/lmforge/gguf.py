@@ -31,7 +31,8 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.hf import GPT2, LLAMA, PAD_TOKENS, UNK_TOKEN, hf_family
-from lmforge.model import GPT, GPTConfig
+from lmforge.model import GPT
+from lmforge.model_config import GPTConfig
 from lmforge.outputs import atomic_path
 
 DTYPES = ("f32", "f16", "q8_0")

@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
-from lmforge.model import GPT, GPTConfig
+from lmforge.model import GPT
+from lmforge.model_config import GPTConfig
 from lmforge.outputs import atomic_path
 from lmforge.tokenizer import UNK_TOKEN
 
