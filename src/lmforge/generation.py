@@ -123,7 +123,7 @@ def _keep_top_p(logits: Tensor, top_p: float) -> Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-# inference_mode rather than no_grad: no version counters or views tracked, about 8% faster per token.
+# inference_mode rather than no_grad: no version counters or views are tracked, so each token costs less.
 @torch.inference_mode()
 def generate_tokens(
     model: GPT,
