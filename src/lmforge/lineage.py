@@ -66,7 +66,7 @@ def dir_md5(path: str | Path) -> str:
     The md5 of the JSON list of ``{"md5": <file md5>, "relpath": <posix path>}`` sorted by path.
     """
     root = Path(path)
-    entries = [{"md5": file_digest(f), "relpath": f.relative_to(root).as_posix()} for f in _files(root)]
+    entries = [{"md5": _file_md5(f), "relpath": f.relative_to(root).as_posix()} for f in _files(root)]
     entries.sort(key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
@@ -203,9 +203,8 @@ def _files(root: Path) -> Iterator[Path]:
     return (f for f in sorted(root.rglob("*")) if f.is_file())
 
 
-def file_digest(path: Path, algorithm: str = "md5") -> str:
-    """The hex digest of the bytes of the file at ``path`` (``hashlib`` algorithm name), read in 1 MiB blocks."""
-    digest = hashlib.new(algorithm)
+def _file_md5(path: Path) -> str:
+    digest = hashlib.md5()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)

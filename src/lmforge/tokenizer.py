@@ -8,6 +8,7 @@ loads it from here. The pre-tokenization rules the fast ``Encoder`` relies on li
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -17,7 +18,6 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from lmforge.errors import LmforgeError
-from lmforge.lineage import file_digest
 from lmforge.outputs import write_text
 from lmforge.pretokenize import (
     BYTE_LEVEL_PATTERN,
@@ -71,7 +71,11 @@ def load_tokenizer(path: Path) -> Tokenizer:
 
 def tokenizer_sha256(path: Path) -> str:
     """Return the SHA-256 hex digest of the bytes of the file at ``path``."""
-    return file_digest(path, "sha256")
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def eot_token_id(tokenizer: Tokenizer, eot_token: str) -> int:
