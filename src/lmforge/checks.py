@@ -117,7 +117,7 @@ def check_precision(cfg: DictConfig) -> None:
 
 def check_model(cfg: DictConfig) -> None:
     """The model settings make a model (``GPTConfig.validate``) at the vocabulary size of ``vocabulary``."""
-    from lmforge.model import GPTConfig
+    from lmforge.model_config import GPTConfig
 
     config = OmegaConf.to_container(cfg.model, resolve=True)
     config["vocab_size"] = vocabulary(cfg)[0]
@@ -217,7 +217,8 @@ def summary(cfg: DictConfig) -> dict[str, Any]:
     optimizer step per device (None while ``trainer.devices`` is not a number)."""
     import torch
 
-    from lmforge.model import GPT, GPTConfig
+    from lmforge.model import GPT
+    from lmforge.model_config import GPTConfig
     from lmforge.training.optim import accumulation_steps
 
     config = OmegaConf.to_container(cfg.model, resolve=True)

@@ -19,6 +19,8 @@ from lmforge.errors import LmforgeError
 
 PARAMS_FILE = Path("params.yaml")
 CONF_DIR = Path("conf")
+# A default no config value can be: tells "not there" from a key set to null.
+UNSET = object()
 
 
 def load_config(
@@ -117,14 +119,11 @@ def apply_override(cfg: DictConfig, override: str, conf_dir: Path) -> None:
     if "." not in key and group_dir.is_dir():
         cfg[key] = _load_group_choice(group_dir, key, str(raw).strip())
         return
-    if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+    if OmegaConf.select(cfg, key, default=UNSET) is UNSET:
         raise LmforgeError(f"unknown config key '{key}'{nearest_keys(key, flat_keys(cfg))}; see params.yaml for the valid keys.")
     old = OmegaConf.select(cfg, key)
     _check_type(key, old, value)
     OmegaConf.update(cfg, key, value, merge=False)
-
-
-_MISSING = object()
 
 
 def _parse_value(key: str, raw: str) -> Any:
@@ -169,30 +168,23 @@ def _check_type(key: str, old: Any, new: Any) -> None:
         raise LmforgeError(f"'{key}={new!r}' has the wrong type: expected {type(old).__name__} like the current value {old!r}.")
 
 
-def flat_keys(cfg: Any, prefix: str = "") -> list[str]:
-    """All dotted leaf keys of ``cfg`` (``train.max_steps``, ...)."""
-    keys = []
+def flat_keys(cfg: Any) -> list[str]:
+    """All dotted leaf keys of ``cfg`` (``train.max_steps``, ...), interpolations unresolved."""
     container = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
-    for key, value in container.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            keys.extend(flat_keys(value, dotted + "."))
-        else:
-            keys.append(dotted)
-    return keys
+    return list(_flatten(container))
 
 
 def flat_params(cfg: DictConfig) -> dict[str, Any]:
     """``cfg`` flattened to ``{"train.max_steps": 2000, ...}`` for experiment trackers."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    out: dict[str, Any] = {}
+    return _flatten(OmegaConf.to_container(cfg, resolve=True))
 
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
+
+def _flatten(node: dict, prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
+    # An empty mapping is a leaf: it is a value a key was given, not a section.
+    out = {} if out is None else out
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            _flatten(value, f"{prefix}{key}.", out)
         else:
-            out[prefix.rstrip(".")] = node
-
-    walk(container, "")
+            out[f"{prefix}{key}"] = value
     return out

@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge.model import GPT, ConfigError
+from lmforge.model import GPT
+from lmforge.model_config import ConfigError, is_int, is_number
 from lmforge.tokenizer import UNK_TOKEN
 
 
@@ -50,17 +51,17 @@ class SamplingConfig:
         def fail(name: str, requirement: str) -> None:
             raise ConfigError(f"sampling.{name}={getattr(self, name)!r} {requirement}.")
 
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             fail("max_new_tokens", "must be an integer >= 1")
-        if not _is_number(self.temperature) or self.temperature < 0:
+        if not is_number(self.temperature) or self.temperature < 0:
             fail("temperature", "must be a number >= 0 (0 means greedy)")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             fail("top_k", "must be an integer >= 1 or null")
-        if self.top_p is not None and (not _is_number(self.top_p) or not 0 < self.top_p <= 1):
+        if self.top_p is not None and (not is_number(self.top_p) or not 0 < self.top_p <= 1):
             fail("top_p", "must be in (0, 1] or null")
-        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
             fail("repetition_penalty", "must be a number > 0 (1 means no penalty)")
-        if self.seed is not None and not _is_int(self.seed):
+        if self.seed is not None and not is_int(self.seed):
             fail("seed", "must be an integer or null")
         if not isinstance(self.use_cache, bool):
             fail("use_cache", "must be true or false")
@@ -71,14 +72,6 @@ def unescape(text: str) -> str:
     they name; every other character, non-ASCII included, stays as it is (``é`` stays ``é``:
     ``unicode_escape`` alone would read its UTF-8 bytes as Latin-1)."""
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def sample_next(
@@ -130,7 +123,7 @@ def _keep_top_p(logits: Tensor, top_p: float) -> Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-# inference_mode rather than no_grad: no version counters or views tracked, about 8% faster per token.
+# inference_mode rather than no_grad: no version counters or views are tracked, so each token costs less.
 @torch.inference_mode()
 def generate_tokens(
     model: GPT,
@@ -313,7 +306,7 @@ def stream_samples(loaded, prompt: str, cfg: SamplingConfig, stop: list[str] | N
     """
     from lmforge.errors import LmforgeError
 
-    if not _is_int(num_samples) or num_samples < 1:
+    if not is_int(num_samples) or num_samples < 1:
         raise LmforgeError(f"num_samples={num_samples!r} must be an integer >= 1.")
     cfg.validate()
     idx = encode_prompt(loaded, prompt).expand(num_samples, -1)

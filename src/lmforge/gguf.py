@@ -1,7 +1,7 @@
 """GGUF interchange: a model directory out as one GGUF file (llama.cpp, Ollama, LM Studio, Candle,
 transformers' GGUF loader all read it), and a GGUF file of the same families back in.
 
-The families are ``lmforge.hf``'s, under llama.cpp's names:
+The families are ``lmforge.hf_config``'s, under llama.cpp's names:
 
 * ``gpt2``: learned positions, LayerNorm, fused qkv, tanh-approximate GELU. llama.cpp and
   transformers compute a gpt2 GGUF model's GELU with the tanh approximation, so only
@@ -30,9 +30,11 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.hf import GPT2, LLAMA, PAD_TOKENS, UNK_TOKEN, hf_family
+from lmforge.hf import PAD_TOKENS
+from lmforge.hf_config import GPT2, LLAMA, hf_family
 from lmforge.model import GPT, GPTConfig
 from lmforge.outputs import atomic_path
+from lmforge.tokenizer import UNK_TOKEN
 
 DTYPES = ("f32", "f16", "q8_0")
 Q8_0_BLOCK = 32

@@ -28,7 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
 from lmforge.errors import LmforgeError
-from lmforge.model import GPT, GPTConfig
+from lmforge.model import GPT
+from lmforge.model_config import GPTConfig
 from lmforge.outputs import atomic_path
 
 WEIGHTS = "model.safetensors"

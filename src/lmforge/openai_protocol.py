@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from lmforge.generation import SamplingConfig
-from lmforge.model import ConfigError
+from lmforge.model_config import ConfigError, is_int
 
 PLAIN_TEMPLATE_STOP = "\nuser:"
 # Fields clients send that change nothing here, accepted when they hold their no-op value.
@@ -94,7 +94,7 @@ def parse_ask(body, kind: str, model_name: str, max_batch: int, chat_template: s
     if kind == "completion":
         ask.prompt = _prompt(body.get("prompt"))
         logprobs = body.get("logprobs")
-        if logprobs is not None and (not _is_int(logprobs) or not 0 <= logprobs <= 5):
+        if logprobs is not None and (not is_int(logprobs) or not 0 <= logprobs <= 5):
             raise bad("logprobs", f"'logprobs' must be an integer from 0 to 5 or null, not {logprobs!r}.")
         ask.logprobs = logprobs is not None
         default_max = 16  # OpenAI's default for completions
@@ -163,7 +163,7 @@ def _int(body: dict, name: str, default: int, low: int, high: int) -> int:
     value = body.get(name)
     if value is None:
         return default
-    if not _is_int(value) or not low <= value <= high:
+    if not is_int(value) or not low <= value <= high:
         raise bad(name, f"'{name}' must be an integer from {low} to {high}, not {value!r}.")
     return value
 
@@ -175,10 +175,6 @@ def _bool(body: dict, name: str) -> bool:
     if not isinstance(value, bool):
         raise bad(name, f"'{name}' must be true or false, not {value!r}.")
     return value
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def render_chat(messages, template: str | None) -> tuple[str, str]:

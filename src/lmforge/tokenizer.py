@@ -117,7 +117,8 @@ _NO_ID = np.iinfo(np.uint32).max
 class Encoder:
     """Text to token ids, exactly ``tokenizer.encode(text, add_special_tokens=False).ids``, faster.
 
-    HuggingFace's pre-tokenizers are the slow part of encoding (byte-level BPE: 2-4 MB/s a core).
+    HuggingFace's pre-tokenizers are the slow part of encoding (``benchmarks/data_pipeline.py``
+    times the tokenize stage against HuggingFace's ``encode_batch`` on the same text).
     For the three kinds of tokenizer our vocab stage builds, this encoder splits the text into
     pre-tokens with an equivalent Python regex and remembers the ids of each distinct pre-token,
     asking the tokenizer's own model only for new ones; a char tokenizer is a table lookup.

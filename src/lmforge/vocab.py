@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from lmforge.config import UNSET
 from lmforge.errors import LmforgeError
 from lmforge.pretokenize import count_byte_level_pre_tokens, word_pre_tokenizer
 from lmforge.tokenizer import (
@@ -45,9 +46,6 @@ BYTE_ALPHABET_SIZE = 256
 # The word decoder joins tokens with WordPiece's "prefix or space" rule; no word token can start
 # with this prefix because the pre-tokenizer isolates every punctuation character, "#" included.
 _NEVER_A_PREFIX = "##"
-
-_MISSING = object()
-
 
 def build_tokenizer(cfg: Any, texts: Iterable[str]) -> Tokenizer:
     """Train a tokenizer of kind ``cfg.kind`` on the documents in ``texts``.
@@ -292,7 +290,7 @@ class _CountingTexts:
             yield text
 
 
-def _config_value(cfg: Any, key: str, default: Any = _MISSING) -> Any:
+def _config_value(cfg: Any, key: str, default: Any = UNSET) -> Any:
     """Read ``tokenizer.<key>`` from a mapping or attribute-style config; None counts as unset."""
     try:
         value = cfg.get(key) if isinstance(cfg, Mapping) else getattr(cfg, key, None)
@@ -301,13 +299,13 @@ def _config_value(cfg: Any, key: str, default: Any = _MISSING) -> Any:
             f"tokenizer.{key} could not be read ({err}); set tokenizer.{key} in the config."
         ) from err
     if value is None:
-        if default is _MISSING:
+        if default is UNSET:
             raise LmforgeError(f"tokenizer.{key} is not set; set tokenizer.{key} in the config.")
         return default
     return value
 
 
-def _int_value(cfg: Any, key: str, default: Any = _MISSING) -> int:
+def _int_value(cfg: Any, key: str, default: Any = UNSET) -> int:
     """Read an integer config value, rejecting bools, floats and negatives."""
     value = _config_value(cfg, key, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
