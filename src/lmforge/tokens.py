@@ -21,6 +21,7 @@ import numpy as np
 
 from lmforge.errors import LmforgeError
 from lmforge.outputs import atomic_path, write_json
+from lmforge.ray_engine import RayEncoding, engine_of  # Ray itself is imported only when used
 from lmforge.shards import INDEX_FILE, ShardWriter, token_dtype
 from lmforge.tokenizer import Encoder, eot_token_id, join_ids, load_tokenizer, tokenizer_sha256
 
@@ -123,8 +124,10 @@ def tokenize(cfg) -> dict:
         "tokenizer_sha256": tokenizer_sha256(tokenizer_path),
         "splits": {},
     }
-    pool = encoder = None
-    if workers > 1 and total_bytes >= _PARALLEL_MIN_BYTES:
+    pool = encoder = on_ray = None
+    if engine_of(cfg.data) == "ray":
+        on_ray = RayEncoding(cfg.data, tokenizer_path, eot_id, dtype)
+    elif workers > 1 and total_bytes >= _PARALLEL_MIN_BYTES:
         # spawn, not fork: the parent has the tokenizer's thread pool running already.
         pool = multiprocessing.get_context("spawn").Pool(
             workers, initializer=_start_worker, initargs=(str(tokenizer_path), eot_id, dtype.name))
@@ -132,6 +135,8 @@ def tokenize(cfg) -> dict:
         encoder = Encoder(tokenizer)
 
     def encoded(chunks: Iterable[str]) -> Iterator[bytes]:
+        if on_ray is not None:
+            return on_ray.encoded(chunks)
         if pool is not None:
             return _in_order(pool, chunks, ahead=2 * workers + 2)
         return (encode_chunk(encoder, chunk, eot_id).astype(dtype).tobytes() for chunk in chunks)
@@ -170,6 +175,8 @@ def tokenize(cfg) -> dict:
         if pool is not None:
             pool.terminate()
             pool.join()
+        if on_ray is not None:
+            on_ray.close()
     print(f"tokenize: {index['splits']['train']['tokens']:,} train and {index['splits']['val']['tokens']:,} "
           f"val tokens ({dtype.name}, vocabulary {vocab_size:,})")
     return index

@@ -23,6 +23,7 @@ from lmforge.corpus.reading import BadSource, ReadOptions, read_documents
 from lmforge.corpus.sources import file_format, resolve_sources
 from lmforge.errors import LmforgeError
 from lmforge.outputs import atomic_path, write_json
+from lmforge.ray_engine import engine_of, prepare_on_ray  # Ray itself is imported only when used
 
 # A long document is held in memory up to this size, then spooled to a temporary file until it
 # is known whether (and to which split) it goes.
@@ -99,6 +100,7 @@ def prepare(cfg) -> CorpusStats:
     if data.split not in ("position", "document"):
         raise LmforgeError(f"data.split='{data.split}' is not one of position, document.")
     form = check_normal_form(data.normalize)
+    engine_of(data)
     min_chars = int(data.min_chars)
     files = resolve_sources(data.sources)
     formats = [file_format(path, str(data.format)) for path in files]
@@ -113,16 +115,12 @@ def prepare(cfg) -> CorpusStats:
             splits = DocumentSplit(out_dir, val_fraction)
         try:
             documents = _Documents(splits, stats, form, min_chars, bool(data.dedupe))
-            for path, (fmt, compression) in zip(files, formats):
-                try:
-                    for document in read_documents(path, fmt, compression, options, bar.update):
-                        documents.take(document)
-                except BadSource as err:
-                    splits.abort()
-                    if not options.skip_bad_files:
-                        raise
-                    warn(f"skipped {path}: {err}")
-                    stats.skipped_files += 1
+            if engine_of(data) == "ray":
+                prepare_on_ray(data, files, formats, documents, bar.update)
+            else:
+                for path, (fmt, compression) in zip(files, formats):
+                    bad = read_file(documents, path, fmt, compression, options, bar.update)
+                    skip_or_raise(bad, path, options, stats)
             if stats.documents_out == 0:
                 raise LmforgeError(
                     f"the corpus is empty after cleaning ({stats.documents_in} documents read from {len(files)} "
@@ -137,6 +135,32 @@ def prepare(cfg) -> CorpusStats:
           f"{stats.duplicates:,} duplicates, {stats.dropped_short:,} too short; "
           f"train {stats.train_chars:,} chars, val {stats.val_chars:,} chars")
     return stats
+
+
+def read_file(documents: "_Documents", path, fmt: str, compression: str | None, options: ReadOptions,
+              advance) -> BadSource | None:
+    """Pass the documents of one source file to ``documents``; return the file's error, if any.
+
+    On an error the document being read is dropped (those before it stay, as they were taken).
+    Both engines call this: the local one here, the Ray one inside its tasks.
+    """
+    try:
+        for document in read_documents(path, fmt, compression, options, advance):
+            documents.take(document)
+    except BadSource as err:
+        documents.splits.abort()
+        return err
+    return None
+
+
+def skip_or_raise(bad: BadSource | None, path, options: ReadOptions, stats: CorpusStats) -> None:
+    """A file's error raised, or (``data.skip_bad_files=true``) warned about and counted as skipped."""
+    if bad is None:
+        return
+    if not options.skip_bad_files:
+        raise bad
+    warn(f"skipped {path}: {bad}")
+    stats.skipped_files += 1
 
 
 class _Documents:
@@ -158,15 +182,17 @@ class _Documents:
             stats.bytes_in += size_in
             if self._too_short(len(text), text.isspace() or not text):
                 return
-            digest = hashlib.blake2b(data, digest_size=16).digest()
-            if self._duplicate(digest):
-                return
-            self.splits.add(text, data, digest)
+            self.keep(len(text), data, hashlib.blake2b(data, digest_size=16).digest())
         else:
             self._take_long(document)
+
+    def keep(self, chars: int, data: bytes, digest: bytes) -> None:
+        """A cleaned document long enough to keep: to its split unless it is a duplicate."""
+        if self._duplicate(digest):
             return
-        stats.documents_out += 1
-        stats.bytes_out += len(data)
+        self.splits.add(chars, data, digest)
+        self.stats.documents_out += 1
+        self.stats.bytes_out += len(data)
 
     def _take_long(self, pieces) -> None:
         stats = self.stats
@@ -181,7 +207,7 @@ class _Documents:
             size_out += len(data)
             blank = blank and (text.isspace() or not text)
             digest.update(data)
-            self.splits.write(text, data)
+            self.splits.write(len(text), data)
         if self._too_short(chars, blank) or self._duplicate(digest.digest()):
             self.splits.abort()
             return
@@ -230,13 +256,13 @@ class PositionSplit:
         self.marks = [(0, 0)]  # (characters, bytes) at points spread through the file
         self._undo = None
 
-    def add(self, text: str, data: bytes, digest: bytes) -> None:
+    def add(self, chars: int, data: bytes, digest: bytes) -> None:
         if self.documents:
             self.file.write(self.join_data)
             self.chars += len(self.join)
             self.bytes += len(self.join_data)
         self.file.write(data)
-        self.chars += len(text)
+        self.chars += chars
         self.bytes += len(data)
         self.documents += 1
         if self.bytes - self.marks[-1][1] >= _MARK_BYTES:
@@ -249,9 +275,9 @@ class PositionSplit:
             self.chars += len(self.join)
             self.bytes += len(self.join_data)
 
-    def write(self, text: str, data: bytes) -> None:
+    def write(self, chars: int, data: bytes) -> None:
         self.file.write(data)
-        self.chars += len(text)
+        self.chars += chars
         self.bytes += len(data)
         if self.bytes - self.marks[-1][1] >= _MARK_BYTES:
             self.marks.append((self.chars, self.bytes))
@@ -322,23 +348,23 @@ class DocumentSplit:
     def _split_of(self, digest: bytes) -> str:
         return "val" if int.from_bytes(digest[:8], "big") / 2**64 < self.val_fraction else "train"
 
-    def add(self, text: str, data: bytes, digest: bytes) -> None:
+    def add(self, chars: int, data: bytes, digest: bytes) -> None:
         name = self._split_of(digest)
         counts = self.counts[name]
         if counts[0]:
             self.files[name].write(_SEPARATOR_DATA)
         self.files[name].write(data)
         counts[0] += 1
-        counts[1] += len(text)
+        counts[1] += chars
         counts[2] += len(data)
 
     def begin(self) -> None:
         self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=self.directory)
         self._spool_chars = 0
 
-    def write(self, text: str, data: bytes) -> None:
+    def write(self, chars: int, data: bytes) -> None:
         self._spool.write(data)
-        self._spool_chars += len(text)
+        self._spool_chars += chars
 
     def commit(self, digest: bytes) -> None:
         name = self._split_of(digest)
