@@ -1,7 +1,7 @@
 """The Ray engine of the prepare and tokenize stages (``data.engine=ray``): where their work runs, not what it does.
 
 Reading, cleaning, the short-document rule, hashing and encoding are the local engine's own
-functions (``lmforge.corpus.stage.read_file``, ``lmforge.tokens.encode_chunk``), called inside Ray
+functions (``lmforge.corpus.documents.read_file``, ``lmforge.tokens.encode_chunk``), called inside Ray
 tasks. This module only hands them out and takes the results back *in input order*, so the stage's
 own process writes the same bytes as the local engine, however many workers run and in whatever
 order tasks finish:
@@ -23,6 +23,7 @@ Ray itself is imported only here and only when ``data.engine=ray`` (it is the ``
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -67,9 +68,7 @@ class RayRun:
         address = data_cfg.get("ray_address")
         if not ray.is_initialized():
             if address in (None, "", "local"):
-                from lmforge.tokens import default_workers
-
-                ray.init(num_cpus=int(data_cfg.get("workers") or default_workers()),
+                ray.init(num_cpus=int(data_cfg.get("workers") or _cores()),
                          object_store_memory=_LOCAL_OBJECT_STORE_BYTES, include_dashboard=False,
                          logging_level=logging.WARNING, log_to_driver=True)
             else:
@@ -117,6 +116,10 @@ class RayRun:
         except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as err:
             raise LmforgeError(f"a Ray worker failed {_RETRIES + 1} times on the same task ({type(err).__name__}); "
                                "check the cluster's memory and logs (ray status) and rerun the stage.") from None
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _connect(ray, address: str) -> None:
@@ -168,15 +171,15 @@ class _Recorder:
 
 def _read_files(batch: list, read_keys: dict, form: str | None, min_chars: int) -> list[tuple]:
     """(A Ray task.) For each (path, format, compression): its kept documents, counts, error, warnings."""
+    from lmforge.corpus.documents import CorpusStats, Documents, read_file
     from lmforge.corpus.reading import ReadOptions
-    from lmforge.corpus.stage import CorpusStats, _Documents, read_file
 
     results = []
     for path, fmt, compression in batch:
         warnings: list[str] = []
         recorder, stats = _Recorder(), CorpusStats()
         # Duplicates are the stage process's to find, across all files; here only the local rules.
-        documents = _Documents(recorder, stats, form, min_chars, dedupe=False)
+        documents = Documents(recorder, stats, form, min_chars, dedupe=False)
         bad = read_file(documents, path, fmt, compression, ReadOptions(SimpleNamespace(**read_keys), warnings.append),
                         lambda n: None)
         results.append((recorder.kept, stats.documents_in, stats.bytes_in, stats.dropped_short, bad, warnings))
@@ -186,11 +189,11 @@ def _read_files(batch: list, read_keys: dict, form: str | None, min_chars: int) 
 def prepare_on_ray(data_cfg, files: list, formats: list, documents, advance: Callable[[int], None]) -> None:
     """The prepare stage's reading on Ray: every file's documents passed to ``documents.keep`` in file order.
 
-    ``documents`` is the stage's ``_Documents`` (its splits, counts and the one dedup set).
+    ``documents`` is the stage's ``Documents`` (its splits, counts and the one dedup set).
     """
     from lmforge.corpus.cleaning import check_normal_form
+    from lmforge.corpus.documents import skip_or_raise, warn
     from lmforge.corpus.reading import ReadOptions
-    from lmforge.corpus.stage import skip_or_raise, warn
 
     options = ReadOptions(data_cfg, warn)
     read_keys = {key: data_cfg[key] for key in ("decode_errors", "text_field", "column", "skip_bad_files")}
@@ -234,12 +237,10 @@ def _batches(files: list[tuple]) -> list[list[tuple]]:
 _encoders: dict = {}
 
 
-def _encode(tokenizer_key: str, tokenizer_json: str, eot_id: int, dtype: str, chunk: str) -> bytes:
-    """(A Ray task.) ``lmforge.tokens.encode_chunk`` of one chunk, as ``dtype`` bytes."""
-    import os
-
+def _encode(encode_chunk: Callable, tokenizer_key: str, tokenizer_json: str, eot_id: int, dtype: str,
+            chunk: str) -> bytes:
+    """(A Ray task.) ``encode_chunk`` (the tokenize stage's own) of one chunk, as ``dtype`` bytes."""
     from lmforge.tokenizer import Encoder
-    from lmforge.tokens import encode_chunk
 
     if tokenizer_key not in _encoders:
         from tokenizers import Tokenizer
@@ -252,9 +253,10 @@ def _encode(tokenizer_key: str, tokenizer_json: str, eot_id: int, dtype: str, ch
 class RayEncoding:
     """Chunks of prepared text to token-id bytes on Ray, in chunk order (the tokenize stage's ``encoded``)."""
 
-    def __init__(self, data_cfg, tokenizer_path: Path, eot_id: int, dtype: np.dtype):
+    def __init__(self, data_cfg, encode_chunk: Callable, tokenizer_path: Path, eot_id: int, dtype: np.dtype):
         from lmforge.tokenizer import tokenizer_sha256
 
+        self.encode_chunk = encode_chunk  # sent by reference (module and name), as Ray pickles functions
         self.run = RayRun(data_cfg)
         self.task = self.run.ray.remote(_encode)
         self.key = tokenizer_sha256(tokenizer_path)
@@ -264,7 +266,7 @@ class RayEncoding:
 
     def encoded(self, chunks: Iterable[str]) -> Iterator[bytes]:
         """The ids of each chunk (as bytes), in order."""
-        return self.run.in_order(self.task, ((self.key, self.tokenizer_ref, self.eot_id, self.dtype, chunk)
+        return self.run.in_order(self.task, ((self.encode_chunk, self.key, self.tokenizer_ref, self.eot_id, self.dtype, chunk)
                                              for chunk in chunks))
 
     def close(self) -> None:

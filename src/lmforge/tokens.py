@@ -126,7 +126,7 @@ def tokenize(cfg) -> dict:
     }
     pool = encoder = on_ray = None
     if engine_of(cfg.data) == "ray":
-        on_ray = RayEncoding(cfg.data, tokenizer_path, eot_id, dtype)
+        on_ray = RayEncoding(cfg.data, encode_chunk, tokenizer_path, eot_id, dtype)
     elif workers > 1 and total_bytes >= _PARALLEL_MIN_BYTES:
         # spawn, not fork: the parent has the tokenizer's thread pool running already.
         pool = multiprocessing.get_context("spawn").Pool(

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import bisect
 import codecs
-import hashlib
 import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from lmforge.corpus.cleaning import check_normal_form, clean
+from lmforge.corpus.cleaning import check_normal_form
+from lmforge.corpus.documents import CorpusStats, Documents, read_file, skip_or_raise, warn
 from lmforge.corpus.prepared import DOC_SEPARATOR, SPLITS
-from lmforge.corpus.reading import BadSource, ReadOptions, read_documents
+from lmforge.corpus.reading import ReadOptions
 from lmforge.corpus.sources import file_format, resolve_sources
 from lmforge.errors import LmforgeError
 from lmforge.outputs import atomic_path, write_json
@@ -31,26 +31,6 @@ SPOOL_BYTES = 64 << 20
 # The position split notes (characters, bytes) this often, to find its cut without a reread.
 _MARK_BYTES = 16 << 20
 _WRITE_BUFFER = 1 << 20
-
-
-@dataclass
-class CorpusStats:
-    """The prepare stage's counts (``reports/prepare.json``)."""
-
-    files: int = 0
-    skipped_files: int = 0
-    documents_in: int = 0
-    bytes_in: int = 0
-    documents_out: int = 0
-    bytes_out: int = 0
-    duplicates: int = 0
-    dropped_short: int = 0
-    train_documents: int = 0
-    train_bytes: int = 0
-    train_chars: int = 0
-    val_documents: int = 0
-    val_bytes: int = 0
-    val_chars: int = 0
 
 
 def progress_bar(total: int | None, desc: str, unit: str = "B"):
@@ -77,13 +57,6 @@ def reported_counts(reports_dir: str | Path) -> dict[str, float]:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     counts[f"{stage}/{key}"] = value
     return counts
-
-
-def warn(message: str) -> None:
-    """A warning line on stderr that does not break a progress bar."""
-    from tqdm import tqdm
-
-    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def prepare(cfg) -> CorpusStats:
@@ -114,7 +87,7 @@ def prepare(cfg) -> CorpusStats:
         else:
             splits = DocumentSplit(out_dir, val_fraction)
         try:
-            documents = _Documents(splits, stats, form, min_chars, bool(data.dedupe))
+            documents = Documents(splits, stats, form, min_chars, bool(data.dedupe))
             if engine_of(data) == "ray":
                 prepare_on_ray(data, files, formats, documents, bar.update)
             else:
@@ -135,100 +108,6 @@ def prepare(cfg) -> CorpusStats:
           f"{stats.duplicates:,} duplicates, {stats.dropped_short:,} too short; "
           f"train {stats.train_chars:,} chars, val {stats.val_chars:,} chars")
     return stats
-
-
-def read_file(documents: "_Documents", path, fmt: str, compression: str | None, options: ReadOptions,
-              advance) -> BadSource | None:
-    """Pass the documents of one source file to ``documents``; return the file's error, if any.
-
-    On an error the document being read is dropped (those before it stay, as they were taken).
-    Both engines call this: the local one here, the Ray one inside its tasks.
-    """
-    try:
-        for document in read_documents(path, fmt, compression, options, advance):
-            documents.take(document)
-    except BadSource as err:
-        documents.splits.abort()
-        return err
-    return None
-
-
-def skip_or_raise(bad: BadSource | None, path, options: ReadOptions, stats: CorpusStats) -> None:
-    """A file's error raised, or (``data.skip_bad_files=true``) warned about and counted as skipped."""
-    if bad is None:
-        return
-    if not options.skip_bad_files:
-        raise bad
-    warn(f"skipped {path}: {bad}")
-    stats.skipped_files += 1
-
-
-class _Documents:
-    """Cleans, filters and deduplicates documents, passing the kept ones to the splits."""
-
-    def __init__(self, splits, stats: CorpusStats, form: str | None, min_chars: int, dedupe: bool):
-        self.splits = splits
-        self.stats = stats
-        self.form = form
-        self.min_chars = min_chars
-        self.dedupe = dedupe
-        self.seen: set[bytes] = set()
-
-    def take(self, document) -> None:
-        stats = self.stats
-        stats.documents_in += 1
-        if type(document) is tuple and len(document) == 1:  # the common case: a document in one piece
-            text, data, size_in = clean(*document[0], self.form)
-            stats.bytes_in += size_in
-            if self._too_short(len(text), text.isspace() or not text):
-                return
-            self.keep(len(text), data, hashlib.blake2b(data, digest_size=16).digest())
-        else:
-            self._take_long(document)
-
-    def keep(self, chars: int, data: bytes, digest: bytes) -> None:
-        """A cleaned document long enough to keep: to its split unless it is a duplicate."""
-        if self._duplicate(digest):
-            return
-        self.splits.add(chars, data, digest)
-        self.stats.documents_out += 1
-        self.stats.bytes_out += len(data)
-
-    def _take_long(self, pieces) -> None:
-        stats = self.stats
-        digest = hashlib.blake2b(digest_size=16)
-        chars = size_out = 0
-        blank = True
-        self.splits.begin()
-        for piece in pieces:
-            text, data, size_in = clean(*piece, self.form)
-            stats.bytes_in += size_in
-            chars += len(text)
-            size_out += len(data)
-            blank = blank and (text.isspace() or not text)
-            digest.update(data)
-            self.splits.write(len(text), data)
-        if self._too_short(chars, blank) or self._duplicate(digest.digest()):
-            self.splits.abort()
-            return
-        self.splits.commit(digest.digest())
-        stats.documents_out += 1
-        stats.bytes_out += size_out
-
-    def _too_short(self, chars: int, blank: bool) -> bool:
-        if chars < self.min_chars or blank:
-            self.stats.dropped_short += 1
-            return True
-        return False
-
-    def _duplicate(self, digest: bytes) -> bool:
-        if not self.dedupe:
-            return False
-        if digest in self.seen:
-            self.stats.duplicates += 1
-            return True
-        self.seen.add(digest)
-        return False
 
 
 def _empty_split(name: str, stats: CorpusStats) -> LmforgeError:
