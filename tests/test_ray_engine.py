@@ -6,11 +6,7 @@ session and stopped at its end.
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import hashlib
-import json
-import lzma
 import os
 import signal
 import subprocess
@@ -19,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import orjson
 import psutil
 import pytest
 
@@ -29,7 +24,7 @@ from lmforge.corpus.cleaning import clean
 from lmforge.errors import LmforgeError
 from lmforge.tokens import tokenize
 from lmforge.vocab import vocab_stage
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, lines as _lines, write_mixed_corpus
 
 import ray  # noqa: E402  (the ray extra is in the test extra: a missing Ray fails here, never skips)
 
@@ -40,47 +35,6 @@ def local_ray():
     ray.init(num_cpus=2, object_store_memory=200 << 20, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
-
-
-def _lines(rng, n: int) -> str:
-    words = ["the", "king", "queen", "café", "crown", "Ελλάδα", "love", "東京", "speak", "lord", "fair", "good"]
-    return "\n".join(" ".join(rng.choice(words) for _ in range(9)).capitalize() + "." for _ in range(n)) + "\n"
-
-
-def write_mixed_corpus(root: Path) -> Path:
-    """Many small files of every format: plain (one with a BOM and CRLF), JSONL, Parquet, gzip/bz2/xz/zstd,
-    with exact duplicates across files and formats, and documents too short to keep."""
-    import random
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import zstandard
-
-    rng = random.Random(1)
-    root.mkdir(parents=True)
-    shared = _lines(rng, 20)  # the same document in several files: exact dedup must keep only the first
-    for i in range(12):
-        text = shared if i % 5 == 0 else _lines(rng, 30 + i)
-        data = text.encode("utf-8")
-        name = root / f"a{i:02d}_book.txt"
-        if i % 4 == 1:
-            data = b"\xef\xbb\xbf" + data.replace(b"\n", b"\r\n")
-        if i % 4 == 2:
-            Path(f"{name}.gz").write_bytes(gzip.compress(data))
-        elif i % 4 == 3:
-            Path(f"{name}.{'bz2' if i % 8 == 3 else 'xz'}").write_bytes(
-                bz2.compress(data) if i % 8 == 3 else lzma.compress(data))
-        else:
-            name.write_bytes(data)
-    (root / "b_book.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(_lines(rng, 25).encode()))
-    for shard in range(3):
-        records = [{"text": _lines(rng, 3 + j % 4)} for j in range(40)] + [{"text": "x"}, {"text": shared}]
-        lines = b"".join(orjson.dumps(r) + b"\n" for r in records)
-        target = root / f"c_web_{shard}.jsonl"
-        target.write_bytes(lines) if shard != 1 else Path(f"{target}.gz").write_bytes(gzip.compress(lines))
-    rows = [_lines(rng, 2 + j % 3) for j in range(60)] + [shared, "", "y"]
-    pq.write_table(pa.table({"text": rows, "id": list(range(len(rows)))}), root / "d_rows.parquet")
-    return root
 
 
 def _cfg(workdir: Path, sources, *overrides: str):
@@ -102,7 +56,8 @@ def _tree(directory: Path) -> dict[str, str]:
 def test_ray_writes_the_local_engines_bytes_on_a_mixed_corpus(local_ray, tmp_path, split):
     corpus = write_mixed_corpus(tmp_path / "corpus")
     local = _cfg(tmp_path / "local", [corpus], f"data.split={split}", "data.val_fraction=0.3", "data.shard_size=2000")
-    on_ray = _cfg(tmp_path / "ray", [corpus], f"data.split={split}", "data.val_fraction=0.3", "data.shard_size=2000",
+    # The same folder as a file:// URL: read through fsspec's listing, it must give the same files in the same order.
+    on_ray = _cfg(tmp_path / "ray", [f"file://{corpus}"], f"data.split={split}", "data.val_fraction=0.3", "data.shard_size=2000",
                   "data.engine=ray", "data.workers=2")
     stats = prepare(local)
     assert stats.files == 17 and stats.duplicates >= 4 and stats.dropped_short >= 4
