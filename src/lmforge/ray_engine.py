@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -67,6 +69,7 @@ class RayRun:
         self.started = False
         address = data_cfg.get("ray_address")
         if not ray.is_initialized():
+            start = time.perf_counter()
             if address in (None, "", "local"):
                 ray.init(num_cpus=int(data_cfg.get("workers") or _cores()),
                          object_store_memory=_LOCAL_OBJECT_STORE_BYTES, include_dashboard=False,
@@ -75,6 +78,10 @@ class RayRun:
                 _connect(ray, str(address))
             self.started = True
         self.workers = int(data_cfg.get("workers") or ray.cluster_resources().get("CPU", 1))
+        if self.started:
+            where = "a local Ray" if address in (None, "", "local") else f"the Ray cluster at {address}"
+            print(f"ray: {where} with {ray.cluster_resources().get('CPU', 0):g} CPUs ready in "
+                  f"{time.perf_counter() - start:.1f} s; {self.workers} tasks at a time", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Disconnect (and stop the local Ray) if this run started it."""
