@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -40,8 +41,9 @@ from lmforge.errors import LmforgeError
 ENGINES = ("local", "ray")
 # Source files are handed out in batches of about this many bytes (a larger file goes alone).
 _BATCH_BYTES = 8 << 20
-# Seconds to wait for a cluster's address to answer before giving up with one sentence.
-_CONNECT_SECONDS = 10
+# Seconds to wait for a cluster's address to answer, then for Ray to join it, before one sentence.
+_CONNECT_SECONDS = 5
+_JOIN_SECONDS = 15
 # Object store of a local Ray started by the stage: results stream through it a few at a time.
 _LOCAL_OBJECT_STORE_BYTES = 512 << 20
 _RETRIES = 3
@@ -142,11 +144,30 @@ def _connect(ray, address: str) -> None:
             socket.create_connection((host, port), timeout=_CONNECT_SECONDS).close()
         except OSError as err:
             raise LmforgeError(f"data.ray_address='{address}': nothing answers at {host}:{port} ({err}); {fix}.") from None
-    try:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
-    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
+    # Something may answer the port and never speak Ray (a proxy, another service): ray.init would then
+    # wait for minutes, so it runs in a thread given _JOIN_SECONDS (the stage ends on the error anyway).
+    outcome: list = []
+    joining = threading.Thread(target=_init, args=(ray, address, outcome), daemon=True)
+    joining.start()
+    joining.join(_JOIN_SECONDS)
+    if not outcome:
+        raise LmforgeError(f"data.ray_address='{address}': something answers there but no Ray cluster joined within "
+                           f"{_JOIN_SECONDS} s; {fix}.")
+    err = outcome[0]
+    if err is not None:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise LmforgeError(f"data.ray_address='{address}': cannot join the Ray cluster ({first}); {fix}.") from None
+        raise LmforgeError(f"data.ray_address='{address}': cannot join the Ray cluster ({first}); check that it is up "
+                           "(ray status), runs this Ray version, and, if it uses token authentication, that "
+                           "RAY_AUTH_MODE=token and its token (~/.ray/auth_token) are set here.") from None
+
+
+def _init(ray, address: str, outcome: list) -> None:
+    try:
+        # ERROR: in a thread Ray warns that it cannot set its SIGTERM handler, which is harmless here.
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=True)
+        outcome.append(None)
+    except Exception as err:  # reported by _connect as one sentence
+        outcome.append(err)
 
 
 # --- prepare ---------------------------------------------------------------------------------

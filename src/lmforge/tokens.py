@@ -5,7 +5,8 @@ the encoding itself is ``lmforge.tokenizer.Encoder``'s. Documents are separated 
 tokenizer's end-of-text token. The stage streams: the main process reads a split in chunks of
 about a megabyte (``lmforge.corpus.iter_chunks``), worker processes (one per core, each loading
 the tokenizer once) encode them, and the main process writes the ids in order, so memory stays
-flat whatever the corpus size.
+flat whatever the corpus size. With ``data.engine=ray`` Ray tasks encode the chunks instead of the
+process pool (``lmforge.ray_engine``), with the same ``encode_chunk``, and the writing is the same.
 """
 
 from __future__ import annotations

@@ -20,10 +20,10 @@ Output (``paths.prepared``): ``train.txt`` and ``val.txt``; the counts go to
 """
 
 from lmforge.corpus.cleaning import clean
+from lmforge.corpus.documents import CorpusStats, warn
 from lmforge.corpus.prepared import DOC_SEPARATOR, SPLITS, is_safe_cut, iter_chunks, iter_pieces, iter_split
 from lmforge.corpus.reading import BadSource
 from lmforge.corpus.sources import file_format, resolve_sources
-from lmforge.corpus.documents import CorpusStats, warn
 from lmforge.corpus.stage import prepare, progress_bar, reported_counts
 
 __all__ = [

@@ -43,7 +43,7 @@ def warn(message: str) -> None:
     tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
-def read_file(documents: "Documents", path, fmt: str, compression: str | None, options: ReadOptions,
+def read_file(documents: Documents, path, fmt: str, compression: str | None, options: ReadOptions,
               advance) -> BadSource | None:
     """Pass the documents of one source file to ``documents``; return the file's error, if any.
 
