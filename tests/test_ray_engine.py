@@ -186,3 +186,17 @@ def test_an_unknown_engine_is_one_sentence(tmp_path):
     result = _prepare_cli(tmp_path, "data.engine=spark")
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == ["error: data.engine='spark' is not one of local, ray."], result.stderr
+
+
+def test_ray_is_imported_only_when_the_ray_engine_runs():
+    code = "import sys, lmforge.corpus, lmforge.tokens, lmforge.ray_engine; print('ray' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert result.stdout.strip() == "False"
+
+
+def test_the_ray_engine_without_ray_installed_is_one_sentence(tmp_path, monkeypatch):
+    from lmforge.ray_engine import RayRun
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where Ray is not installed
+    with pytest.raises(LmforgeError, match=r"data.engine=ray needs Ray, which is not installed; pip install 'lmforge\[ray\]'"):
+        RayRun(_cfg(tmp_path, []).data)
