@@ -132,7 +132,8 @@ def _cores() -> int:
 
 
 def _connect(ray, address: str) -> None:
-    """``ray.init(address)``, or one sentence within about ``_CONNECT_SECONDS`` when nothing answers there."""
+    """``ray.init(address)``, or one sentence within ``_CONNECT_SECONDS + _JOIN_SECONDS`` (20 s) when no
+    Ray cluster answers there."""
     fix = "start the cluster (ray start --head) or fix data.ray_address (null starts a local Ray)"
     if address != "auto":
         parts = urlsplit(address if "://" in address else f"gcs://{address}")
