@@ -5,7 +5,8 @@ the encoding itself is ``lmforge.tokenizer.Encoder``'s. Documents are separated 
 tokenizer's end-of-text token. The stage streams: the main process reads a split in chunks of
 about a megabyte (``lmforge.corpus.iter_chunks``), worker processes (one per core, each loading
 the tokenizer once) encode them, and the main process writes the ids in order, so memory stays
-flat whatever the corpus size.
+flat whatever the corpus size. With ``data.engine=ray`` Ray tasks encode the chunks instead of the
+process pool (``lmforge.ray_engine``), with the same ``encode_chunk``, and the writing is the same.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from lmforge.errors import LmforgeError
 from lmforge.outputs import atomic_path, write_json
+from lmforge.ray_engine import RayEncoding, engine_of  # Ray itself is imported only when used
 from lmforge.shards import INDEX_FILE, ShardWriter, token_dtype
 from lmforge.tokenizer import Encoder, eot_token_id, join_ids, load_tokenizer, tokenizer_sha256
 
@@ -123,8 +125,10 @@ def tokenize(cfg) -> dict:
         "tokenizer_sha256": tokenizer_sha256(tokenizer_path),
         "splits": {},
     }
-    pool = encoder = None
-    if workers > 1 and total_bytes >= _PARALLEL_MIN_BYTES:
+    pool = encoder = on_ray = None
+    if engine_of(cfg.data) == "ray":
+        on_ray = RayEncoding(cfg.data, encode_chunk, tokenizer_path, eot_id, dtype)
+    elif workers > 1 and total_bytes >= _PARALLEL_MIN_BYTES:
         # spawn, not fork: the parent has the tokenizer's thread pool running already.
         pool = multiprocessing.get_context("spawn").Pool(
             workers, initializer=_start_worker, initargs=(str(tokenizer_path), eot_id, dtype.name))
@@ -132,6 +136,8 @@ def tokenize(cfg) -> dict:
         encoder = Encoder(tokenizer)
 
     def encoded(chunks: Iterable[str]) -> Iterator[bytes]:
+        if on_ray is not None:
+            return on_ray.encoded(chunks)
         if pool is not None:
             return _in_order(pool, chunks, ahead=2 * workers + 2)
         return (encode_chunk(encoder, chunk, eot_id).astype(dtype).tobytes() for chunk in chunks)
@@ -170,6 +176,8 @@ def tokenize(cfg) -> dict:
         if pool is not None:
             pool.terminate()
             pool.join()
+        if on_ray is not None:
+            on_ray.close()
     print(f"tokenize: {index['splits']['train']['tokens']:,} train and {index['splits']['val']['tokens']:,} "
           f"val tokens ({dtype.name}, vocabulary {vocab_size:,})")
     return index
