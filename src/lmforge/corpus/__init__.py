@@ -20,13 +20,13 @@ Output (``paths.prepared``): ``train.txt`` and ``val.txt``; the counts go to
 """
 
 from lmforge.corpus.cleaning import clean
-from lmforge.corpus.documents import CorpusStats, warn
+from lmforge.corpus.documents import CorpusStats, clean_pieces, read_sources, warn
 from lmforge.corpus.prepared import DOC_SEPARATOR, SPLITS, is_safe_cut, iter_chunks, iter_pieces, iter_split
 from lmforge.corpus.reading import BadSource
 from lmforge.corpus.sources import file_format, resolve_sources
 from lmforge.corpus.stage import prepare, progress_bar, reported_counts
 
 __all__ = [
-    "DOC_SEPARATOR", "SPLITS", "BadSource", "CorpusStats", "clean", "file_format", "is_safe_cut", "iter_chunks", "iter_pieces",
+    "DOC_SEPARATOR", "SPLITS", "BadSource", "CorpusStats", "clean", "clean_pieces", "read_sources", "file_format", "is_safe_cut", "iter_chunks", "iter_pieces",
     "iter_split", "prepare", "progress_bar", "reported_counts", "resolve_sources", "warn",
 ]

@@ -2,7 +2,7 @@
 
 ``Documents`` applies the rules and passes each kept document to a split writer (``add``, or
 ``begin``/``write``/``commit``/``abort`` for a long one in pieces); ``read_file`` feeds it one source
-file. Both engines use them: the local one in the stage's process, the Ray one (``lmforge.ray_engine``)
+file, ``read_sources`` all of them (the loop ``lmforge evaluate --data`` shares). Both engines use them: the local one in the stage's process, the Ray one (``lmforge.ray_engine``)
 inside its tasks, where the deduplication is left to the stage's process.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lmforge.corpus.cleaning import clean
@@ -54,9 +55,24 @@ def read_file(documents: Documents, path, fmt: str, compression: str | None, opt
         for document in read_documents(path, fmt, compression, options, advance):
             documents.take(document)
     except BadSource as err:
-        documents.splits.abort()
+        documents.abort()
         return err
     return None
+
+
+def read_sources(sink, files: list, formats: list, options: ReadOptions, stats: CorpusStats, advance) -> None:
+    """The one reading loop, for the prepare stage's local engine and for ``lmforge evaluate
+    --data``: every document of ``files`` (with their ``formats``), in order, to ``sink.take``
+    (``sink.abort`` drops a document a bad file cut short); a bad file is raised, or warned about
+    and counted in ``stats`` when ``data.skip_bad_files`` is set."""
+    for path, (fmt, compression) in zip(files, formats):
+        skip_or_raise(read_file(sink, path, fmt, compression, options, advance), path, options, stats)
+
+
+def clean_pieces(document, form: str | None) -> Iterator[tuple[str, bytes, int]]:
+    """A document's pieces through ``cleaning.clean``: (text, UTF-8 bytes, bytes read) each."""
+    for piece in document:
+        yield clean(*piece, form)
 
 
 def skip_or_raise(bad: BadSource | None, path, options: ReadOptions, stats: CorpusStats) -> None:
@@ -92,6 +108,10 @@ class Documents:
         else:
             self._take_long(document)
 
+    def abort(self) -> None:
+        """Drop the document being read (its file turned out bad)."""
+        self.splits.abort()
+
     def keep(self, chars: int, data: bytes, digest: bytes) -> None:
         """A cleaned document long enough to keep: to its split unless it is a duplicate."""
         if self._duplicate(digest):
@@ -106,8 +126,7 @@ class Documents:
         chars = size_out = 0
         blank = True
         self.splits.begin()
-        for piece in pieces:
-            text, data, size_in = clean(*piece, self.form)
+        for text, data, size_in in clean_pieces(pieces, self.form):
             stats.bytes_in += size_in
             chars += len(text)
             size_out += len(data)

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lmforge.corpus.cleaning import check_normal_form
-from lmforge.corpus.documents import CorpusStats, Documents, read_file, skip_or_raise, warn
+from lmforge.corpus.documents import CorpusStats, Documents, read_sources, warn
 from lmforge.corpus.prepared import DOC_SEPARATOR, SPLITS
 from lmforge.corpus.reading import ReadOptions
 from lmforge.corpus.sources import file_format, resolve_sources
@@ -91,9 +91,7 @@ def prepare(cfg) -> CorpusStats:
             if engine_of(data) == "ray":
                 prepare_on_ray(data, files, formats, documents, bar.update)
             else:
-                for path, (fmt, compression) in zip(files, formats):
-                    bad = read_file(documents, path, fmt, compression, options, bar.update)
-                    skip_or_raise(bad, path, options, stats)
+                read_sources(documents, files, formats, options, stats, bar.update)
             if stats.documents_out == 0:
                 raise LmforgeError(
                     f"the corpus is empty after cleaning ({stats.documents_in} documents read from {len(files)} "
