@@ -2,6 +2,8 @@
 
     python benchmarks/data_pipeline.py                      # 10 MB, 100 MB and 1 GB
     python benchmarks/data_pipeline.py --sizes 10MB,100MB   # a quick run
+    python benchmarks/data_pipeline.py --sizes 100MB --engine local,ray   # both engines, one run
+    python benchmarks/data_pipeline.py --sizes 100MB --engine ray --ray-address auto   # on a running cluster
 
 For each size a corpus is generated into a temporary folder (deleted afterwards unless --keep):
 half of its bytes are "books" (plain-text files of about 300 KB, one in ten with a byte-order mark
@@ -14,7 +16,13 @@ in its own subprocess. Reported per stage: MB/s (UTF-8 text bytes the stage read
 the stage itself, interpreter start-up excluded), the peak resident memory of the stage's main
 process (the kernel's high-water mark, VmHWM) and of the stage's whole process tree (psutil,
 sampled every 0.1 s: the main process plus its tokenize workers, summed). For comparison, HuggingFace's ``encode_batch`` over lines in
-one process is timed on the same text. The table is printed and written as JSON to
+one process is timed on the same text.
+
+With ``--engine local,ray`` prepare and tokenize run once per engine on the same corpus (the vocab
+stage once, shared), and the outputs of each engine are compared byte for byte with the first's.
+A ``ray`` stage without ``--ray-address`` starts (and stops) its own local Ray, whose start-up is
+part of its seconds and whose processes (GCS, raylet, workers) are part of its process tree; with
+``--ray-address`` it joins a running cluster, whose processes are not counted. The table is printed and written as JSON to
 benchmarks/results/data_pipeline.json. The cores may be shared with other work: compare numbers
 from one run, not across runs.
 """
@@ -24,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,12 +145,28 @@ def write_corpus(directory: Path, size: int, seed: int = 0) -> dict:
 # --- running a stage -------------------------------------------------------------------------
 
 
-def _overrides(workdir: Path, corpus: Path) -> list[str]:
-    return [
-        f"data.sources=[{corpus}]", "data.split=document", "tokenizer=bpe",
-        f"paths.prepared={workdir}/prepared", f"paths.vocab={workdir}/vocab", f"paths.tokens={workdir}/tokens",
+def _overrides(workdir: Path, corpus: Path, vocab: Path, engine: str = "local", ray_address: str | None = None,
+               workers: int | None = None) -> list[str]:
+    overrides = [
+        f"data.sources=[{corpus}]", "data.split=document", "tokenizer=bpe", f"data.engine={engine}",
+        f"paths.prepared={workdir}/prepared", f"paths.vocab={vocab}", f"paths.tokens={workdir}/tokens",
         f"paths.reports={workdir}/reports",
     ]
+    if ray_address:
+        overrides.append(f"data.ray_address={ray_address}")
+    if workers:
+        overrides.append(f"data.workers={workers}")
+    return overrides
+
+
+def _tree_digest(directory: Path) -> str:
+    """One hash of every file's relative path and bytes under ``directory``."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(directory)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def run_stage_here(stage: str, overrides: list[str]) -> None:
@@ -150,10 +175,11 @@ def run_stage_here(stage: str, overrides: list[str]) -> None:
     from lmforge.config import load_config
 
     cfg = load_config(overrides)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     stage_function(stage)(cfg)
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "main_rss_mb": _peak_rss_mb()}))
+    # The stage process's own CPU time: near ``seconds`` means it, not the workers, sets the pace.
+    print(json.dumps({"seconds": seconds, "main_cpu_seconds": time.process_time() - cpu, "main_rss_mb": _peak_rss_mb()}))
 
 
 def _peak_rss_mb() -> float:
@@ -197,6 +223,8 @@ def measure_stage(stage: str, overrides: list[str]) -> dict:
         raise SystemExit(f"{stage} failed ({proc.returncode}):\n{out[-2000:]}\n{err[-3000:]}")
     result = json.loads(out.strip().splitlines()[-1])
     result["tree_rss_mb"] = peak / 1e6
+    ready = re.search(r"^ray: .* ready in ([0-9.]+) s", err, re.MULTILINE)  # Ray's start-up, inside the seconds
+    result["ray_start_seconds"] = float(ready.group(1)) if ready else 0.0
     return result
 
 
@@ -224,7 +252,8 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def benchmark(size: int, base: Path, keep: bool) -> dict:
+def benchmark(size: int, base: Path, keep: bool, engines: list[str], ray_address: str | None = None,
+              workers: int | None = None) -> dict:
     label = f"{size / 1e6:g} MB" if size < 10**9 else f"{size / 1e9:g} GB"
     workdir = Path(tempfile.mkdtemp(prefix=f"lmforge-bench-{size}-", dir=base))
     try:
@@ -232,22 +261,33 @@ def benchmark(size: int, base: Path, keep: bool) -> dict:
         corpus = write_corpus(workdir / "corpus", size)
         corpus["generate_seconds"] = time.perf_counter() - start
         print(f"[{label}] corpus: {corpus}", flush=True)
-        overrides = _overrides(workdir, workdir / "corpus")
-        row = {"size": label, "corpus": corpus, "stages": {}}
-        for stage in STAGES:
-            result = measure_stage(stage, overrides)
-            row["stages"][stage] = result
-            print(f"[{label}] {stage}: {result}", flush=True)
-        prepared = json.loads((workdir / "reports/prepare.json").read_text())
-        row["prepare_report"] = prepared
-        text_in = {"prepare": prepared["bytes_in"], "vocab": prepared["train_bytes"] + prepared["val_bytes"],
-                   "tokenize": prepared["train_bytes"] + prepared["val_bytes"]}
-        for stage in STAGES:
-            result = row["stages"][stage]
-            result["text_mb"] = text_in[stage] / 1e6
-            result["mb_per_second"] = text_in[stage] / 1e6 / result["seconds"]
+        row = {"size": label, "corpus": corpus, "engines": {}}
+        vocab = workdir / "vocab"
+        for engine in engines:
+            out = workdir / engine
+            overrides = _overrides(out, workdir / "corpus", vocab, engine, ray_address if engine == "ray" else None,
+                                   workers)
+            stages = {}
+            for stage in STAGES:
+                if stage == "vocab" and vocab.exists():
+                    continue  # one vocabulary for every engine, so their tokens can be compared
+                stages[stage] = measure_stage(stage, overrides)
+                print(f"[{label}] {engine} {stage}: {stages[stage]}", flush=True)
+            prepared = json.loads((out / "reports/prepare.json").read_text())
+            text_in = {"prepare": prepared["bytes_in"], "vocab": prepared["train_bytes"] + prepared["val_bytes"],
+                       "tokenize": prepared["train_bytes"] + prepared["val_bytes"]}
+            for stage, result in stages.items():
+                result["text_mb"] = text_in[stage] / 1e6
+                result["mb_per_second"] = text_in[stage] / 1e6 / result["seconds"]
+            row["engines"][engine] = {"stages": stages, "prepare_report": prepared,
+                                      "prepared_sha256": _tree_digest(out / "prepared"),
+                                      "tokens_sha256": _tree_digest(out / "tokens")}
+        first = row["engines"][engines[0]]
+        for engine, result in row["engines"].items():
+            result["same_bytes_as_" + engines[0]] = (result["prepared_sha256"] == first["prepared_sha256"]
+                                                     and result["tokens_sha256"] == first["tokens_sha256"])
         row["hf_encode_batch_mb_per_second"] = hf_encode_batch_speed(
-            workdir / "prepared/train.txt", workdir / "vocab/tokenizer.json")
+            workdir / engines[0] / "prepared/train.txt", vocab / "tokenizer.json")
         return row
     finally:
         if keep:
@@ -257,17 +297,31 @@ def benchmark(size: int, base: Path, keep: bool) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| corpus | stage | text MB | seconds | MB/s | peak RSS main (MB) | peak RSS all processes (MB) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| corpus | engine | stage | text MB | seconds | of which Ray start | main process CPU s | MB/s "
+             "| peak RSS main (MB) | peak RSS all processes (MB) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        for stage in STAGES:
-            r = row["stages"][stage]
-            lines.append(f"| {row['size']} | {stage} | {r['text_mb']:,.0f} | {r['seconds']:.1f} | "
-                         f"{r['mb_per_second']:.1f} | {r['main_rss_mb']:,.0f} | {r['tree_rss_mb']:,.0f} |")
+        for engine, result in row["engines"].items():
+            for stage, r in result["stages"].items():
+                lines.append(f"| {row['size']} | {engine} | {stage} | {r['text_mb']:,.0f} | {r['seconds']:.1f} | "
+                             f"{r['ray_start_seconds']:.1f} | {r['main_cpu_seconds']:.1f} | "
+                             f"{r['mb_per_second']:.1f} | {r['main_rss_mb']:,.0f} | {r['tree_rss_mb']:,.0f} |")
     lines.append("")
+    for row in rows:
+        engines = list(row["engines"])
+        if len(engines) > 1:
+            same = all(result[f"same_bytes_as_{engines[0]}"] for result in row["engines"].values())
+            lines.append(f"{row['size']}: prepared and tokens of {', '.join(engines)} byte-identical: {same}")
     lines.append("HuggingFace encode_batch over lines, one process, same text: " + ", ".join(
         f"{row['size']}: {row['hf_encode_batch_mb_per_second']:.1f} MB/s" for row in rows))
     return "\n".join(lines)
+
+
+def machine() -> str:
+    """The CPU model and the cores this process may use, e.g. for the results' header."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    return f"{model}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
 
 
 def main() -> None:
@@ -275,6 +329,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="10MB,100MB,1GB", help="comma-separated corpus sizes (e.g. 10MB,100MB)")
     parser.add_argument("--workdir", default=None, help="where corpora are generated (default: the system temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated corpora and outputs")
+    parser.add_argument("--engine", default="local", help="comma-separated data.engine values to run (local,ray)")
+    parser.add_argument("--ray-address", default=None, help="data.ray_address for the ray engine (default: a local Ray)")
+    parser.add_argument("--workers", type=int, default=None, help="data.workers (default: every core, or the cluster's CPUs)")
+    parser.add_argument("--out", default=str(RESULTS), help="where the JSON goes")
     parser.add_argument("--run-stage", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -283,13 +341,19 @@ def main() -> None:
         return
     base = Path(args.workdir or tempfile.gettempdir())
     base.mkdir(parents=True, exist_ok=True)
-    rows = [benchmark(parse_size(s), base, args.keep) for s in args.sizes.split(",")]
+    engines = args.engine.split(",")
+    load_before = os.getloadavg()
+    rows = [benchmark(parse_size(s), base, args.keep, engines, args.ray_address, args.workers)
+            for s in args.sizes.split(",")]
     report = table(rows)
+    print(f"{machine()}; load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f}")
     print(report)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "rows": rows},
-                                  indent=2) + "\n")
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine(), "cpu_count": os.cpu_count(), "load_average_before": load_before,
+                                   "load_average_after": os.getloadavg(), "ray_address": args.ray_address,
+                                   "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

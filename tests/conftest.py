@@ -56,6 +56,52 @@ def write_corpus(directory: Path, n_docs: int = 20, words: int = 400) -> Path:
     return directory
 
 
+def lines(rng, n: int) -> str:
+    """``n`` generated lines of words (some accented, some not Latin)."""
+    words = ["the", "king", "queen", "café", "crown", "Ελλάδα", "love", "東京", "speak", "lord", "fair", "good"]
+    return "\n".join(" ".join(rng.choice(words) for _ in range(9)).capitalize() + "." for _ in range(n)) + "\n"
+
+
+def write_mixed_corpus(root: Path) -> Path:
+    """Many small files of every format: plain (one with a BOM and CRLF), JSONL, Parquet, gzip/bz2/xz/zstd,
+    with exact duplicates across files and formats, and documents too short to keep."""
+    import bz2
+    import gzip
+    import lzma
+    import random
+
+    import orjson
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    rng = random.Random(1)
+    root.mkdir(parents=True)
+    shared = lines(rng, 20)  # the same document in several files: exact dedup must keep only the first
+    for i in range(12):
+        text = shared if i % 5 == 0 else lines(rng, 30 + i)
+        data = text.encode("utf-8")
+        name = root / f"a{i:02d}_book.txt"
+        if i % 4 == 1:
+            data = b"\xef\xbb\xbf" + data.replace(b"\n", b"\r\n")
+        if i % 4 == 2:
+            Path(f"{name}.gz").write_bytes(gzip.compress(data))
+        elif i % 4 == 3:
+            Path(f"{name}.{'bz2' if i % 8 == 3 else 'xz'}").write_bytes(
+                bz2.compress(data) if i % 8 == 3 else lzma.compress(data))
+        else:
+            name.write_bytes(data)
+    (root / "b_book.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(lines(rng, 25).encode()))
+    for shard in range(3):
+        records = [{"text": lines(rng, 3 + j % 4)} for j in range(40)] + [{"text": "x"}, {"text": shared}]
+        payload = b"".join(orjson.dumps(r) + b"\n" for r in records)
+        target = root / f"c_web_{shard}.jsonl"
+        target.write_bytes(payload) if shard != 1 else Path(f"{target}.gz").write_bytes(gzip.compress(payload))
+    rows = [lines(rng, 2 + j % 3) for j in range(60)] + [shared, "", "y"]
+    pq.write_table(pa.table({"text": rows, "id": list(range(len(rows)))}), root / "d_rows.parquet")
+    return root
+
+
 # --- A real DVC project and a real MLflow server, for the end-to-end tests ---
 
 BIN = Path(sys.executable).parent

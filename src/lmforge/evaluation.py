@@ -78,37 +78,17 @@ def evaluate_text(loaded, sources: list[str], data_cfg=None, batch_size: int | N
     ``summarise``, the code of the evaluate stage. Returns ``summarise``'s metrics plus
     ``files``, ``documents`` and ``unknown_tokens`` (text the tokenizer mapped to ``<unk>``).
     """
-    from lmforge.corpus import BadSource, clean, file_format, resolve_sources, warn
+    from lmforge.corpus import CorpusStats, file_format, read_sources, resolve_sources, warn
     from lmforge.corpus.cleaning import check_normal_form
-    from lmforge.corpus.reading import ReadOptions, read_documents
+    from lmforge.corpus.reading import ReadOptions
     from lmforge.tokenizer import UNK_TOKEN, Encoder
 
     data_cfg = data_cfg if data_cfg is not None else _data_settings(loaded)
-    form = check_normal_form(data_cfg.normalize)
-    options = ReadOptions(data_cfg, warn)
     files = resolve_sources(sources)
-    encoder = Encoder(loaded.tokenizer)
-    eot = np.array([loaded.eot_id], dtype=np.int64)
-    arrays: list[np.ndarray] = []
-    counts = {"documents": 0, "bytes": 0}
-    for path in files:
-        fmt, compression = file_format(path, str(data_cfg.format))
-        try:
-            for document in read_documents(path, fmt, compression, options, lambda n: None):
-                ids, size = [], 0
-                for text, data in document:  # a long document comes in pieces cut after line ends
-                    text, data, _ = clean(text, data, form)
-                    if text:
-                        ids.append(encoder.encode(text))
-                        size += len(data)
-                if size:
-                    arrays.extend([eot, *ids] if counts["documents"] else ids)
-                    counts["documents"] += 1
-                    counts["bytes"] += size
-        except BadSource as err:
-            if not options.skip_bad_files:
-                raise
-            warn(f"skipped {path}: {err}")
+    formats = [file_format(path, str(data_cfg.format)) for path in files]
+    sink = _EncodedDocuments(Encoder(loaded.tokenizer), loaded.eot_id, check_normal_form(data_cfg.normalize))
+    read_sources(sink, files, formats, ReadOptions(data_cfg, warn), CorpusStats(files=len(files)), lambda n: None)
+    arrays, counts = sink.arrays, {"documents": sink.documents, "bytes": sink.bytes}
     ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
     if len(ids) < 2:
         raise LmforgeError(f"{', '.join(map(str, sources))} holds fewer than 2 tokens of text; give the evaluation more text.")
@@ -120,6 +100,33 @@ def evaluate_text(loaded, sources: list[str], data_cfg=None, batch_size: int | N
     metrics.update(files=len(files), documents=counts["documents"],
                    unknown_tokens=int((ids == unk).sum()) if unk is not None else 0)
     return metrics
+
+
+class _EncodedDocuments:
+    """The sink of ``corpus.read_sources`` for ``evaluate_text``: each cleaned, non-empty document
+    encoded, documents joined with the end-of-text id as the tokenize stage joins them."""
+
+    def __init__(self, encoder, eot_id: int, form: str | None):
+        self.encoder, self.form = encoder, form
+        self.eot = np.array([eot_id], dtype=np.int64)
+        self.arrays: list[np.ndarray] = []
+        self.documents = self.bytes = 0
+
+    def take(self, document) -> None:
+        from lmforge.corpus import clean_pieces
+
+        ids, size = [], 0
+        for text, data, _ in clean_pieces(document, self.form):  # a long one comes in pieces cut after line ends
+            if text:
+                ids.append(self.encoder.encode(text))
+                size += len(data)
+        if size:
+            self.arrays.extend([self.eot, *ids] if self.documents else ids)
+            self.documents += 1
+            self.bytes += size
+
+    def abort(self) -> None:
+        """Nothing to undo: a document is kept only once it has been read whole."""
 
 
 # How text is read for a model that carries no training config (an imported one): plain UTF-8,

@@ -5,7 +5,8 @@ the encoding itself is ``lmforge.tokenizer.Encoder``'s. Documents are separated 
 tokenizer's end-of-text token. The stage streams: the main process reads a split in chunks of
 about a megabyte (``lmforge.corpus.iter_chunks``), worker processes (one per core, each loading
 the tokenizer once) encode them, and the main process writes the ids in order, so memory stays
-flat whatever the corpus size.
+flat whatever the corpus size. With ``data.engine=ray`` Ray tasks encode the chunks instead of the
+process pool (``lmforge.ray_engine``), with the same ``encode_chunk``, and the writing is the same.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from lmforge.errors import LmforgeError
 from lmforge.outputs import atomic_path, write_json
+from lmforge.ray_engine import RayEncoding, engine_of  # Ray itself is imported only when used
 from lmforge.shards import INDEX_FILE, ShardWriter, token_dtype
 from lmforge.tokenizer import Encoder, eot_token_id, join_ids, load_tokenizer, tokenizer_sha256
 
@@ -102,74 +104,96 @@ def tokenize(cfg) -> dict:
     Reads ``paths.prepared/{train,val}.txt`` and ``paths.vocab/tokenizer.json``; writes the
     shards and ``index.json`` into ``paths.tokens`` atomically (all or nothing).
     """
-    from lmforge.corpus import DOC_SEPARATOR, SPLITS, iter_chunks, progress_bar
+    from lmforge.corpus import progress_bar
 
     tokenizer_path = Path(cfg.paths.vocab) / "tokenizer.json"
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     eot_id = eot_token_id(tokenizer, cfg.tokenizer.eot_token)
     dtype = token_dtype(vocab_size)
-    prepared = Path(cfg.paths.prepared)
+    files = _prepared_files(Path(cfg.paths.prepared))
+    total_bytes = sum(path.stat().st_size for path in files.values())
+    index = {"dtype": dtype.name, "vocab_size": vocab_size, "eot_id": eot_id,
+             "tokenizer_sha256": tokenizer_sha256(tokenizer_path), "splits": {}}
+    with _Encoding(cfg.data, tokenizer_path, tokenizer, eot_id, dtype, total_bytes) as encoding, \
+            progress_bar(total_bytes, "tokenize") as bar, atomic_path(cfg.paths.tokens, directory=True) as tmp:
+        for split, path in files.items():
+            writer = ShardWriter(tmp / split, dtype, int(cfg.data.shard_size))
+            index["splits"][split] = _write_split(path, writer, encoding, bar)
+        write_json(tmp / INDEX_FILE, index)
+    print(f"tokenize: {index['splits']['train']['tokens']:,} train and {index['splits']['val']['tokens']:,} "
+          f"val tokens ({dtype.name}, vocabulary {vocab_size:,})")
+    return index
+
+
+def _prepared_files(prepared: Path) -> dict[str, Path]:
+    """``train.txt`` and ``val.txt`` of the prepare stage, or one sentence saying to run it."""
+    from lmforge.corpus import SPLITS
+
     files = {split: prepared / f"{split}.txt" for split in SPLITS}
     for path in files.values():
         if not path.is_file():
             raise LmforgeError(f"{path} not found; run the prepare stage first (dvc repro prepare).")
-    total_bytes = sum(path.stat().st_size for path in files.values())
-    workers = int(cfg.data.get("workers") or default_workers())
-    index = {
-        "dtype": dtype.name,
-        "vocab_size": vocab_size,
-        "eot_id": eot_id,
-        "tokenizer_sha256": tokenizer_sha256(tokenizer_path),
-        "splits": {},
-    }
-    pool = encoder = None
-    if workers > 1 and total_bytes >= _PARALLEL_MIN_BYTES:
-        # spawn, not fork: the parent has the tokenizer's thread pool running already.
-        pool = multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_start_worker, initargs=(str(tokenizer_path), eot_id, dtype.name))
-    else:
-        encoder = Encoder(tokenizer)
+    return files
 
-    def encoded(chunks: Iterable[str]) -> Iterator[bytes]:
-        if pool is not None:
-            return _in_order(pool, chunks, ahead=2 * workers + 2)
-        return (encode_chunk(encoder, chunk, eot_id).astype(dtype).tobytes() for chunk in chunks)
+
+class _Encoding:
+    """Where chunks are encoded: on Ray (``data.engine=ray``), in a pool of one worker process per
+    core (a big enough corpus), or in this process; ``encoded`` gives the ids in input order."""
+
+    def __init__(self, data_cfg, tokenizer_path: Path, tokenizer, eot_id: int, dtype: np.dtype, total_bytes: int):
+        self.eot_id, self.dtype = eot_id, dtype
+        self.workers = int(data_cfg.get("workers") or default_workers())
+        self.pool = self.encoder = self.on_ray = None
+        if engine_of(data_cfg) == "ray":
+            self.on_ray = RayEncoding(data_cfg, encode_chunk, tokenizer_path, eot_id, dtype)
+        elif self.workers > 1 and total_bytes >= _PARALLEL_MIN_BYTES:
+            # spawn, not fork: the parent has the tokenizer's thread pool running already.
+            self.pool = multiprocessing.get_context("spawn").Pool(
+                self.workers, initializer=_start_worker, initargs=(str(tokenizer_path), eot_id, dtype.name))
+        else:
+            self.encoder = Encoder(tokenizer)
+
+    def encoded(self, chunks: Iterable[str]) -> Iterator[bytes]:
+        if self.on_ray is not None:
+            return self.on_ray.encoded(chunks)
+        if self.pool is not None:
+            return _in_order(self.pool, chunks, ahead=2 * self.workers + 2)
+        return (encode_chunk(self.encoder, chunk, self.eot_id).astype(self.dtype).tobytes() for chunk in chunks)
+
+    def __enter__(self) -> _Encoding:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+        if self.on_ray is not None:
+            self.on_ray.close()
+
+
+def _write_split(path: Path, writer: ShardWriter, encoding: _Encoding, bar) -> dict:
+    """Encode one prepared split into ``writer``'s shards; return its entry of ``index.json``."""
+    from lmforge.corpus import DOC_SEPARATOR, iter_chunks
+
+    counts = {"documents": 0, "bytes": 0}
+
+    def counted(chunks: Iterable[str]) -> Iterator[str]:
+        for chunk in chunks:
+            size = len(chunk.encode("utf-8"))
+            separators = chunk.count(DOC_SEPARATOR)
+            counts["documents"] += separators
+            counts["bytes"] += size - separators
+            bar.update(size)
+            yield chunk
 
     try:
-        with progress_bar(total_bytes, "tokenize") as bar, atomic_path(cfg.paths.tokens, directory=True) as tmp:
-            for split, path in files.items():
-                counts = {"documents": 0, "bytes": 0}
-
-                def counted(chunks: Iterable[str]) -> Iterator[str]:
-                    for chunk in chunks:
-                        size = len(chunk.encode("utf-8"))
-                        separators = chunk.count(DOC_SEPARATOR)
-                        counts["documents"] += separators
-                        counts["bytes"] += size - separators
-                        bar.update(size)
-                        yield chunk
-
-                writer = ShardWriter(tmp / split, dtype, int(cfg.data.shard_size))
-                try:
-                    for number, data in enumerate(encoded(counted(iter_chunks(path))), 1):
-                        writer.write(np.frombuffer(data, dtype=dtype))
-                        if number % _TRIM_EVERY == 0:
-                            release_freed_memory()
-                finally:
-                    writer.close()
-                if counts["bytes"]:
-                    counts["documents"] += 1  # n separators between n + 1 documents
-                index["splits"][split] = {
-                    "tokens": sum(s["tokens"] for s in writer.shards),
-                    **counts,
-                    "shards": writer.shards,
-                }
-            write_json(tmp / INDEX_FILE, index)
+        for number, data in enumerate(encoding.encoded(counted(iter_chunks(path))), 1):
+            writer.write(np.frombuffer(data, dtype=encoding.dtype))
+            if number % _TRIM_EVERY == 0:
+                release_freed_memory()
     finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-    print(f"tokenize: {index['splits']['train']['tokens']:,} train and {index['splits']['val']['tokens']:,} "
-          f"val tokens ({dtype.name}, vocabulary {vocab_size:,})")
-    return index
+        writer.close()
+    if counts["bytes"]:
+        counts["documents"] += 1  # n separators between n + 1 documents
+    return {"tokens": sum(s["tokens"] for s in writer.shards), **counts, "shards": writer.shards}

@@ -5,7 +5,8 @@ The journey of the text, one module each:
 - ``sources``: ``data.sources`` (files, directories, globs, ``package:NAME/GLOB``) to files and formats;
 - ``reading``: documents out of plain text, JSONL and Parquet files, gzip/bz2/xz/zstd or not;
 - ``cleaning``: LF line ends, no control characters, Unicode normal form;
-- ``stage``: ``prepare(cfg)``, which drops short and duplicate documents and writes the splits;
+- ``documents``: a file's documents through those rules, short and duplicate ones dropped (both engines);
+- ``stage``: ``prepare(cfg)``, which runs them (locally or on Ray) and writes the splits;
 - ``prepared``: the split files on disk and how later stages stream them back.
 
 Output (``paths.prepared``): ``train.txt`` and ``val.txt``; the counts go to
@@ -19,12 +20,13 @@ Output (``paths.prepared``): ``train.txt`` and ``val.txt``; the counts go to
 """
 
 from lmforge.corpus.cleaning import clean
+from lmforge.corpus.documents import CorpusStats, clean_pieces, read_sources, warn
 from lmforge.corpus.prepared import DOC_SEPARATOR, SPLITS, is_safe_cut, iter_chunks, iter_pieces, iter_split
 from lmforge.corpus.reading import BadSource
 from lmforge.corpus.sources import file_format, resolve_sources
-from lmforge.corpus.stage import CorpusStats, prepare, progress_bar, reported_counts, warn
+from lmforge.corpus.stage import prepare, progress_bar, reported_counts
 
 __all__ = [
-    "DOC_SEPARATOR", "SPLITS", "BadSource", "CorpusStats", "clean", "file_format", "is_safe_cut", "iter_chunks", "iter_pieces",
+    "DOC_SEPARATOR", "SPLITS", "BadSource", "CorpusStats", "clean", "clean_pieces", "read_sources", "file_format", "is_safe_cut", "iter_chunks", "iter_pieces",
     "iter_split", "prepare", "progress_bar", "reported_counts", "resolve_sources", "warn",
 ]

@@ -197,7 +197,7 @@ def _parquet_documents(path: Path, options: ReadOptions, advance: Callable[[int]
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(path if isinstance(path, Path) else path.open("rb"))
     except (pa.ArrowException, OSError) as err:
         raise BadSource(
             f"{path} is not a readable Parquet file ({str(err).splitlines()[0]}); "
@@ -240,7 +240,7 @@ class _Source:
         self.path = path
         self.compression = compression
         self.advance = advance
-        self.raw = open(path, "rb")
+        self.raw = path.open("rb")  # a Path, or a RemoteFile of lmforge.corpus.sources
         self._position = 0
         if compression == ".gz":
             self.stream = gzip.GzipFile(fileobj=self.raw, mode="rb")

@@ -1,7 +1,10 @@
 """Where the corpus comes from: ``data.sources`` entries expanded to files, and each file's format.
 
-An entry is a file, a directory (read recursively), a glob pattern (``**`` allowed) or
-``package:NAME/GLOB`` (files shipped inside an installed Python package, like the default plays).
+An entry is a file, a directory (read recursively), a glob pattern (``**`` allowed),
+``package:NAME/GLOB`` (files shipped inside an installed Python package, like the default plays) or
+a URL that fsspec opens (``s3://``, ``gs://``, ``hf://`` where its filesystem package is installed;
+``file://`` always), with the same three forms after the scheme. A local URL becomes a plain path;
+any other file is a ``RemoteFile``, which the readers open through fsspec.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ def resolve_sources(sources: Iterable[str] | str) -> list[Path]:
         entry = str(entry)
         if entry.startswith("package:"):
             matched = _package_files(entry)
+        elif "://" in entry:
+            matched = _url_files(entry)
         elif glob.has_magic(entry):
             matched = sorted(p for p in map(Path, glob.glob(entry, recursive=True)) if p.is_file())
             if not matched:
@@ -50,11 +55,77 @@ def resolve_sources(sources: Iterable[str] | str) -> list[Path]:
             else:
                 raise LmforgeError(f"data.sources path '{entry}' does not exist; fix the path in data.sources.")
         files.extend(matched)
-    seen: set[Path] = set()
-    unique = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+    seen: set = set()
+    unique = [f for f in files if not (_identity(f) in seen or seen.add(_identity(f)))]
     if not unique:
         raise LmforgeError("data.sources is empty; give at least one file, directory or glob.")
     return unique
+
+
+def _identity(file) -> object:
+    return file.resolve() if isinstance(file, Path) else str(file)
+
+
+class RemoteFile:
+    """A source file behind an fsspec filesystem: what the readers need of a ``Path`` (name, suffixes,
+    size, ``open``), and its URL as its name in messages. Picklable, so Ray tasks can open it too."""
+
+    def __init__(self, fs, path: str, url: str):
+        self.fs, self.path, self.url = fs, path, url
+        self.name = path.rsplit("/", 1)[-1]
+        self.suffixes = Path(self.name).suffixes
+        self.suffix = Path(self.name).suffix
+        self._size = None
+
+    def open(self, mode: str = "rb"):
+        """The file opened for reading (binary), seekable."""
+        return self.fs.open(self.path, mode)
+
+    def stat(self):
+        """Its size, as ``st_size``, like ``Path.stat``."""
+        from types import SimpleNamespace
+
+        if self._size is None:
+            self._size = int(self.fs.size(self.path))
+        return SimpleNamespace(st_size=self._size)
+
+    def __str__(self) -> str:
+        return self.url
+
+    __repr__ = __str__
+
+
+def _url_files(entry: str) -> list:
+    """The files a URL entry names: one file, a directory's files (recursively) or a glob's matches."""
+    import fsspec
+    from fsspec.registry import known_implementations
+
+    scheme = entry.split("://", 1)[0]
+    try:
+        fs, path = fsspec.core.url_to_fs(entry)
+    except ImportError:
+        package = known_implementations.get(scheme, {}).get("class", "?").split(".")[0]
+        raise LmforgeError(f"data.sources entry '{entry}' needs the {scheme}:// filesystem package '{package}', "
+                           f"which is not installed; pip install {package}.") from None
+    except ValueError as err:
+        raise LmforgeError(f"data.sources entry '{entry}': {err} (fsspec knows no such filesystem); "
+                           "fix the URL's scheme or install the package that provides it.") from None
+    if glob.has_magic(path):
+        matched = sorted(fs.glob(path))
+        matched = [p for p in matched if fs.isfile(p)]
+    elif fs.isdir(path):
+        root = path.rstrip("/")
+        matched = sorted(p for p in fs.find(root)
+                         if not any(part.startswith(".") for part in p[len(root):].split("/")) and not p.endswith(".dvc"))
+    elif fs.isfile(path):
+        matched = [path]
+    else:
+        raise LmforgeError(f"data.sources entry '{entry}' does not exist; fix the URL in data.sources.")
+    if not matched:
+        raise LmforgeError(f"data.sources entry '{entry}' matches no file; fix the URL or the pattern.")
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return [Path(p) for p in matched]  # a local file is a plain path, read exactly like one
+    return [RemoteFile(fs, p, fs.unstrip_protocol(p)) for p in matched]
 
 
 def _directory_files(root: Path) -> list[Path]:

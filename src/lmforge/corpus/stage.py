@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import bisect
 import codecs
-import hashlib
 import os
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from lmforge.corpus.cleaning import check_normal_form, clean
+from lmforge.corpus.cleaning import check_normal_form
+from lmforge.corpus.documents import CorpusStats, Documents, read_sources, warn
 from lmforge.corpus.prepared import DOC_SEPARATOR, SPLITS
-from lmforge.corpus.reading import BadSource, ReadOptions, read_documents
+from lmforge.corpus.reading import ReadOptions
 from lmforge.corpus.sources import file_format, resolve_sources
 from lmforge.errors import LmforgeError
 from lmforge.outputs import atomic_path, write_json
+from lmforge.ray_engine import engine_of, prepare_on_ray  # Ray itself is imported only when used
 
 # A long document is held in memory up to this size, then spooled to a temporary file until it
 # is known whether (and to which split) it goes.
@@ -30,26 +31,6 @@ SPOOL_BYTES = 64 << 20
 # The position split notes (characters, bytes) this often, to find its cut without a reread.
 _MARK_BYTES = 16 << 20
 _WRITE_BUFFER = 1 << 20
-
-
-@dataclass
-class CorpusStats:
-    """The prepare stage's counts (``reports/prepare.json``)."""
-
-    files: int = 0
-    skipped_files: int = 0
-    documents_in: int = 0
-    bytes_in: int = 0
-    documents_out: int = 0
-    bytes_out: int = 0
-    duplicates: int = 0
-    dropped_short: int = 0
-    train_documents: int = 0
-    train_bytes: int = 0
-    train_chars: int = 0
-    val_documents: int = 0
-    val_bytes: int = 0
-    val_chars: int = 0
 
 
 def progress_bar(total: int | None, desc: str, unit: str = "B"):
@@ -79,13 +60,6 @@ def reported_counts(reports_dir: str | Path) -> dict[str, float]:
     return counts
 
 
-def warn(message: str) -> None:
-    """A warning line on stderr that does not break a progress bar."""
-    from tqdm import tqdm
-
-    tqdm.write(f"warning: {message}", file=sys.stderr)
-
-
 def prepare(cfg) -> CorpusStats:
     """Run the prepare stage for config ``cfg``; write ``paths.prepared`` and return the counts.
 
@@ -100,6 +74,7 @@ def prepare(cfg) -> CorpusStats:
     if data.split not in ("position", "document"):
         raise LmforgeError(f"data.split='{data.split}' is not one of position, document.")
     form = check_normal_form(data.normalize)
+    engine_of(data)
     min_chars = int(data.min_chars)
     files = resolve_sources(data.sources)
     formats = [file_format(path, str(data.format)) for path in files]
@@ -113,17 +88,11 @@ def prepare(cfg) -> CorpusStats:
         else:
             splits = DocumentSplit(out_dir, val_fraction)
         try:
-            documents = _Documents(splits, stats, form, min_chars, bool(data.dedupe))
-            for path, (fmt, compression) in zip(files, formats):
-                try:
-                    for document in read_documents(path, fmt, compression, options, bar.update):
-                        documents.take(document)
-                except BadSource as err:
-                    splits.abort()
-                    if not options.skip_bad_files:
-                        raise
-                    warn(f"skipped {path}: {err}")
-                    stats.skipped_files += 1
+            documents = Documents(splits, stats, form, min_chars, bool(data.dedupe))
+            if engine_of(data) == "ray":
+                prepare_on_ray(data, files, formats, documents, bar.update)
+            else:
+                read_sources(documents, files, formats, options, stats, bar.update)
             if stats.documents_out == 0:
                 raise LmforgeError(
                     f"the corpus is empty after cleaning ({stats.documents_in} documents read from {len(files)} "
@@ -138,72 +107,6 @@ def prepare(cfg) -> CorpusStats:
           f"{stats.duplicates:,} duplicates, {stats.dropped_short:,} too short; "
           f"train {stats.train_chars:,} chars, val {stats.val_chars:,} chars")
     return stats
-
-
-class _Documents:
-    """Cleans, filters and deduplicates documents, passing the kept ones to the splits."""
-
-    def __init__(self, splits, stats: CorpusStats, form: str | None, min_chars: int, dedupe: bool):
-        self.splits = splits
-        self.stats = stats
-        self.form = form
-        self.min_chars = min_chars
-        self.dedupe = dedupe
-        self.seen: set[bytes] = set()
-
-    def take(self, document) -> None:
-        stats = self.stats
-        stats.documents_in += 1
-        if type(document) is tuple and len(document) == 1:  # the common case: a document in one piece
-            text, data, size_in = clean(*document[0], self.form)
-            stats.bytes_in += size_in
-            if self._too_short(len(text), text.isspace() or not text):
-                return
-            digest = hashlib.blake2b(data, digest_size=16).digest()
-            if self._duplicate(digest):
-                return
-            self.splits.add(text, data, digest)
-        else:
-            self._take_long(document)
-            return
-        stats.documents_out += 1
-        stats.bytes_out += len(data)
-
-    def _take_long(self, pieces) -> None:
-        stats = self.stats
-        digest = hashlib.blake2b(digest_size=16)
-        chars = size_out = 0
-        blank = True
-        self.splits.begin()
-        for piece in pieces:
-            text, data, size_in = clean(*piece, self.form)
-            stats.bytes_in += size_in
-            chars += len(text)
-            size_out += len(data)
-            blank = blank and (text.isspace() or not text)
-            digest.update(data)
-            self.splits.write(text, data)
-        if self._too_short(chars, blank) or self._duplicate(digest.digest()):
-            self.splits.abort()
-            return
-        self.splits.commit(digest.digest())
-        stats.documents_out += 1
-        stats.bytes_out += size_out
-
-    def _too_short(self, chars: int, blank: bool) -> bool:
-        if chars < self.min_chars or blank:
-            self.stats.dropped_short += 1
-            return True
-        return False
-
-    def _duplicate(self, digest: bytes) -> bool:
-        if not self.dedupe:
-            return False
-        if digest in self.seen:
-            self.stats.duplicates += 1
-            return True
-        self.seen.add(digest)
-        return False
 
 
 def _empty_split(name: str, stats: CorpusStats) -> LmforgeError:
@@ -231,13 +134,13 @@ class PositionSplit:
         self.marks = [(0, 0)]  # (characters, bytes) at points spread through the file
         self._undo = None
 
-    def add(self, text: str, data: bytes, digest: bytes) -> None:
+    def add(self, chars: int, data: bytes, digest: bytes) -> None:
         if self.documents:
             self.file.write(self.join_data)
             self.chars += len(self.join)
             self.bytes += len(self.join_data)
         self.file.write(data)
-        self.chars += len(text)
+        self.chars += chars
         self.bytes += len(data)
         self.documents += 1
         if self.bytes - self.marks[-1][1] >= _MARK_BYTES:
@@ -250,9 +153,9 @@ class PositionSplit:
             self.chars += len(self.join)
             self.bytes += len(self.join_data)
 
-    def write(self, text: str, data: bytes) -> None:
+    def write(self, chars: int, data: bytes) -> None:
         self.file.write(data)
-        self.chars += len(text)
+        self.chars += chars
         self.bytes += len(data)
         if self.bytes - self.marks[-1][1] >= _MARK_BYTES:
             self.marks.append((self.chars, self.bytes))
@@ -323,23 +226,23 @@ class DocumentSplit:
     def _split_of(self, digest: bytes) -> str:
         return "val" if int.from_bytes(digest[:8], "big") / 2**64 < self.val_fraction else "train"
 
-    def add(self, text: str, data: bytes, digest: bytes) -> None:
+    def add(self, chars: int, data: bytes, digest: bytes) -> None:
         name = self._split_of(digest)
         counts = self.counts[name]
         if counts[0]:
             self.files[name].write(_SEPARATOR_DATA)
         self.files[name].write(data)
         counts[0] += 1
-        counts[1] += len(text)
+        counts[1] += chars
         counts[2] += len(data)
 
     def begin(self) -> None:
         self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, dir=self.directory)
         self._spool_chars = 0
 
-    def write(self, text: str, data: bytes) -> None:
+    def write(self, chars: int, data: bytes) -> None:
         self._spool.write(data)
-        self._spool_chars += len(text)
+        self._spool_chars += chars
 
     def commit(self, digest: bytes) -> None:
         name = self._split_of(digest)
