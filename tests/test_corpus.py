@@ -16,7 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from lmforge.corpus import CorpusStats, DOC_SEPARATOR, iter_split, prepare, progress_bar, reading, resolve_sources, stage
+from lmforge.corpus import (
+    DOC_SEPARATOR,
+    CorpusStats,
+    iter_split,
+    prepare,
+    progress_bar,
+    reading,
+    resolve_sources,
+    stage,
+)
 from lmforge.errors import LmforgeError
 from tests.conftest import write_corpus
 

@@ -151,8 +151,8 @@ def covered(key: str, params: list[str]) -> bool:
 
 @pytest.fixture(scope="module")
 def stage_reads(tmp_path_factory, one_thread) -> dict[str, set[str]]:
-    from lmforge.stages import stage_function
     from lmforge.config import compose_config, write_params
+    from lmforge.stages import stage_function
     from tests.conftest import TINY_PIPELINE, write_corpus
 
     project = tmp_path_factory.mktemp("deps")

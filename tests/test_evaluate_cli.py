@@ -16,7 +16,6 @@ from lmforge.modeldir import load_model_dir
 from tests.conftest import write_corpus
 from tests.test_generation import CHAR_TEXT, make_model_dir, run_cli
 
-
 # Tiny tensors: one thread is fastest on a shared 2-core machine (conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -86,7 +86,7 @@ def test_export_refuses_what_neither_family_represents(tmp_path, capsys, options
 
 
 def save_transformers_model(path, family: str, vocab_size: int, tokenizer_file,
-                            activation: str = "gelu") -> "transformers.PreTrainedModel":
+                            activation: str = "gelu") -> transformers.PreTrainedModel:
     """A randomly initialised transformers model of ``family``, saved with a fast tokenizer at ``path``."""
     torch.manual_seed(2)
     if family == "gpt2":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ TRAINING_TEXT = [
 ]
 
 
-@lru_cache(maxsize=None)
+@cache
 def tokenizer(kind: str, lowercase: bool = False):
     specials = {"char": ["<|endoftext|>", "<unk>"], "bpe": ["<|endoftext|>"], "word": ["<pad>", "<unk>", "<bos>", "<eos>"]}
     cfg = OmegaConf.create({"kind": kind, "vocab_size": {"char": None, "word": 200, "bpe": 600}[kind],

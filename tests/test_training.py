@@ -373,9 +373,8 @@ def test_bad_training_settings_are_clear_errors(tokens_cfg, override, words):
 def test_gpu_trainer_presets_compose_and_fsdp_shards_by_block(project_root):
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from lmforge.config import compose_config
-    from lmforge.model import Block
     from lmforge.checks import check_training as check_training_config
+    from lmforge.config import compose_config
     from lmforge.training.stage import _strategy
 
     for preset in ("gpu", "ddp", "fsdp"):

@@ -20,9 +20,8 @@ A mistake the user can fix ends in one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
 from lmforge.errors import LmforgeError
 from lmforge.stages import STAGES, guarded, run_stage

@@ -9,8 +9,9 @@ sets one key. Unknown keys and group choices end in an ``LmforgeError`` naming t
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf

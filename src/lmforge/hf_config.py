@@ -6,8 +6,8 @@ writes and reads the directories, ``lmforge.gguf`` reuses the family choice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lmforge.errors import LmforgeError
 from lmforge.model_config import GPTConfig

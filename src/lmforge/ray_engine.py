@@ -91,7 +91,7 @@ class RayRun:
             self.ray.shutdown()
             self.started = False
 
-    def __enter__(self) -> "RayRun":
+    def __enter__(self) -> RayRun:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,4 +1,5 @@
-"""Where numbers reach MLflow: the tracking URI, the experiment, the run of each training.
+"""Where numbers reach MLflow: the tracking URI, the experiment, the run of each training
+(``TrainingRun``: opened or continued, its status) and its metrics per step (``MetricsLog``).
 
 The training stage opens the run; the evaluate stage logs its metrics and artifacts onto that
 same run, found through the model directory's ``run.json``.

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from lmforge.errors import LmforgeError
 

@@ -11,7 +11,6 @@ import bisect
 import codecs
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path

@@ -21,6 +21,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from lmforge.hardware import peak_flops
 from lmforge.progress import duration
 
+
 class FlushMetrics(Callback):
     """Sends the batched metrics (``tracking.MetricsLog``) before every checkpoint is written, so
     a resumed run misses no step, after the final validation, and when training ends or fails."""

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from lmforge.errors import LmforgeError
 from lmforge import hardware
+from lmforge.errors import LmforgeError
 from lmforge.model import GPT
 from lmforge.training.muon import Muon
 
