@@ -15,7 +15,8 @@ wall time of runs made minutes apart does not compare, the CPU time of one threa
 
 Results accumulate by label in ``benchmarks/results/recipes.json``, each with the machine block
 (``lmforge info``) it was trained on, which is printed first; the table printed at the end shows
-all of them, with the CPU capability each ran at (give runs on another CPU their own ``--label``). One run takes minutes of CPU: run them one at a time on a shared machine.
+all of them, with the CPU capability each ran at (give runs on another CPU their own ``--label``).
+One run takes minutes of CPU: run them one at a time on a shared machine.
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ def main() -> None:
         for label, cost in costs.items():
             r = results[label]
             r["cpu_seconds_per_step"] = cost
-            r["cpu_seconds_to_nanogpt_loss"] = None if r["steps_to_nanogpt_loss"] is None else r["steps_to_nanogpt_loss"] * cost
+            to_loss = r["steps_to_nanogpt_loss"]
+            r["cpu_seconds_to_nanogpt_loss"] = None if to_loss is None else to_loss * cost
         out.write_text(json.dumps(results, indent=2) + "\n")
 
     print(f"\n| recipe | parameters | val loss (whole split) | steps to {NANOGPT_FINAL_LOSS} | ms per step (CPU) "
@@ -203,9 +205,11 @@ def step_costs(results: dict, data: Path, steps: int, rounds: int, threads: int 
             clock = {}
 
             class Clock(L.Callback):
+                times = clock  # bound now: a closure would see a later round's dict
+
                 def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                     if trainer.global_step in (warmup, warmup + steps):
-                        clock[trainer.global_step] = time.process_time()
+                        self.times[trainer.global_step] = time.process_time()
 
             with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
                 cfg = compose_config([*r["overrides"], f"train.max_steps={warmup + steps}",

@@ -167,7 +167,8 @@ def test_under_dvc_the_hashes_come_from_dvc_lock(data_dirs, monkeypatch):
     monkeypatch.setenv("DVC_STAGE", "train")
     hashes, source = lineage.data_hashes(data_dirs)
     assert source == "dvc.lock"
-    assert {role: h["md5"] for role, h in hashes.items()} == {"corpus": "c.dir", "tokenizer": "v.dir", "tokens": "t.dir"}
+    assert {role: h["md5"] for role, h in hashes.items()} == {"corpus": "c.dir", "tokenizer": "v.dir",
+                                                               "tokens": "t.dir"}
     assert hashes["tokens"]["path"] == data_dirs.paths.tokens
 
 

@@ -203,7 +203,8 @@ def test_a_nan_loss_stops_training_keeps_the_last_good_checkpoint_and_fails_the_
     tokens_cfg.train.grad_clip = 0.0
     tokens_cfg.optimizer.lr = 1e6  # blows up within a few steps
     tokens_cfg.optimizer.warmup_steps = 0
-    with pytest.raises(LmforgeError, match=r"loss became NaN or infinite at step (\d+).*FAILED.*last good checkpoint") as err:
+    with pytest.raises(LmforgeError,
+                       match=r"loss became NaN or infinite at step (\d+).*FAILED.*last good checkpoint") as err:
         train(tokens_cfg)
     bad_step = int(str(err.value).split("at step ")[1].split(",")[0])
     checkpoint = torch.load(Path(tokens_cfg.paths.checkpoints, "last.ckpt"), weights_only=True)
@@ -246,7 +247,8 @@ def test_early_stopping_on_validation_loss(tokens_cfg, monkeypatch):
     assert load_model_dir(out).config["training"]["steps"] == 15
     run_id = run_record(tokens_cfg)["run_id"]
     assert run_status(tokens_cfg, run_id) == "FINISHED"
-    assert {"perf/tokens_per_second", "perf/mfu", "model/parameters", "model/flops_per_token"} <= metric_keys(tokens_cfg, run_id)
+    expected = {"perf/tokens_per_second", "perf/mfu", "model/parameters", "model/flops_per_token"}
+    assert expected <= metric_keys(tokens_cfg, run_id)
     # MFU is the model's FLOPs at the measured rate over the device's peak, step by step.
     from mlflow.tracking import MlflowClient
 
@@ -262,7 +264,8 @@ def test_early_stopping_on_validation_loss(tokens_cfg, monkeypatch):
         assert 0 < mfu
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])  # 16-mixed needs CUDA: Lightning makes it bf16 on CPU
+# 16-mixed needs CUDA: Lightning makes it bf16 on CPU
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_mixed_and_half_precision_train_on_cpu(tokens_cfg, precision):
     from lmforge.modeldir import load_model_dir
     from lmforge.training.stage import train

@@ -113,7 +113,8 @@ def check_precision(cfg: DictConfig) -> None:
     trainer = cfg.trainer
     if trainer.accelerator == "cpu" and str(trainer.precision) not in CPU_PRECISIONS:
         raise LmforgeError(f"trainer.precision={trainer.precision} is not supported on a CPU; "
-                           f"use one of {', '.join(CPU_PRECISIONS)} (auto picks the faster of 32 and bf16-mixed on this machine: `lmforge info`).")
+                           f"use one of {', '.join(CPU_PRECISIONS)} (auto picks the faster of 32 and bf16-mixed "
+                           "on this machine: `lmforge info`).")
 
 
 def check_model(cfg: DictConfig) -> None:

@@ -127,7 +127,8 @@ def _export(args: argparse.Namespace) -> None:
         from lmforge.gguf import export_gguf
 
         out = export_gguf(fetch_model_dir(args.model, args.tracking_uri), args.out, args.dtype)
-        print(f"wrote {out} ({args.dtype}; run it with llama.cpp, or transformers' from_pretrained(..., gguf_file=...))")
+        print(f"wrote {out} ({args.dtype}; run it with llama.cpp, "
+              "or transformers' from_pretrained(..., gguf_file=...))")
         return
     if args.dtype != "f32":
         raise LmforgeError(f"--dtype {args.dtype} applies to --format gguf only; --format hf writes float32.")
@@ -219,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key=value or group=choice")
     p = sub.add_parser("compose", help="rewrite params.yaml from conf/ (what `dvc exp run` does)")
     p.add_argument("overrides", nargs="*")
-    p = sub.add_parser("check", help="compose conf/ with overrides and run every check that needs no data or accelerator")
+    p = sub.add_parser("check",
+                       help="compose conf/ with overrides and run every check that needs no data or accelerator")
     p.add_argument("overrides", nargs="*", help="as for `dvc exp run -S`: key=value, group=choice, +key=value")
 
     _add_generate_parser(sub)
@@ -241,7 +243,8 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch; the first streams")
-    g.add_argument("--stop", action="append", default=None, help="stop when this string is produced (repeatable; backslash escapes such as \\n are read)")
+    g.add_argument("--stop", action="append", default=None,
+                   help="stop when this string is produced (repeatable; backslash escapes such as \\n are read)")
     g.add_argument("--no-cache", action="store_true", help="recompute the context every step (slow; for checks)")
     g.add_argument("--interactive", action="store_true", help="keep a prompt loop open")
     g.add_argument("--escapes", action="store_true", help="interpret \\n in interactive prompts")
@@ -255,7 +258,8 @@ def _add_export_import_parsers(sub) -> None:
                    help="hf: GPT2LMHeadModel or LlamaForCausalLM; gguf: one file for llama.cpp, Ollama, Candle, ...")
     e.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF weight type (default f32)")
     e.add_argument("out", help="the directory (hf) or .gguf file (gguf) to write")
-    i = sub.add_parser("import", help="turn a local transformers GPT-2/Llama directory or a GGUF file into a model directory")
+    i = sub.add_parser("import",
+                       help="turn a local transformers GPT-2/Llama directory or a GGUF file into a model directory")
     i.add_argument("--format", required=True, choices=["hf", "gguf"])
     i.add_argument("hf_dir", metavar="SOURCE", help="a transformers directory (config.json, safetensors weights, "
                    "tokenizer.json), or a gpt2/llama .gguf file")

@@ -28,7 +28,8 @@ class LitGPT(L.LightningModule):
 
     Metrics are recorded at the optimizer step they belong to (train loss averaged over
     micro-batches and ranks every ``log_every`` steps, validation loss averaged over ranks), for
-    MLflow (through ``metrics_log``, a ``tracking.MetricsLog``) and in ``history``, which checkpoints carry so that a resumed
+    MLflow (through ``metrics_log``, a ``tracking.MetricsLog``) and in ``history``, which
+    checkpoints carry so that a resumed
     run's curves are complete.
     """
 

@@ -16,7 +16,8 @@ RUN_FILE = "run.json"  # in paths.checkpoints: the MLflow run and configuration 
 
 def config_fingerprint(cfg, index: dict) -> str:
     """A hash of everything that decides the training trajectory: seed, model, optimizer, training
-    settings (but ``train.resume`` and ``checkpoint_every``) and the token files. Checkpoints resume only into a run with
+    settings (but ``train.resume`` and ``checkpoint_every``) and the token files. Checkpoints
+    resume only into a run with
     the same fingerprint; the hardware (``trainer``) may change between the two."""
     train_cfg = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items()
                  if k not in ("resume", "checkpoint_every")}

@@ -197,7 +197,8 @@ def _steps_and_throughput(cfg, trainer: L.Trainer) -> Throughput:
     if not watched():  # no bar: plain progress lines (make run > log, queued experiments, CI)
         trainer.callbacks.append(ProgressLines(int(t.max_steps), tokens_per_step))
     if accumulate > 1:
-        rank_zero_only(print)(f"global batch: {tokens_per_step} tokens per step ({accumulate} micro-batches per device)")
+        rank_zero_only(print)(f"global batch: {tokens_per_step} tokens per step "
+                              f"({accumulate} micro-batches per device)")
     return throughput
 
 
