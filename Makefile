@@ -1,5 +1,5 @@
 # make run   : create .venv if missing, install lmforge, run the pipeline (dvc repro)
-# make test  : create .venv if missing, install lmforge with its test extras, run the whole suite
+# make test  : create .venv if missing, install lmforge with its test extras, lint (ruff), run the whole suite
 # make ui    : the MLflow UI on http://127.0.0.1:5000 over mlflow.db
 
 VENV   ?= .venv
@@ -42,9 +42,11 @@ run: install
 	dvc repro
 
 test: install-test
+	ruff check src tests pipelines benchmarks
 	python -m pytest -q
 
 test-fast: install-test
+	ruff check src tests pipelines benchmarks
 	python -m pytest -q -m "not slow"
 
 ui: install

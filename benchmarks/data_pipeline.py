@@ -15,14 +15,16 @@ Each stage runs as the pipeline runs it (the real config, ``tokenizer=bpe``, ``d
 in its own subprocess. Reported per stage: MB/s (UTF-8 text bytes the stage reads, per second of
 the stage itself, interpreter start-up excluded), the peak resident memory of the stage's main
 process (the kernel's high-water mark, VmHWM) and of the stage's whole process tree (psutil,
-sampled every 0.1 s: the main process plus its tokenize workers, summed). For comparison, HuggingFace's ``encode_batch`` over lines in
+sampled every 0.1 s: the main process plus its tokenize workers, summed). For comparison,
+HuggingFace's ``encode_batch`` over lines in
 one process is timed on the same text.
 
 With ``--engine local,ray`` prepare and tokenize run once per engine on the same corpus (the vocab
 stage once, shared), and the outputs of each engine are compared byte for byte with the first's.
 A ``ray`` stage without ``--ray-address`` starts (and stops) its own local Ray, whose start-up is
 part of its seconds and whose processes (GCS, raylet, workers) are part of its process tree; with
-``--ray-address`` it joins a running cluster, whose processes are not counted. The table is printed and written as JSON to
+``--ray-address`` it joins a running cluster, whose processes are not counted. The table is printed
+and written as JSON to
 benchmarks/results/data_pipeline.json. The cores may be shared with other work: compare numbers
 from one run, not across runs.
 """
@@ -171,15 +173,16 @@ def _tree_digest(directory: Path) -> str:
 
 def run_stage_here(stage: str, overrides: list[str]) -> None:
     """(In the subprocess.) Run one stage and print its time and peak memory as JSON."""
-    from lmforge.cli import _stage
     from lmforge.config import load_config
+    from lmforge.stages import stage_function
 
     cfg = load_config(overrides)
     start, cpu = time.perf_counter(), time.process_time()
-    _stage(stage)(cfg)
+    stage_function(stage)(cfg)
     seconds = time.perf_counter() - start
     # The stage process's own CPU time: near ``seconds`` means it, not the workers, sets the pace.
-    print(json.dumps({"seconds": seconds, "main_cpu_seconds": time.process_time() - cpu, "main_rss_mb": _peak_rss_mb()}))
+    print(json.dumps({"seconds": seconds, "main_cpu_seconds": time.process_time() - cpu,
+                      "main_rss_mb": _peak_rss_mb()}))
 
 
 def _peak_rss_mb() -> float:
@@ -283,7 +286,7 @@ def benchmark(size: int, base: Path, keep: bool, engines: list[str], ray_address
                                       "prepared_sha256": _tree_digest(out / "prepared"),
                                       "tokens_sha256": _tree_digest(out / "tokens")}
         first = row["engines"][engines[0]]
-        for engine, result in row["engines"].items():
+        for result in row["engines"].values():
             result["same_bytes_as_" + engines[0]] = (result["prepared_sha256"] == first["prepared_sha256"]
                                                      and result["tokens_sha256"] == first["tokens_sha256"])
         row["hf_encode_batch_mb_per_second"] = hf_encode_batch_speed(
@@ -330,8 +333,10 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where corpora are generated (default: the system temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated corpora and outputs")
     parser.add_argument("--engine", default="local", help="comma-separated data.engine values to run (local,ray)")
-    parser.add_argument("--ray-address", default=None, help="data.ray_address for the ray engine (default: a local Ray)")
-    parser.add_argument("--workers", type=int, default=None, help="data.workers (default: every core, or the cluster's CPUs)")
+    parser.add_argument("--ray-address", default=None,
+                        help="data.ray_address for the ray engine (default: a local Ray)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="data.workers (default: every core, or the cluster's CPUs)")
     parser.add_argument("--out", default=str(RESULTS), help="where the JSON goes")
     parser.add_argument("--run-stage", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)

@@ -49,7 +49,7 @@ def build_model_dir(arch: str, block_size: int, out: Path, tokenizer_kind: str =
     from lmforge.model import GPT, GPTConfig
     from lmforge.modeldir import save_model_dir
     from lmforge.tokenizer import eot_token_id, save_tokenizer
-    from lmforge.training import model_config_for
+    from lmforge.training.stage import model_config_for
     from lmforge.vocab import build_tokenizer
 
     overrides = ["model=baby", f"model.block_size={block_size}", f"tokenizer={tokenizer_kind}"]
@@ -64,7 +64,8 @@ def build_model_dir(arch: str, block_size: int, out: Path, tokenizer_kind: str =
     save_tokenizer(tokenizer, out / "tokenizer.json")
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_dict(model_config_for(cfg, tokenizer.get_vocab_size())))
-    meta = {"kind": tokenizer_kind, "eot_token": cfg.tokenizer.eot_token, "eot_id": eot_token_id(tokenizer, cfg.tokenizer.eot_token)}
+    meta = {"kind": tokenizer_kind, "eot_token": cfg.tokenizer.eot_token,
+            "eot_id": eot_token_id(tokenizer, cfg.tokenizer.eot_token)}
     return save_model_dir(out / f"baby-{arch}-{tokenizer_kind}", model, out / "tokenizer.json", meta)
 
 
@@ -114,7 +115,8 @@ def windowed_llama_cpp_generate(llm, prompt: list[int], new_tokens: int, block_s
     return tokens
 
 
-def llama_cpp_runs(model_dir: Path, prompt: list[int], block_size: int, args, tmp: Path) -> tuple[dict, list[int] | str]:
+def llama_cpp_runs(model_dir: Path, prompt: list[int], block_size: int, args,
+                   tmp: Path) -> tuple[dict, list[int] | str]:
     """The llama.cpp generator on the q8_0 export, and its greedy tokens; or ({}, why not)."""
     from lmforge.errors import LmforgeError
     from lmforge.gguf import export_gguf
@@ -126,7 +128,8 @@ def llama_cpp_runs(model_dir: Path, prompt: list[int], block_size: int, args, tm
         return {}, str(err)
     llm = llama_cpp.Llama(str(path), n_ctx=block_size, n_threads=args.threads, seed=0, verbose=False)
     sampled = dict(temp=1.0, top_k=TOP_K, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
-    greedy = windowed_llama_cpp_generate(llm, prompt, args.new_tokens, block_size, temp=0.0, top_k=1, repeat_penalty=1.0)
+    greedy = windowed_llama_cpp_generate(llm, prompt, args.new_tokens, block_size,
+                                         temp=0.0, top_k=1, repeat_penalty=1.0)
     run = lambda: windowed_llama_cpp_generate(llm, prompt, args.new_tokens, block_size, **sampled)  # noqa: E731
     return {"llama.cpp, q8_0 GGUF": run}, greedy
 

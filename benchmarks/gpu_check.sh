@@ -39,7 +39,7 @@ python - "$WORK/gpt" <<'EOF'
 import json, sys
 import torch
 from lmforge.modeldir import load_model_dir
-from lmforge.training import peak_flops
+from lmforge.hardware import peak_flops
 
 loaded = load_model_dir(sys.argv[1])
 training = json.load(open(f"{sys.argv[1]}/config.json"))["training"]

@@ -2,7 +2,7 @@
 
 The budget is nanoGPT's CPU "baby" run: 2000 steps of 12 x 64 tokens on the default corpus, with
 models of the baby's size (0.81M parameters, within 10%). Each recipe is the real train stage
-(``lmforge.training.train``) on the project's token files, then the evaluate stage's score
+(``lmforge.training.stage.train``) on the project's token files, then the evaluate stage's score
 (``lmforge.evaluation.score_tokens``: every validation token, non-overlapping windows). The
 training validation estimate every ``--eval-interval`` steps gives the step at which the recipe
 reaches nanoGPT's final loss (1.78). The time to get there is that many steps at the recipe's
@@ -15,7 +15,8 @@ wall time of runs made minutes apart does not compare, the CPU time of one threa
 
 Results accumulate by label in ``benchmarks/results/recipes.json``, each with the machine block
 (``lmforge info``) it was trained on, which is printed first; the table printed at the end shows
-all of them, with the CPU capability each ran at (give runs on another CPU their own ``--label``). One run takes minutes of CPU: run them one at a time on a shared machine.
+all of them, with the CPU capability each ran at (give runs on another CPU their own ``--label``).
+One run takes minutes of CPU: run them one at a time on a shared machine.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import tempfile
 import time
@@ -66,7 +66,7 @@ def run_recipe(name: str, extra: list[str], data: Path, eval_interval: int, thre
     from lmforge.evaluation import score_tokens
     from lmforge.modeldir import load_model_dir
     from lmforge.shards import TokenStream
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     class StepClock(L.Callback):
         """Wall time of the training steps alone (validation excluded)."""
@@ -157,7 +157,8 @@ def main() -> None:
         for label, cost in costs.items():
             r = results[label]
             r["cpu_seconds_per_step"] = cost
-            r["cpu_seconds_to_nanogpt_loss"] = None if r["steps_to_nanogpt_loss"] is None else r["steps_to_nanogpt_loss"] * cost
+            to_loss = r["steps_to_nanogpt_loss"]
+            r["cpu_seconds_to_nanogpt_loss"] = None if to_loss is None else to_loss * cost
         out.write_text(json.dumps(results, indent=2) + "\n")
 
     print(f"\n| recipe | parameters | val loss (whole split) | steps to {NANOGPT_FINAL_LOSS} | ms per step (CPU) "
@@ -186,7 +187,7 @@ def step_costs(results: dict, data: Path, steps: int, rounds: int, threads: int 
     import lightning as L
 
     from lmforge.config import compose_config
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     warmup = 10
     # The learning rates do not change the cost of a step: one measurement per architecture,
@@ -204,9 +205,11 @@ def step_costs(results: dict, data: Path, steps: int, rounds: int, threads: int 
             clock = {}
 
             class Clock(L.Callback):
+                times = clock  # bound now: a closure would see a later round's dict
+
                 def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
                     if trainer.global_step in (warmup, warmup + steps):
-                        clock[trainer.global_step] = time.process_time()
+                        self.times[trainer.global_step] = time.process_time()
 
             with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
                 cfg = compose_config([*r["overrides"], f"train.max_steps={warmup + steps}",

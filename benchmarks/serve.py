@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     base = rows[args.clients[0]]["tokens_per_second"]
     print(f"machine: {info}; server threads: {args.threads or 'torch default'}")
-    print(f"model: baby (4 layers, 4 heads, 128 embedding, block {args.block_size}), {args.new_tokens} tokens a request")
+    print(f"model: baby (4 layers, 4 heads, 128 embedding, block {args.block_size}), "
+          f"{args.new_tokens} tokens a request")
     print(f"{'clients':>7} {'tokens/s':>9} {'x 1 client':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
           f"{'ITL p99':>8} {'server CPU/token':>16}")
     for clients, r in rows.items():

@@ -51,7 +51,8 @@ def good_requests(rng: random.Random, count: int) -> list[tuple[str, dict]]:
         body = {"model": "baby", "max_tokens": rng.choice([8, 30, 60]), "seed": i, "n": rng.choice([1, 1, 2]),
                 "temperature": rng.choice([0, 0.8, 1.0]), "top_k": rng.choice([None, 20]), "stop": ["\n\n"]}
         if i % 3 == 2:
-            out.append(("/v1/chat/completions", {**body, "messages": [{"role": "user", "content": rng.choice(PROMPTS)}]}))
+            messages = [{"role": "user", "content": rng.choice(PROMPTS)}]
+            out.append(("/v1/chat/completions", {**body, "messages": messages}))
         else:
             out.append(("/v1/completions", {**body, "prompt": rng.choice(PROMPTS)}))
     return out
@@ -82,7 +83,8 @@ async def ask(http, url: str, path: str, body: dict, stream: bool) -> tuple[list
 async def bad_request(http, url: str, rng: random.Random) -> bool:
     """Send one bad request; True when it was refused with a 4xx naming the field."""
     if rng.random() < 0.1:
-        response = await http.post(url + "/v1/completions", content=b"{broken", headers={"content-type": "application/json"})
+        response = await http.post(url + "/v1/completions", content=b"{broken",
+                                   headers={"content-type": "application/json"})
         return 400 <= response.status_code < 500 and "error" in response.json()
     change, param = rng.choice(BAD)
     response = await http.post(url + "/v1/completions", json={"model": "baby", "prompt": "ROMEO:", **change})

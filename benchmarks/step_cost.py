@@ -44,13 +44,14 @@ SIDES = {
 }
 
 
-def lmforge_side(data: Path, overrides: list[str], warmup: int, steps: int, bf16_muon: bool = False) -> tuple[float, float]:
+def lmforge_side(data: Path, overrides: list[str], warmup: int, steps: int,
+                 bf16_muon: bool = False) -> tuple[float, float]:
     """(wall, CPU) seconds per step of the real train stage with ``overrides``."""
     import lightning as L
 
     from lmforge import hardware
     from lmforge.config import compose_config
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     timer = StepTimer(warmup, warmup + steps)
 
@@ -80,7 +81,8 @@ def nanogpt_side(data: Path, warmup: int, steps: int) -> tuple[float, float]:
     index = json.loads((data / "tokens/index.json").read_text())
     shards = index["splits"]["train"]["shards"]
     if len(shards) != 1 or index["dtype"] != "uint16":
-        sys.exit("error: the nanoGPT side reads one uint16 train shard (nanoGPT's train.bin); retokenize with one shard.")
+        sys.exit("error: the nanoGPT side reads one uint16 train shard (nanoGPT's train.bin); "
+                 "retokenize with one shard.")
     timer = StepTimer(warmup, warmup + steps)
     nanogpt_ref.train_steps(data / "tokens" / shards[0]["file"], int(index["vocab_size"]), warmup + steps, timer.at)
     return timer_seconds(timer, steps)
@@ -153,12 +155,14 @@ def main() -> None:
         steps_cell = f"{to:.0f}" if to else "-"
         time_cell = f"{row['seconds_to_1.78']:.0f} s" if to else "-"
         ratio_cell = f"{row['time_to_1.78_vs_nanogpt']:.2f}x" if row["time_to_1.78_vs_nanogpt"] else "-"
-        print(f"| {row['what']} | {row['ms_per_step_cpu']:.1f} | {row['vs_nanogpt']:.2f}x | {row['ms_per_step_wall']:.1f} | "
+        print(f"| {row['what']} | {row['ms_per_step_cpu']:.1f} | {row['vs_nanogpt']:.2f}x | "
+              f"{row['ms_per_step_wall']:.1f} | "
               f"{steps_cell} | {time_cell} | {ratio_cell} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"threads": args.threads, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
             "load_average": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    args.out.write_text(json.dumps({"machine": machine, "choices": choices, "meta": meta, "rows": rows}, indent=2) + "\n")
+    report = {"machine": machine, "choices": choices, "meta": meta, "rows": rows}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}  (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
 
 

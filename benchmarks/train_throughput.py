@@ -1,6 +1,6 @@
 """Training throughput for the baby configuration on CPU: our trainer against a bare PyTorch loop.
 
-"trainer" is the real train stage (``lmforge.training.train``: Lightning, the MLflow logging every
+"trainer" is the real train stage (``lmforge.training.stage.train``: Lightning, the MLflow logging every
 ``train.log_every`` steps, checkpoints, NaN watch, tokens/s), in a temporary project on the
 project's token files. "bare" is a plain loop over the same model, batches, optimizer (fused
 AdamW), schedule, clipping and autocast, with no Lightning: what the trainer costs is the gap.
@@ -14,7 +14,8 @@ process, so that load from other processes hits every side alike; medians are co
                                           [--precisions 32 bf16-mixed] [--no-compile]
 
 Needs the prepared, vocabulary and token files of the default corpus (``dvc repro tokenize``). Prints the
-machine block (``lmforge info``) and a table, and writes both to ``benchmarks/results/train_throughput.json``. nanoGPT's 16,000 tokens/s (fp32, eager, 2 threads,
+machine block (``lmforge info``) and a table, and writes both to
+``benchmarks/results/train_throughput.json``. nanoGPT's 16,000 tokens/s (fp32, eager, 2 threads,
 measured alone on this kind of machine) is the outside anchor; the bare fp32 eager loop, which
 is nanoGPT's loop on nanoGPT's model, is the same anchor measured under today's load.
 """
@@ -68,7 +69,7 @@ def trainer_side(data: Path, precision: str, compiled: bool, warmup: int, steps:
     """Tokens per second of the train stage over steps warmup..warmup+steps."""
     import lightning as L
 
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     timer = StepTimer(warmup, warmup + steps)
 
@@ -98,7 +99,7 @@ def bare_side(data: Path, precision: str, compiled: bool, warmup: int, steps: in
     from lmforge.data import RandomWindows
     from lmforge.model import GPT, GPTConfig
     from lmforge.shards import TokenStream, read_index
-    from lmforge.training import build_optimizer, lr_factor
+    from lmforge.training.optim import build_optimizer, lr_factor
 
     cfg = base_config([])
     t, opt_cfg = cfg.train, cfg.optimizer
@@ -111,7 +112,8 @@ def bare_side(data: Path, precision: str, compiled: bool, warmup: int, steps: in
     optimizer = build_optimizer(model, opt_cfg, fused=True)
     if compiled:
         model.compile()
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16-mixed" else contextlib.nullcontext
+    autocast = ((lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16-mixed"
+                else contextlib.nullcontext)
     batches = iter(RandomWindows(TokenStream(tokens, "train"), cfg.model.block_size, t.batch_size, cfg.seed))
     timer = StepTimer(warmup, warmup + steps)
     model.train()
@@ -190,7 +192,8 @@ def main() -> None:
           "| trainer / bare (wall) | trainer / bare fp32 eager (CPU) | trainer / nanoGPT 16k (wall) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
-        vs_anchor = f"{row['trainer_over_bare_fp32_eager_cpu']:.2f}x" if row["trainer_over_bare_fp32_eager_cpu"] else "-"
+        ratio = row["trainer_over_bare_fp32_eager_cpu"]
+        vs_anchor = f"{ratio:.2f}x" if ratio else "-"
         print(f"| {row['precision']} | {row['mode']} | {row['trainer_tokens_per_second']:,.0f} | "
               f"{row['bare_tokens_per_second']:,.0f} | {row['trainer_tokens_per_cpu_second']:,.0f} | "
               f"{row['bare_tokens_per_cpu_second']:,.0f} | {row['trainer_over_bare_cpu']:.3f} | "

@@ -12,8 +12,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -122,7 +122,8 @@ def run_command(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 
                 **(env or {})}
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
 
 
@@ -132,7 +133,8 @@ def copy_project(dest: Path, overrides: tuple[str, ...] | list[str] = ()) -> Pat
     for name in PROJECT_FILES:
         src = ROOT / name
         if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__", "*.egg-info"))
+            shutil.copytree(src, dest / name,
+                            ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__", "*.egg-info"))
         else:
             shutil.copy2(src, dest / name)
     run_command(["git", "init", "-q"], dest)
@@ -192,9 +194,10 @@ def mlflow_server(store: Path, timeout: float = 90) -> Iterator[str]:
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2):
                     break
-            except OSError:
+            except OSError as err:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"mlflow server did not start:\n{(store / 'server.log').read_text()[-3000:]}")
+                    raise AssertionError(
+                        f"mlflow server did not start:\n{(store / 'server.log').read_text()[-3000:]}") from err
                 time.sleep(0.3)
         yield url
     finally:

@@ -16,7 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from lmforge.corpus import CorpusStats, DOC_SEPARATOR, iter_split, prepare, progress_bar, reading, resolve_sources, stage
+from lmforge.corpus import (
+    DOC_SEPARATOR,
+    CorpusStats,
+    iter_split,
+    prepare,
+    progress_bar,
+    reading,
+    resolve_sources,
+    stage,
+)
 from lmforge.errors import LmforgeError
 from tests.conftest import write_corpus
 
@@ -85,7 +94,8 @@ def test_empty_corpus_is_a_clear_error(tiny_cfg, tmp_path):
     with pytest.raises(LmforgeError, match="empty"):
         prepare(tiny_cfg)
     assert not Path(tiny_cfg.paths.prepared).exists()
-    assert not list(Path(tiny_cfg.paths.prepared).parent.glob(".*tmp*")) if Path(tiny_cfg.paths.prepared).parent.exists() else True
+    prepared_parent = Path(tiny_cfg.paths.prepared).parent
+    assert not list(prepared_parent.glob(".*tmp*")) if prepared_parent.exists() else True
 
 
 # --- sources and formats -----------------------------------------------------------------------
@@ -219,7 +229,8 @@ def _fails(cfg, *words: str) -> str:
     assert "\n" not in message
     assert not Path(cfg.paths.prepared).exists()
     assert not Path(cfg.paths.reports, "prepare.json").exists()
-    leftovers = [p.name for p in Path(cfg.paths.prepared).parent.glob(".*")] if Path(cfg.paths.prepared).parent.exists() else []
+    prepared_parent = Path(cfg.paths.prepared).parent
+    leftovers = [p.name for p in prepared_parent.glob(".*")] if prepared_parent.exists() else []
     assert not leftovers
     return message
 
@@ -250,7 +261,8 @@ def test_a_corpus_empty_after_cleaning_is_a_clear_error(tiny_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("kind, content, words", [
-    ("png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4, ["image.png", "PNG image", "skip_bad_files"]),
+    ("png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4,
+     ["image.png", "PNG image", "skip_bad_files"]),
     ("random", np.random.default_rng(0).bytes(5000), ["image.random", "binary", "skip_bad_files"]),
     ("utf16", "a text saved as UTF-16\n".encode("utf-16"), ["image.utf16", "UTF-16", "convert it to UTF-8"]),
 ])

@@ -24,7 +24,7 @@ import json, sys
 import lightning as L
 import torch
 from lmforge.config import load_config
-from lmforge.training import train
+from lmforge.training.stage import train
 
 
 class Record(L.Callback):
@@ -76,7 +76,8 @@ def test_two_process_ddp_on_cpu(tmp_path):
     db = sqlite3.connect(project / "mlflow.db")
     runs = db.execute("select run_uuid, status from runs").fetchall()
     assert len(runs) == 1 and runs[0][1] == "FINISHED"
-    logged = {(k, s): v for k, s, v in db.execute("select key, step, value from metrics where run_uuid=?", (runs[0][0],))}
+    rows = db.execute("select key, step, value from metrics where run_uuid=?", (runs[0][0],))
+    logged = {(k, s): v for k, s, v in rows}
     for step in ("5", "10", "15", "20"):
         local = [r["train"][step] for r in ranks]
         assert local[0] != local[1]

@@ -1,8 +1,8 @@
 """dvc.yaml declares what each stage runs and reads, derived rather than kept by hand.
 
 Code: the lmforge modules a stage's entry point imports, transitively, at module level and inside
-functions (the AST of every module on the way). ``cli.py`` is read per stage: its own imports, the
-stage runner's, and the one branch of ``_stage`` that picks the stage. ``checks.py`` only accepts
+functions (the AST of every module on the way). ``stages.py`` is read per stage: its own imports, the
+stage runner's, and the one branch of ``stage_function`` that picks the stage. ``checks.py`` only accepts
 or refuses a configuration and writes nothing a data stage outputs, so the walk stops there
 (except for the ``check`` stage, whose output it writes).
 
@@ -23,7 +23,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 STAGE_NAMES = ("check", "prepare", "vocab", "tokenize", "train", "evaluate")
-RUNNER_FUNCTIONS = ("run_stage", "_run_stage", "_guarded")
+RUNNER_FUNCTIONS = ("run_stage", "_run_stage", "guarded")
 
 
 def dvc_stages() -> dict:
@@ -52,14 +52,14 @@ def imported_names(nodes) -> set[str]:
     return names
 
 
-def cli_nodes(stage: str) -> list:
-    """The parts of cli.py that run for ``stage``: module level, the runner, and its ``_stage`` branch."""
-    tree = ast.parse((SRC / "lmforge/cli.py").read_text())
+def runner_nodes(stage: str) -> list:
+    """The parts of stages.py that run for ``stage``: module level, the runner, and its ``stage_function`` branch."""
+    tree = ast.parse((SRC / "lmforge/stages.py").read_text())
     nodes = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
         if fn.name in RUNNER_FUNCTIONS:
             nodes.append(fn)
-        elif fn.name == "_stage":
+        elif fn.name == "stage_function":
             branch = next(n for n in ast.walk(fn) if isinstance(n, ast.If) and isinstance(n.test, ast.Compare)
                           and any(isinstance(c, ast.Constant) and c.value == stage for c in n.test.comparators))
             nodes.extend(branch.body)
@@ -84,7 +84,7 @@ def code_closure(stage: str) -> set[Path]:
         if path.name == "checks.py" and stage != "check":
             continue  # accepts or refuses a config; writes nothing a data stage outputs
         files.add(path)
-        nodes = cli_nodes(stage) if path == SRC / "lmforge/cli.py" else [ast.parse(path.read_text())]
+        nodes = runner_nodes(stage) if path == SRC / "lmforge/stages.py" else [ast.parse(path.read_text())]
         todo += sorted(imported_names(nodes))
     return {f for f in files if f != SRC / "lmforge/__init__.py"}  # the package's empty __init__
 
@@ -99,15 +99,15 @@ def test_every_module_a_stage_imports_is_a_dependency(stage):
     deps = [d if isinstance(d, str) else next(iter(d)) for d in dvc_stages()[stage]["deps"]]
     assert f"pipelines/{stage}.py" in deps
     closure = code_closure(stage)
-    assert SRC / "lmforge/cli.py" in closure and SRC / "lmforge/config.py" in closure  # the walk itself works
+    assert SRC / "lmforge/stages.py" in closure and SRC / "lmforge/config.py" in closure  # the walk itself works
     missing = sorted(str(p.relative_to(ROOT)) for p in closure if not declared(p, deps))
     assert not missing, f"dvc.yaml stage '{stage}' runs these files but does not declare them: {missing}"
 
 
 def test_the_walk_follows_function_level_imports():
-    # training.train imports lmforge.serving inside the function: it must count.
+    # training.stage imports lmforge.serving inside a function: it must count.
     assert SRC / "lmforge/serving.py" in code_closure("train")
-    assert SRC / "lmforge/training.py" not in code_closure("prepare")
+    assert SRC / "lmforge/training/stage.py" not in code_closure("prepare")
 
 
 # --- params: recorded while the real stages run on a tiny project ---
@@ -151,8 +151,8 @@ def covered(key: str, params: list[str]) -> bool:
 
 @pytest.fixture(scope="module")
 def stage_reads(tmp_path_factory, one_thread) -> dict[str, set[str]]:
-    from lmforge.cli import _stage
     from lmforge.config import compose_config, write_params
+    from lmforge.stages import stage_function
     from tests.conftest import TINY_PIPELINE, write_corpus
 
     project = tmp_path_factory.mktemp("deps")
@@ -164,7 +164,7 @@ def stage_reads(tmp_path_factory, one_thread) -> dict[str, set[str]]:
         write_params(cfg)
         for stage in STAGE_NAMES:
             with recording_reads(cfg) as seen:
-                _stage(stage)(cfg)
+                stage_function(stage)(cfg)
             reads[stage] = seen
     return reads
 

@@ -16,7 +16,6 @@ from lmforge.modeldir import load_model_dir
 from tests.conftest import write_corpus
 from tests.test_generation import CHAR_TEXT, make_model_dir, run_cli
 
-
 # Tiny tensors: one thread is fastest on a shared 2-core machine (conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,7 +153,8 @@ def test_mlflow_logging_onto_the_training_run_or_a_new_one(tmp_path, text_files,
 def test_evaluate_with_overrides_still_runs_the_stage(tiny_cfg, tmp_path, capsys, monkeypatch):
     from lmforge.config import write_params
 
-    monkeypatch.setattr("lmforge.cli._stage", lambda name: lambda cfg: {"stage": name, "n": cfg.evaluate.max_new_tokens})
+    monkeypatch.setattr("lmforge.stages.stage_function",
+                        lambda name: lambda cfg: {"stage": name, "n": cfg.evaluate.max_new_tokens})
     write_params(tiny_cfg, tmp_path / "params.yaml")
     code, stdout, err = run_cli(["evaluate", "evaluate.max_new_tokens=7"], capsys)
     assert code == 0, err

@@ -50,7 +50,8 @@ def bpe_tokenizer_file(directory: Path, text: str = TRAIN_TEXT, vocab_size: int 
 
     path = directory / "bpe-tokenizer.json"
     if not path.is_file():
-        tokenizer = build_tokenizer({"kind": "bpe", "vocab_size": vocab_size, "special_tokens": ["<|endoftext|>"]}, [text])
+        tokenizer = build_tokenizer({"kind": "bpe", "vocab_size": vocab_size, "special_tokens": ["<|endoftext|>"]},
+                                    [text])
         save_tokenizer(tokenizer, path)
     return path
 
@@ -63,7 +64,8 @@ def bpe_model_dir(path: Path, model: GPT | None = None, **options) -> Path:
     if model is None:
         vocab_size = load_tokenizer(tokenizer_file).get_vocab_size()
         torch.manual_seed(0)
-        model = GPT(GPTConfig(**dict(dict(vocab_size=vocab_size, block_size=BLOCK, n_layer=2, n_head=4, n_embd=64), **options)))
+        sizes = dict(vocab_size=vocab_size, block_size=BLOCK, n_layer=2, n_head=4, n_embd=64)
+        model = GPT(GPTConfig(**dict(sizes, **options)))
         with torch.no_grad():  # norm gains 1 and biases 0 would hide a misplaced tensor
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.1)
@@ -182,7 +184,8 @@ def test_q8_0_greedy_matches_ours_for_20_tokens_on_a_trained_model(tmp_path, fam
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(positions="sinusoidal"), "a model with positions=sinusoidal, norm=layernorm, mlp=gelu cannot be exported"),
+        (dict(positions="sinusoidal"),
+         "a model with positions=sinusoidal, norm=layernorm, mlp=gelu cannot be exported"),
         (dict(positions="rope", mlp="gelu_tanh"), "a model with positions=rope, norm=layernorm, mlp=gelu_tanh cannot"),
         (dict(mlp="gelu"), "model.mlp=gelu (exact erf GELU) has no GGUF counterpart"),
         (dict(LLAMA_STYLE, bias=True), "model.bias=true with positions=rope, norm=rmsnorm, mlp=swiglu has no GGUF"),
@@ -230,7 +233,8 @@ def char_vocabulary_as_gguf(path: Path, tokenizer, tokenizer_model: str) -> Path
     _write_hyperparameters(writer, gguf, config, "llama", "char", "f32")
     if tokenizer_model == "gpt2":
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        tokens = [t if t in special else byte_level.pre_tokenize_str(t)[0][0] for t in map(by_id.get, range(len(by_id)))]
+        tokens = [t if t in special else byte_level.pre_tokenize_str(t)[0][0]
+                  for t in map(by_id.get, range(len(by_id)))]
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("gpt-2")
         writer.add_token_merges([f"{t[0]} {t[1:]}" for t in tokens if len(t) == 2 and t not in special])
@@ -268,7 +272,8 @@ def test_no_gguf_tokenizer_reproduces_a_char_vocabulary_outside_its_alphabet(tmp
     assert llm.tokenize(inside.encode(), add_bos=False, special=False) == tokenizer.encode(inside).ids
     ours = tokenizer.encode(outside).ids
     assert ours.count(tokenizer.token_to_id("<unk>")) == 3  # z, b and the snowman, each one <unk>
-    assert llm.tokenize(outside.encode(), add_bos=False, special=False) == [i for i in ours if i != tokenizer.token_to_id("<unk>")]
+    unk = tokenizer.token_to_id("<unk>")
+    assert llm.tokenize(outside.encode(), add_bos=False, special=False) == [i for i in ours if i != unk]
 
     path = char_vocabulary_as_gguf(tmp_path / "char-spm.gguf", tokenizer, "llama")
     probe = (f"from llama_cpp import Llama; llm = Llama({str(path)!r}, vocab_only=True, verbose=False); "
@@ -288,7 +293,8 @@ def test_cli_export_import_round_trip_and_the_import_evaluates_and_generates(tmp
         code, out, err = run_cli(["export", "--model", model_dir, "--format", "gguf", "--dtype", dtype,
                                   tmp_path / f"m-{dtype}.gguf"], capsys)
         assert code == 0 and f"({dtype};" in out
-        code, out, err = run_cli(["import", "--format", "gguf", tmp_path / f"m-{dtype}.gguf", tmp_path / f"back-{dtype}"], capsys)
+        code, out, err = run_cli(["import", "--format", "gguf", tmp_path / f"m-{dtype}.gguf",
+                                  tmp_path / f"back-{dtype}"], capsys)
         assert code == 0 and "train.init_from=" in out
         back = load_model_dir(tmp_path / f"back-{dtype}")
         assert back.model.config == ours.model.config

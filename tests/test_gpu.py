@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmforge import hardware
-from lmforge.muon import Muon
+from lmforge.training.muon import Muon
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -71,7 +71,8 @@ def test_export_loads_in_transformers_with_equal_logits_and_tokenizer(tmp_path, 
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(positions="sinusoidal"), "a model with positions=sinusoidal, norm=layernorm, mlp=gelu cannot be exported"),
+        (dict(positions="sinusoidal"),
+         "a model with positions=sinusoidal, norm=layernorm, mlp=gelu cannot be exported"),
         (dict(positions="rope"), "a model with positions=rope, norm=layernorm, mlp=gelu cannot be exported"),
         (dict(GPT2_STYLE, n_kv_head=2), "model.n_kv_head=2 (grouped-query attention) has no GPT-2 counterpart"),
     ],
@@ -86,7 +87,7 @@ def test_export_refuses_what_neither_family_represents(tmp_path, capsys, options
 
 
 def save_transformers_model(path, family: str, vocab_size: int, tokenizer_file,
-                            activation: str = "gelu") -> "transformers.PreTrainedModel":
+                            activation: str = "gelu") -> transformers.PreTrainedModel:
     """A randomly initialised transformers model of ``family``, saved with a fast tokenizer at ``path``."""
     torch.manual_seed(2)
     if family == "gpt2":
@@ -96,7 +97,8 @@ def save_transformers_model(path, family: str, vocab_size: int, tokenizer_file,
     else:
         config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=80,
                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=32, rms_norm_eps=1e-5, rope_theta=777.0, tie_word_embeddings=False,
+                                          max_position_embeddings=32, rms_norm_eps=1e-5, rope_theta=777.0,
+                                          tie_word_embeddings=False,
                                           eos_token_id=0, bos_token_id=0)
         model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():  # HF initialises norms to 1 and biases to 0: make every weight count
@@ -195,7 +197,7 @@ def test_training_continues_from_an_imported_model(tiny_cfg, tmp_path):
     from lmforge.corpus import prepare
     from lmforge.shards import read_index
     from lmforge.tokens import tokenize
-    from lmforge.training import train
+    from lmforge.training.stage import train
     from lmforge.vocab import vocab_stage
     from tests.conftest import write_corpus
 
@@ -237,7 +239,8 @@ def test_training_continues_from_an_imported_model(tiny_cfg, tmp_path):
         train(tiny_cfg)
 
 
-@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../outside.safetensors"])
+@pytest.mark.parametrize("shard",
+                         ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../outside.safetensors"])
 def test_a_shard_name_outside_the_directory_is_refused(tmp_path, shard):
     # model.safetensors.index.json comes with a downloaded model: it must not name files elsewhere.
     from safetensors.torch import save_file

@@ -1,4 +1,4 @@
-"""lmforge.muon.Muon against torch.optim.Muon on random matrices: the same update in bfloat16, the
+"""lmforge.training.muon.Muon against torch.optim.Muon on random matrices: the same update in bfloat16, the
 float32 path within bfloat16's rounding of torch's and closer to a float64 orthogonalisation."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.muon import Muon, zeropower_via_newtonschulz
+from lmforge.training.muon import Muon, zeropower_via_newtonschulz
 
 SHAPES = [(128, 384), (384, 128), (64, 64)]  # wide, tall (transposed inside), square
 
@@ -62,7 +62,8 @@ def test_state_dict_moves_between_ours_and_torchs():
     loaded = torch.optim.Muon([param])
     loaded.load_state_dict(ours.state_dict())  # a checkpoint of ours resumes under torch's, and back
     Muon([param], ns_dtype=torch.float32).load_state_dict(loaded.state_dict())
-    torch.testing.assert_close(loaded.state[param]["momentum_buffer"], ours.state[ours.param_groups[0]["params"][0]]["momentum_buffer"])
+    ours_param = ours.param_groups[0]["params"][0]
+    torch.testing.assert_close(loaded.state[param]["momentum_buffer"], ours.state[ours_param]["momentum_buffer"])
 
 
 def test_build_optimizer_uses_the_hardware_dtype(monkeypatch):
@@ -70,11 +71,12 @@ def test_build_optimizer_uses_the_hardware_dtype(monkeypatch):
 
     from lmforge import hardware
     from lmforge.model import GPT, GPTConfig
-    from lmforge.training import build_optimizer
+    from lmforge.training.optim import build_optimizer
 
     model = GPT(GPTConfig.from_dict({"vocab_size": 16, "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 16}))
     cfg = OmegaConf.create({"name": "muon", "lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1,
-                            "muon_lr": 0.01, "muon_momentum": 0.95, "muon_weight_decay": 0.0, "muon_adjust_lr": "original"})
+                            "muon_lr": 0.01, "muon_momentum": 0.95, "muon_weight_decay": 0.0,
+                            "muon_adjust_lr": "original"})
     for dtype in (torch.float32, torch.bfloat16):
         monkeypatch.setattr(hardware, "muon_dtype", lambda device, d=dtype: d)
         optimizer = build_optimizer(model, cfg)

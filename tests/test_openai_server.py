@@ -202,7 +202,8 @@ def test_chat_with_the_plain_template_streamed_and_not(client):
 
 
 def test_chat_template_of_the_model_directory_is_rendered():
-    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
     text, used = render_chat([{"role": "user", "content": "hi"}], template)
     assert (text, used) == ("<user>hi<assistant>", "model")
     assert render_chat([{"role": "user", "content": "hi"}], None) == ("user: hi\nassistant:", "plain")
@@ -243,7 +244,8 @@ def test_unknown_model_is_a_404_and_malformed_bodies_a_400(client, server):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=NAME, messages=[])
     assert err.value.body["param"] == "messages"
-    response = httpx.post(f"{server}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    response = httpx.post(f"{server}/v1/completions", content=b"{not json",
+                          headers={"content-type": "application/json"})
     assert response.status_code == 400 and "error" in response.json()
     assert httpx.get(f"{server}/v1/nothing").json()["error"]["type"] == "not_found_error"
 

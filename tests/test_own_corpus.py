@@ -37,7 +37,8 @@ def project(tmp_path_factory) -> Path:
                  "pyproject.toml"):
         source = ROOT / name
         if source.is_dir():
-            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__", "*.egg-info"))
+            shutil.copytree(source, dest / name,
+                            ignore=shutil.ignore_patterns("tmp", "cache", "__pycache__", "*.egg-info"))
         elif source.exists():
             shutil.copy2(source, dest / name)
     run(["git", "init", "-q"], dest)

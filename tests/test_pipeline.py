@@ -50,7 +50,8 @@ def test_dvc_repro_runs_every_stage_and_tracks_the_run(project):
     assert {"train/loss", "val/loss", "train/lr", "eval/val_loss", "eval/val_bits_per_byte"} <= keys
     params = dict(db.execute("select key, value from params where run_uuid=?", (run_id,)))
     assert params["model.n_layer"] == "2" and params["train.max_steps"] == "40"
-    n_steps = db.execute("select count(distinct step) from metrics where run_uuid=? and key='train/loss'", (run_id,)).fetchone()[0]
+    n_steps = db.execute("select count(distinct step) from metrics where run_uuid=? and key='train/loss'",
+                         (run_id,)).fetchone()[0]
     assert n_steps >= 5
     artifacts = list((project / "mlartifacts").rglob("*"))
     names = {p.name for p in artifacts}
@@ -100,7 +101,8 @@ def test_two_exp_runs_with_overrides_give_two_mlflow_runs(project):
     if db_path.exists():
         before = {r for (r,) in sqlite3.connect(db_path).execute("select run_uuid from runs")}
     for lr in ("3e-3", "1e-3"):
-        run(["dvc", "exp", "run", *[f"-S{o}" for o in TINY], "-S", "train.max_steps=20", "-S", f"optimizer.lr={lr}"], project)
+        run(["dvc", "exp", "run", *[f"-S{o}" for o in TINY], "-S", "train.max_steps=20", "-S", f"optimizer.lr={lr}"],
+            project)
     # dvc exp run composed conf/ (with the overrides) into params.yaml
     params_yaml = yaml.safe_load((project / "params.yaml").read_text())
     assert params_yaml["model"]["n_embd"] == 32 and params_yaml["optimizer"]["lr"] == pytest.approx(1e-3)

@@ -7,7 +7,8 @@ import re
 
 import mlflow
 
-from lmforge.progress import ProgressLines, duration
+from lmforge.progress import duration
+from lmforge.training.callbacks import ProgressLines
 from tests.test_training import run_record, tokens_cfg  # noqa: F401  (a fixture)
 
 LINE = re.compile(r"^step (\d+)/20 \(\d+%\)  train loss (\S+)  val loss (\S+)  ([\d,]+) tokens/s  "
@@ -19,7 +20,7 @@ def progress_lines(err: str) -> list[re.Match]:
 
 
 def test_a_run_without_a_terminal_prints_progress_at_each_evaluation(tokens_cfg, capfd):  # noqa: F811
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     tokens_cfg.tracking.log_model = False  # 20 steps, validation every 10
     train(tokens_cfg)
@@ -36,14 +37,14 @@ def test_a_run_without_a_terminal_prints_progress_at_each_evaluation(tokens_cfg,
 
 
 def test_progress_lines_come_every_interval_and_never_on_a_terminal(tokens_cfg, capfd, monkeypatch):  # noqa: F811
-    from lmforge import training
+    from lmforge.training import stage as training
 
     tokens_cfg.tracking.log_model = False
     monkeypatch.setattr(ProgressLines, "EVERY_SECONDS", 0.0)  # a line at every step
     training.train(tokens_cfg)
     steps = [int(m[1]) for m in progress_lines(capfd.readouterr().err)]
     assert set(range(1, 21)) <= set(steps)
-    monkeypatch.setattr(training, "_show_progress", lambda: True)  # a terminal: Lightning's bar instead
+    monkeypatch.setattr(training, "watched", lambda: True)  # a terminal: Lightning's bar instead
     tokens_cfg.paths.checkpoints = "terminal/checkpoints"
     training.train(tokens_cfg)
     assert progress_lines(capfd.readouterr().err) == []

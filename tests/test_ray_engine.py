@@ -57,8 +57,8 @@ def test_ray_writes_the_local_engines_bytes_on_a_mixed_corpus(local_ray, tmp_pat
     corpus = write_mixed_corpus(tmp_path / "corpus")
     local = _cfg(tmp_path / "local", [corpus], f"data.split={split}", "data.val_fraction=0.3", "data.shard_size=2000")
     # The same folder as a file:// URL: read through fsspec's listing, it must give the same files in the same order.
-    on_ray = _cfg(tmp_path / "ray", [f"file://{corpus}"], f"data.split={split}", "data.val_fraction=0.3", "data.shard_size=2000",
-                  "data.engine=ray", "data.workers=2")
+    on_ray = _cfg(tmp_path / "ray", [f"file://{corpus}"], f"data.split={split}", "data.val_fraction=0.3",
+                  "data.shard_size=2000", "data.engine=ray", "data.workers=2")
     stats = prepare(local)
     assert stats.files == 17 and stats.duplicates >= 4 and stats.dropped_short >= 4
     prepare(on_ray)
@@ -178,7 +178,8 @@ def test_an_unreachable_ray_address_is_one_sentence_not_a_hang(tmp_path, listeni
         silent.close()
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"data.ray_address='{address}'" in lines[0] and "ray start --head" in lines[0], result.stderr
+    assert len(lines) == 1, result.stderr
+    assert f"data.ray_address='{address}'" in lines[0] and "ray start --head" in lines[0], result.stderr
     assert not (tmp_path / "prepared").exists()
 
 
@@ -198,5 +199,6 @@ def test_the_ray_engine_without_ray_installed_is_one_sentence(tmp_path, monkeypa
     from lmforge.ray_engine import RayRun
 
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where Ray is not installed
-    with pytest.raises(LmforgeError, match=r"data.engine=ray needs Ray, which is not installed; pip install 'lmforge\[ray\]'"):
+    with pytest.raises(LmforgeError,
+                       match=r"data.engine=ray needs Ray, which is not installed; pip install 'lmforge\[ray\]'"):
         RayRun(_cfg(tmp_path, []).data)

@@ -255,7 +255,8 @@ def bpe_llama_model_dir(project: Path) -> Path:
     model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=64, n_layer=2, n_head=2, n_embd=32,
                           positions="rope", norm="rmsnorm", mlp="swiglu", bias=False))
     return save_model_dir(project / "models/gpt-bpe", model, project / "bpe-tokenizer.json",
-                          {"kind": "bpe", "eot_token": "<|endoftext|>", "eot_id": tokenizer.token_to_id("<|endoftext|>")})
+                          {"kind": "bpe", "eot_token": "<|endoftext|>",
+                           "eot_id": tokenizer.token_to_id("<|endoftext|>")})
 
 
 @pytest.fixture(scope="module")

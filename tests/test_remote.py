@@ -19,7 +19,7 @@ def run_pipeline(cfg, corpus: Path) -> dict:
     from lmforge.corpus import prepare
     from lmforge.evaluation import evaluate
     from lmforge.tokens import tokenize
-    from lmforge.training import train
+    from lmforge.training.stage import train
     from lmforge.vocab import vocab_stage
 
     cfg.data.sources = [str(corpus)]
@@ -62,7 +62,8 @@ def test_a_training_run_logs_to_a_remote_tracking_server(tracking_server, tiny_c
 
 def test_a_dvc_remote_restores_data_and_models(dvc_project, tmp_path):
     outputs = ["data/prepared", "data/vocab", "data/tokens", "models/gpt"]
-    before = {str(p.relative_to(dvc_project)): _md5(p) for out in outputs for p in (dvc_project / out).rglob("*") if p.is_file()}
+    before = {str(p.relative_to(dvc_project)): _md5(p)
+              for out in outputs for p in (dvc_project / out).rglob("*") if p.is_file()}
     assert any(name.endswith("model.safetensors") for name in before)
     cache = dvc_project / ".dvc/cache"
     kept_cache = tmp_path / "kept-cache"
@@ -74,7 +75,8 @@ def test_a_dvc_remote_restores_data_and_models(dvc_project, tmp_path):
         for out in outputs:
             shutil.rmtree(dvc_project / out)
         run_command(["dvc", "pull"], dvc_project)
-        after = {str(p.relative_to(dvc_project)): _md5(p) for out in outputs for p in (dvc_project / out).rglob("*") if p.is_file()}
+        after = {str(p.relative_to(dvc_project)): _md5(p)
+                 for out in outputs for p in (dvc_project / out).rglob("*") if p.is_file()}
         assert after == before
         assert "up to date" in run_command(["dvc", "status"], dvc_project).stdout
     finally:

@@ -54,9 +54,10 @@ def train_process(project: Path, *overrides: str, flush_every_add: bool = False,
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     cmd = [sys.executable, str(ROOT / "pipelines/train.py"), *overrides]
     if flush_every_add:
-        cmd = [sys.executable, "-c", "import sys; import lmforge.training as t; t.MetricsLog.FLUSH_SECONDS = -1; "
-               "from lmforge.cli import run_stage; run_stage('train', sys.argv[1:])", *overrides]
-    return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+        cmd = [sys.executable, "-c", "import sys; import lmforge.tracking as t; t.MetricsLog.FLUSH_SECONDS = -1; "
+               "from lmforge.stages import run_stage; run_stage('train', sys.argv[1:])", *overrides]
+    return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
 
 
 def run_train(project: Path, *overrides: str) -> None:
@@ -99,7 +100,8 @@ def mlflow_run(project: Path, run_id: str) -> tuple[str, dict[str, dict[int, lis
 
 def assert_same_training(run: Path, reference: Path) -> None:
     """Weights, curves and logged metrics of ``run`` equal those of ``reference``, bit for bit."""
-    weights, expected = load_file(run / "models/gpt/model.safetensors"), load_file(reference / "models/gpt/model.safetensors")
+    weights = load_file(run / "models/gpt/model.safetensors")
+    expected = load_file(reference / "models/gpt/model.safetensors")
     assert weights.keys() == expected.keys()
     for name in weights:
         assert torch.equal(weights[name], expected[name]), name
@@ -202,7 +204,8 @@ def test_steps_logged_past_the_checkpoint_are_not_logged_again(project, referenc
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
-    assert checkpoint_step(directory / "models/checkpoints/last.ckpt") < max(mlflow_run(directory, run_id)[1]["train/loss"])
+    last_logged = max(mlflow_run(directory, run_id)[1]["train/loss"])
+    assert checkpoint_step(directory / "models/checkpoints/last.ckpt") < last_logged
 
     run_train(directory, "train.resume=auto", "train.checkpoint_every=200")
     assert_same_training(directory, reference)

@@ -121,7 +121,7 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 def test_train_stage_registers_a_model_that_mlflow_serves(tiny_cfg, tmp_path):
     from lmforge.corpus import prepare
     from lmforge.tokens import tokenize
-    from lmforge.training import train
+    from lmforge.training.stage import train
     from lmforge.vocab import vocab_stage
 
     tiny_cfg.data.sources = [str(write_corpus(tmp_path / "corpus", n_docs=12, words=300))]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +30,10 @@ TRAINING_TEXT = [
 ]
 
 
-@lru_cache(maxsize=None)
+@cache
 def tokenizer(kind: str, lowercase: bool = False):
-    specials = {"char": ["<|endoftext|>", "<unk>"], "bpe": ["<|endoftext|>"], "word": ["<pad>", "<unk>", "<bos>", "<eos>"]}
+    specials = {"char": ["<|endoftext|>", "<unk>"], "bpe": ["<|endoftext|>"],
+                "word": ["<pad>", "<unk>", "<bos>", "<eos>"]}
     cfg = OmegaConf.create({"kind": kind, "vocab_size": {"char": None, "word": 200, "bpe": 600}[kind],
                             "min_frequency": 1, "lowercase": lowercase, "special_tokens": specials[kind],
                             "eot_token": specials[kind][-1] if kind == "word" else "<|endoftext|>"})
@@ -226,7 +227,8 @@ def test_tokenize_writes_shards_and_index_that_decode_to_the_text(prepared_cfg):
 
 def test_worker_processes_write_the_same_tokens(prepared_cfg, monkeypatch):
     one = tokenize(prepared_cfg)
-    single = {s: TokenStream(prepared_cfg.paths.tokens, s).read(0, one["splits"][s]["tokens"]) for s in ("train", "val")}
+    single = {s: TokenStream(prepared_cfg.paths.tokens, s).read(0, one["splits"][s]["tokens"])
+              for s in ("train", "val")}
     monkeypatch.setattr(tokens, "_PARALLEL_MIN_BYTES", 0)
     through_workers = []
     in_order = tokens._in_order

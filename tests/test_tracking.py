@@ -102,7 +102,7 @@ def test_the_train_stage_fails_fast_on_an_unreachable_server_and_writes_no_model
     from lmforge.config import write_params
     from lmforge.corpus import prepare
     from lmforge.tokens import tokenize
-    from lmforge.training import train
+    from lmforge.training.stage import train
     from lmforge.vocab import vocab_stage
 
     tiny_cfg.data.sources = [str(write_corpus(tmp_path / "corpus", n_docs=12, words=300))]
@@ -167,7 +167,8 @@ def test_under_dvc_the_hashes_come_from_dvc_lock(data_dirs, monkeypatch):
     monkeypatch.setenv("DVC_STAGE", "train")
     hashes, source = lineage.data_hashes(data_dirs)
     assert source == "dvc.lock"
-    assert {role: h["md5"] for role, h in hashes.items()} == {"corpus": "c.dir", "tokenizer": "v.dir", "tokens": "t.dir"}
+    assert {role: h["md5"] for role, h in hashes.items()} == {"corpus": "c.dir", "tokenizer": "v.dir",
+                                                               "tokens": "t.dir"}
     assert hashes["tokens"]["path"] == data_dirs.paths.tokens
 
 

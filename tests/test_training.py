@@ -14,7 +14,7 @@ from lmforge.corpus import prepare
 from lmforge.errors import LmforgeError
 from lmforge.shards import TokenStream
 from lmforge.tokens import tokenize
-from lmforge.training import accumulation_steps, build_optimizer, lr_at, lr_factor
+from lmforge.training.optim import accumulation_steps, build_optimizer, lr_at, lr_factor
 from lmforge.vocab import vocab_stage
 from tests.conftest import assert_learned, first_train_loss, write_corpus
 
@@ -82,7 +82,7 @@ def test_global_batch_in_tokens_sets_the_accumulation():
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tmp_path):
     from lmforge.config import compose_config
     from lmforge.model import GPT, GPTConfig
-    from lmforge.training import MuonWithAdamW
+    from lmforge.training.optim import MuonWithAdamW
 
     opt_cfg = compose_config(["optimizer=muon"], conf_dir=Path(__file__).parents[1] / "conf").optimizer
     torch.manual_seed(0)
@@ -129,7 +129,7 @@ def test_weight_decay_only_on_matrices():
 def test_train_and_evaluate_write_a_model_directory_and_metrics(tokens_cfg):
     from lmforge.evaluation import evaluate
     from lmforge.modeldir import load_model_dir
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     tokens_cfg.train.max_steps = 30
     out = train(tokens_cfg)
@@ -145,7 +145,7 @@ def test_train_and_evaluate_write_a_model_directory_and_metrics(tokens_cfg):
 
 
 def test_block_size_larger_than_validation_split_is_a_clear_error(tokens_cfg):
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     val_tokens = TokenStream(tokens_cfg.paths.tokens, "val").__len__()
     tokens_cfg.model.block_size = val_tokens + 10
@@ -194,7 +194,7 @@ def run_record(cfg) -> dict:
 
 
 def test_a_nan_loss_stops_training_keeps_the_last_good_checkpoint_and_fails_the_run(tokens_cfg):
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     tokens_cfg.tracking.log_model = False
     tokens_cfg.optimizer = compose_optimizer("adamw")
@@ -203,7 +203,8 @@ def test_a_nan_loss_stops_training_keeps_the_last_good_checkpoint_and_fails_the_
     tokens_cfg.train.grad_clip = 0.0
     tokens_cfg.optimizer.lr = 1e6  # blows up within a few steps
     tokens_cfg.optimizer.warmup_steps = 0
-    with pytest.raises(LmforgeError, match=r"loss became NaN or infinite at step (\d+).*FAILED.*last good checkpoint") as err:
+    with pytest.raises(LmforgeError,
+                       match=r"loss became NaN or infinite at step (\d+).*FAILED.*last good checkpoint") as err:
         train(tokens_cfg)
     bad_step = int(str(err.value).split("at step ")[1].split(",")[0])
     checkpoint = torch.load(Path(tokens_cfg.paths.checkpoints, "last.ckpt"), weights_only=True)
@@ -220,7 +221,7 @@ def test_a_nan_loss_stops_training_keeps_the_last_good_checkpoint_and_fails_the_
      ("NVIDIA GeForce RTX 3090", None)],
 )
 def test_peak_flops_by_device_name(monkeypatch, name, peak):
-    from lmforge.training import peak_flops
+    from lmforge.training.callbacks import peak_flops
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda", 0)) == peak
@@ -229,11 +230,11 @@ def test_peak_flops_by_device_name(monkeypatch, name, peak):
 
 @pytest.mark.slow
 def test_early_stopping_on_validation_loss(tokens_cfg, monkeypatch):
-    from lmforge import training
     from lmforge.modeldir import load_model_dir
-    from lmforge.training import train
+    from lmforge.training import callbacks
+    from lmforge.training.stage import train
 
-    monkeypatch.setattr(training, "peak_flops", lambda device: 1e9)  # as if the device's peak were known
+    monkeypatch.setattr(callbacks, "peak_flops", lambda device: 1e9)  # as if the device's peak were known
 
     tokens_cfg.tracking.log_model = False
     tokens_cfg.optimizer = compose_optimizer("adamw")
@@ -246,7 +247,8 @@ def test_early_stopping_on_validation_loss(tokens_cfg, monkeypatch):
     assert load_model_dir(out).config["training"]["steps"] == 15
     run_id = run_record(tokens_cfg)["run_id"]
     assert run_status(tokens_cfg, run_id) == "FINISHED"
-    assert {"perf/tokens_per_second", "perf/mfu", "model/parameters", "model/flops_per_token"} <= metric_keys(tokens_cfg, run_id)
+    expected = {"perf/tokens_per_second", "perf/mfu", "model/parameters", "model/flops_per_token"}
+    assert expected <= metric_keys(tokens_cfg, run_id)
     # MFU is the model's FLOPs at the measured rate over the device's peak, step by step.
     from mlflow.tracking import MlflowClient
 
@@ -262,10 +264,11 @@ def test_early_stopping_on_validation_loss(tokens_cfg, monkeypatch):
         assert 0 < mfu
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])  # 16-mixed needs CUDA: Lightning makes it bf16 on CPU
+# 16-mixed needs CUDA: Lightning makes it bf16 on CPU
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_mixed_and_half_precision_train_on_cpu(tokens_cfg, precision):
     from lmforge.modeldir import load_model_dir
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     tokens_cfg.tracking.log_model = False
     tokens_cfg.train.max_steps = 20
@@ -297,7 +300,7 @@ def test_muon_with_accumulation_resumes_exactly_after_ctrl_c(tokens_cfg):
     """In-process twin of tests/test_resume.py for the Muon optimizer and gradient accumulation."""
     from safetensors.torch import load_file
 
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     cfg = tokens_cfg
     cfg.tracking.log_model = False
@@ -331,7 +334,7 @@ def compose_optimizer(name: str):
 
 
 def test_resume_auto_continues_only_a_run_of_the_same_configuration(tokens_cfg):
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     cfg = tokens_cfg
     cfg.tracking.log_model = False
@@ -361,7 +364,7 @@ def test_resume_auto_continues_only_a_run_of_the_same_configuration(tokens_cfg):
     ],
 )
 def test_bad_training_settings_are_clear_errors(tokens_cfg, override, words):
-    from lmforge.training import train
+    from lmforge.training.stage import train
 
     key, value = override.split("=")
     OmegaConf.update(tokens_cfg, key, int(value) if value.isdigit() else value)
@@ -373,9 +376,9 @@ def test_bad_training_settings_are_clear_errors(tokens_cfg, override, words):
 def test_gpu_trainer_presets_compose_and_fsdp_shards_by_block(project_root):
     from lightning.pytorch.strategies import FSDPStrategy
 
+    from lmforge.checks import check_training as check_training_config
     from lmforge.config import compose_config
-    from lmforge.model import Block
-    from lmforge.training import _strategy, check_training_config
+    from lmforge.training.stage import _strategy
 
     for preset in ("gpu", "ddp", "fsdp"):
         # AdamW: the default Muon needs whole matrices, which FSDP shards (checked below)

@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 import time
-from functools import lru_cache
+from functools import cache
 from types import SimpleNamespace
 
 import pytest
@@ -59,17 +59,17 @@ def make_cfg(kind: str, **overrides) -> DictConfig:
     return OmegaConf.create(section)
 
 
-@lru_cache(maxsize=None)
+@cache
 def char_tokenizer() -> Tokenizer:
     return build_tokenizer(make_cfg("char"), [CHAR_TEXT])
 
 
-@lru_cache(maxsize=None)
+@cache
 def bpe_tokenizer() -> Tokenizer:
     return build_tokenizer(make_cfg("bpe", vocab_size=400), (doc for doc in SHAKESPEARE * 3))
 
 
-@lru_cache(maxsize=None)
+@cache
 def word_tokenizer(lowercase: bool = False) -> Tokenizer:
     return build_tokenizer(make_cfg("word", lowercase=lowercase), (doc for doc in SHAKESPEARE))
 

@@ -11,14 +11,16 @@ training starts.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from lmforge.config import CONF_DIR, check_known_keys, flat_keys
 from lmforge.errors import LmforgeError
 
+PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed", "bf16-true")  # Lightning's, and auto: hardware.resolve_precision
 # Lightning refuses fp16 autocast on a CPU; every other precision runs there.
 CPU_PRECISIONS = ("auto", "32", "bf16-mixed", "bf16-true")
 # What a tokenizer kind reads of its settings (vocab.py): anything else set away from its default
@@ -81,11 +83,29 @@ def _same_kind(value: Any, example: Any) -> bool:
 
 
 def check_training(cfg: DictConfig) -> None:
-    """The train stage's own checks: choices, positive counts, micro-batches per step for the
-    given devices and nodes, optimizer and strategy (``training.check_training_config``)."""
-    from lmforge.training import check_training_config
+    """The train stage's own checks, the first problem only: choices, positive counts, micro-batches
+    per step for the given devices and nodes, optimizer and strategy."""
+    from lmforge.training.optim import OPTIMIZERS, SCHEDULES, accumulation_steps
+    from lmforge.training.resume import RESUME
 
-    check_training_config(cfg)
+    t, opt, trainer = cfg.train, cfg.optimizer, cfg.trainer
+    choices = (("trainer.precision", str(trainer.precision), PRECISIONS), ("train.resume", t.resume, RESUME),
+               ("optimizer.schedule", opt.schedule, SCHEDULES), ("optimizer.name", opt.name, OPTIMIZERS))
+    for key, value, valid in choices:
+        if value not in valid:
+            raise LmforgeError(f"{key}='{value}' is not one of {', '.join(valid)}; set it in conf/ or override it.")
+    for key in ("max_steps", "batch_size", "eval_interval", "eval_iters", "log_every", "checkpoint_every"):
+        if not isinstance(t[key], int) or isinstance(t[key], bool) or t[key] < 1:
+            raise LmforgeError(f"train.{key}={t[key]!r} must be a positive integer.")
+    patience = t.early_stopping_patience
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        raise LmforgeError(f"train.early_stopping_patience={patience!r} must be a positive integer or null.")
+    if isinstance(trainer.devices, int) and trainer.devices > 0:  # else checked once Lightning knows the devices
+        accumulation_steps(t.global_batch_tokens, int(t.batch_size), int(cfg.model.block_size),
+                           trainer.devices * int(trainer.num_nodes))
+    if opt.name == "muon" and "fsdp" in str(trainer.strategy):
+        raise LmforgeError("optimizer=muon needs whole weight matrices, which trainer.strategy=fsdp shards; "
+                           "use optimizer=adamw with FSDP, or trainer=ddp.")
 
 
 def check_precision(cfg: DictConfig) -> None:
@@ -93,7 +113,8 @@ def check_precision(cfg: DictConfig) -> None:
     trainer = cfg.trainer
     if trainer.accelerator == "cpu" and str(trainer.precision) not in CPU_PRECISIONS:
         raise LmforgeError(f"trainer.precision={trainer.precision} is not supported on a CPU; "
-                           f"use one of {', '.join(CPU_PRECISIONS)} (auto picks the faster of 32 and bf16-mixed on this machine: `lmforge info`).")
+                           f"use one of {', '.join(CPU_PRECISIONS)} (auto picks the faster of 32 and bf16-mixed "
+                           "on this machine: `lmforge info`).")
 
 
 def check_model(cfg: DictConfig) -> None:
@@ -149,7 +170,7 @@ def check_dvc_paths(cfg: DictConfig) -> None:
 def check_global_batch(cfg: DictConfig) -> None:
     """With ``trainer.devices=auto`` the world size is known only at run time; the global batch
     must still be a whole number of one device's micro-batches."""
-    from lmforge.training import accumulation_steps
+    from lmforge.training.optim import accumulation_steps
 
     t = cfg.train
     if not isinstance(cfg.trainer.devices, int):
@@ -200,7 +221,7 @@ def summary(cfg: DictConfig) -> dict[str, Any]:
 
     from lmforge.model import GPT
     from lmforge.model_config import GPTConfig
-    from lmforge.training import accumulation_steps
+    from lmforge.training.optim import accumulation_steps
 
     config = OmegaConf.to_container(cfg.model, resolve=True)
     config["vocab_size"], source = vocabulary(cfg)

@@ -20,70 +20,11 @@ A mistake the user can fix ends in one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Sequence
 
 from lmforge.errors import LmforgeError
-
-
-def _stage(name: str) -> Callable:
-    # Imported lazily: `lmforge generate` should not pay for importing the training stack.
-    if name == "prepare":
-        from lmforge.corpus import prepare as run
-    elif name == "vocab":
-        from lmforge.vocab import vocab_stage as run
-    elif name == "tokenize":
-        from lmforge.tokens import tokenize as run
-    elif name == "train":
-        from lmforge.tracking import quiet_mlflow_env  # before MLflow is imported
-
-        quiet_mlflow_env()
-        from lmforge.training import train as run
-    elif name == "evaluate":
-        from lmforge.tracking import quiet_mlflow_env
-
-        quiet_mlflow_env()
-        from lmforge.evaluation import evaluate as run
-    elif name == "check":  # the DVC stage that runs on any parameter change (pipelines/check.py)
-        from lmforge.checks import check_stage as run
-    else:
-        raise LmforgeError(f"unknown stage '{name}'; stages: {', '.join(STAGES)}.")
-    return run
-
-
-STAGES = ("prepare", "vocab", "tokenize", "train", "evaluate")
-
-
-def run_stage(name: str, overrides: Sequence[str] | None = None) -> None:
-    """Entry point of ``pipelines/<name>.py``: read params.yaml + overrides, run the stage."""
-    overrides = sys.argv[1:] if overrides is None else overrides
-    _guarded(lambda: _run_stage(name, overrides))
-
-
-def _run_stage(name: str, overrides: Sequence[str]) -> None:
-    from lmforge.checks import check_config
-    from lmforge.config import load_config
-
-    cfg = load_config(overrides)
-    check_config(cfg, stage=name)  # what `lmforge check` checks, as far as this stage reads
-    result = _stage(name)(cfg)
-    if name == "evaluate" and isinstance(result, dict):
-        print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
-
-
-def _guarded(action: Callable[[], object]) -> None:
-    try:
-        action()
-    except LmforgeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt as err:  # Ctrl-C: 130; SIGTERM after training saved a checkpoint: 143
-        print("interrupted", file=sys.stderr)
-        sys.exit(getattr(err, "exit_status", 130))
-    except BrokenPipeError:  # `lmforge runs list | head`: the reader left, which is not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
+from lmforge.stages import STAGES, guarded, run_stage
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -186,7 +127,8 @@ def _export(args: argparse.Namespace) -> None:
         from lmforge.gguf import export_gguf
 
         out = export_gguf(fetch_model_dir(args.model, args.tracking_uri), args.out, args.dtype)
-        print(f"wrote {out} ({args.dtype}; run it with llama.cpp, or transformers' from_pretrained(..., gguf_file=...))")
+        print(f"wrote {out} ({args.dtype}; run it with llama.cpp, "
+              "or transformers' from_pretrained(..., gguf_file=...))")
         return
     if args.dtype != "f32":
         raise LmforgeError(f"--dtype {args.dtype} applies to --format gguf only; --format hf writes float32.")
@@ -278,9 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key=value or group=choice")
     p = sub.add_parser("compose", help="rewrite params.yaml from conf/ (what `dvc exp run` does)")
     p.add_argument("overrides", nargs="*")
-    p = sub.add_parser("check", help="compose conf/ with overrides and run every check that needs no data or accelerator")
+    p = sub.add_parser("check",
+                       help="compose conf/ with overrides and run every check that needs no data or accelerator")
     p.add_argument("overrides", nargs="*", help="as for `dvc exp run -S`: key=value, group=choice, +key=value")
 
+    _add_generate_parser(sub)
+    _add_export_import_parsers(sub)
+    _add_serve_parser(sub)
+    _add_runs_and_info_parsers(sub)
+    return parser
+
+
+def _add_generate_parser(sub) -> None:
+    """`lmforge generate`: sampling options, streaming, an interactive loop."""
     g = sub.add_parser("generate", help="sample text from a model directory, streamed as it is produced")
     _add_model_arguments(g)
     g.add_argument("--prompt", help="text to continue")
@@ -291,23 +243,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch; the first streams")
-    g.add_argument("--stop", action="append", default=None, help="stop when this string is produced (repeatable; backslash escapes such as \\n are read)")
+    g.add_argument("--stop", action="append", default=None,
+                   help="stop when this string is produced (repeatable; backslash escapes such as \\n are read)")
     g.add_argument("--no-cache", action="store_true", help="recompute the context every step (slow; for checks)")
     g.add_argument("--interactive", action="store_true", help="keep a prompt loop open")
     g.add_argument("--escapes", action="store_true", help="interpret \\n in interactive prompts")
 
+
+def _add_export_import_parsers(sub) -> None:
+    """`lmforge export` and `lmforge import`: transformers directories and GGUF files."""
     e = sub.add_parser("export", help="write a model directory as a transformers directory or a GGUF file")
     _add_model_arguments(e)
     e.add_argument("--format", required=True, choices=["hf", "gguf"],
                    help="hf: GPT2LMHeadModel or LlamaForCausalLM; gguf: one file for llama.cpp, Ollama, Candle, ...")
     e.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF weight type (default f32)")
     e.add_argument("out", help="the directory (hf) or .gguf file (gguf) to write")
-    i = sub.add_parser("import", help="turn a local transformers GPT-2/Llama directory or a GGUF file into a model directory")
+    i = sub.add_parser("import",
+                       help="turn a local transformers GPT-2/Llama directory or a GGUF file into a model directory")
     i.add_argument("--format", required=True, choices=["hf", "gguf"])
     i.add_argument("hf_dir", metavar="SOURCE", help="a transformers directory (config.json, safetensors weights, "
                    "tokenizer.json), or a gpt2/llama .gguf file")
     i.add_argument("out", help="the model directory to write")
 
+
+def _add_serve_parser(sub) -> None:
+    """`lmforge serve`: the OpenAI-compatible HTTP server."""
     s = sub.add_parser("serve", help="serve a model with the OpenAI HTTP API (completions, chat, streaming, batching)")
     _add_model_arguments(s)
     s.add_argument("--host", default="127.0.0.1")
@@ -317,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts with a 400 (default: 4 x block_size)")
     s.add_argument("--threads", type=int, help="torch threads for the model (default: torch's choice)")
 
+
+def _add_runs_and_info_parsers(sub) -> None:
+    """`lmforge runs list|show` and `lmforge info`."""
     r = sub.add_parser("runs", help="list tracked runs, or show one run's lineage, params and metrics")
     runs = r.add_subparsers(dest="runs_command", required=True)
     listing = runs.add_parser("list", help="the newest runs of the experiment (id, name, DVC experiment, val loss)")
@@ -329,7 +292,6 @@ def build_parser() -> argparse.ArgumentParser:
     n = sub.add_parser("info", help="this machine: CPU, SIMD level, native bf16, GPUs, versions, a matmul probe")
     n.add_argument("--json", action="store_true", help="print the block as JSON (what benchmarks record)")
     n.add_argument("--probe-seconds", type=float, default=5.0, help="length of the matmul probe; 0: none")
-    return parser
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -364,30 +326,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     # `lmforge evaluate` with options scores any text; with key=value overrides it is the stage.
     if argv[:1] == ["evaluate"] and any(a.startswith("--") for a in argv[1:]):
         text_args = build_evaluate_text_parser().parse_args(argv[1:])
-        _guarded(lambda: _evaluate_text(text_args))
+        guarded(lambda: _evaluate_text(text_args))
         return
     args = build_parser().parse_args(argv)
     if args.command in STAGES:
         run_stage(args.command, args.overrides)
     elif args.command == "compose":
-        _guarded(lambda: _compose(args))
+        guarded(lambda: _compose(args))
     elif args.command == "check":
-        _guarded(lambda: _check(args))
+        guarded(lambda: _check(args))
     elif args.command == "generate":
-        _guarded(lambda: _generate(args))
+        guarded(lambda: _generate(args))
     elif args.command == "export":
-        _guarded(lambda: _export(args))
+        guarded(lambda: _export(args))
     elif args.command == "import":
-        _guarded(lambda: _import(args))
+        guarded(lambda: _import(args))
     elif args.command == "runs":
-        _guarded(lambda: _runs(args))
+        guarded(lambda: _runs(args))
     elif args.command == "serve":
         from lmforge.openai_server import serve
 
-        _guarded(lambda: serve(args.model, args.host, args.port, args.tracking_uri, args.name, args.max_batch,
+        guarded(lambda: serve(args.model, args.host, args.port, args.tracking_uri, args.name, args.max_batch,
                                args.max_prompt_tokens, args.threads))
     elif args.command == "info":
-        _guarded(lambda: _info(args))
+        guarded(lambda: _info(args))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ sets one key. Unknown keys and group choices end in an ``LmforgeError`` naming t
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -38,7 +39,8 @@ def load_config(
     try:
         cfg = OmegaConf.create(yaml.safe_load(params_path.read_text(encoding="utf-8")) or {})
     except yaml.YAMLError as err:
-        raise LmforgeError(f"{params_path} is not valid YAML ({err}); fix it or recompose it with `lmforge compose`.") from None
+        raise LmforgeError(f"{params_path} is not valid YAML ({err}); "
+                           "fix it or recompose it with `lmforge compose`.") from None
     check_known_keys(cfg, Path(conf_dir), source=str(params_path))
     for override in overrides:
         apply_override(cfg, override, Path(conf_dir))
@@ -120,7 +122,8 @@ def apply_override(cfg: DictConfig, override: str, conf_dir: Path) -> None:
         cfg[key] = _load_group_choice(group_dir, key, str(raw).strip())
         return
     if OmegaConf.select(cfg, key, default=UNSET) is UNSET:
-        raise LmforgeError(f"unknown config key '{key}'{nearest_keys(key, flat_keys(cfg))}; see params.yaml for the valid keys.")
+        raise LmforgeError(f"unknown config key '{key}'{nearest_keys(key, flat_keys(cfg))}; "
+                           "see params.yaml for the valid keys.")
     old = OmegaConf.select(cfg, key)
     _check_type(key, old, value)
     OmegaConf.update(cfg, key, value, merge=False)
@@ -130,7 +133,8 @@ def _parse_value(key: str, raw: str) -> Any:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        raise LmforgeError(f"the value given for '{key}' ({raw!r}) is not valid YAML; quote it or fix the brackets.") from None
+        raise LmforgeError(f"the value given for '{key}' ({raw!r}) is not valid YAML; "
+                           "quote it or fix the brackets.") from None
     if isinstance(value, str):
         # YAML 1.1 reads 3e-4 as a string; Hydra (and so `dvc exp run -S`) reads it as a float.
         for number in (int, float):
@@ -165,7 +169,8 @@ def _check_type(key: str, old: Any, new: Any) -> None:
     else:
         ok = True
     if not ok:
-        raise LmforgeError(f"'{key}={new!r}' has the wrong type: expected {type(old).__name__} like the current value {old!r}.")
+        raise LmforgeError(f"'{key}={new!r}' has the wrong type: "
+                           f"expected {type(old).__name__} like the current value {old!r}.")
 
 
 def flat_keys(cfg: Any) -> list[str]:

@@ -29,7 +29,8 @@ def score_tokens(model, ids: np.ndarray | object, block_size: int, batch_size: i
     n = len(ids)
     if n < 2:
         raise LmforgeError("the evaluation text has fewer than 2 tokens; give it more text.")
-    read = ids.read if hasattr(ids, "read") else (lambda start, length: np.asarray(ids[start : start + length], dtype=np.int64))
+    read = ids.read if hasattr(ids, "read") else (
+        lambda start, length: np.asarray(ids[start : start + length], dtype=np.int64))
     starts = list(range(0, n - 1, block_size))
     if max_batches:
         starts = starts[: max_batches * batch_size]
@@ -91,7 +92,8 @@ def evaluate_text(loaded, sources: list[str], data_cfg=None, batch_size: int | N
     arrays, counts = sink.arrays, {"documents": sink.documents, "bytes": sink.bytes}
     ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
     if len(ids) < 2:
-        raise LmforgeError(f"{', '.join(map(str, sources))} holds fewer than 2 tokens of text; give the evaluation more text.")
+        raise LmforgeError(f"{', '.join(map(str, sources))} holds fewer than 2 tokens of text; "
+                           "give the evaluation more text.")
     block_size = loaded.model.config.block_size
     batching = {"batch_size": batch_size} if batch_size else {}
     score = score_tokens(loaded.model, ids, block_size, max_batches=max_batches, **batching)

@@ -159,7 +159,8 @@ def to_gguf_tensors(model: GPT, family: str) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
-def from_gguf_tensors(tensors: dict[str, np.ndarray], config: GPTConfig, family: str, source: Path) -> dict[str, torch.Tensor]:
+def from_gguf_tensors(tensors: dict[str, np.ndarray], config: GPTConfig, family: str,
+                      source: Path) -> dict[str, torch.Tensor]:
     """The inverse of ``to_gguf_tensors``: GGUF tensors (float32 numpy) under our names, as torch tensors."""
     c = config
 
@@ -242,7 +243,8 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> P
             if qtype == gguf.GGMLQuantizationType.Q8_0:
                 writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
             else:
-                writer.add_tensor(name, array.astype(np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32))
+                float_type = np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32
+                writer.add_tensor(name, array.astype(float_type))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -372,17 +374,20 @@ def import_gguf(path: str | Path, out: str | Path) -> Path:
         raise LmforgeError(f"{path}: the tensors do not fit the file's own hyperparameters ({first}).") from None
     meta = {"kind": "bpe", "eot_token": tokenizer.id_to_token(eot_id), "eot_id": eot_id}
     lineage_keys = {k[len(LINEAGE_PREFIX):]: v for k, v in fields.items() if k.startswith(LINEAGE_PREFIX)}
-    imported_from = {"path": str(path.resolve()), "architecture": f"gguf:{family}", **({"lineage": lineage_keys} if lineage_keys else {})}
+    imported_from = {"path": str(path.resolve()), "architecture": f"gguf:{family}",
+                     **({"lineage": lineage_keys} if lineage_keys else {})}
     with tempfile.TemporaryDirectory() as scratch:
         save_tokenizer(tokenizer, Path(scratch) / "tokenizer.json")
-        return save_model_dir(out, model, Path(scratch) / "tokenizer.json", meta, extra={"imported_from": imported_from})
+        return save_model_dir(out, model, Path(scratch) / "tokenizer.json", meta,
+                              extra={"imported_from": imported_from})
 
 
 def config_from_gguf(fields: dict[str, Any], tensors: dict[str, np.ndarray], source: Path) -> tuple[str, GPTConfig]:
     """(family, our config) from a GGUF file's metadata; LmforgeError naming what we cannot reproduce."""
     family = fields.get("general.architecture")
     if family not in (GPT2, LLAMA):
-        raise LmforgeError(f"{source}: general.architecture={family!r} is not supported; lmforge imports 'gpt2' and 'llama' GGUF files.")
+        raise LmforgeError(f"{source}: general.architecture={family!r} is not supported; "
+                           "lmforge imports 'gpt2' and 'llama' GGUF files.")
 
     def need(key: str):
         if f"{family}.{key}" not in fields:
@@ -402,7 +407,8 @@ def config_from_gguf(fields: dict[str, Any], tensors: dict[str, np.ndarray], sou
             settings["mlp_hidden"] = int(need("feed_forward_length"))
     else:
         if fields.get("llama.rope.scaling.type", "none") != "none":
-            raise LmforgeError(f"{source}: llama.rope.scaling.type={fields['llama.rope.scaling.type']!r} is not plain RoPE, "
+            raise LmforgeError(f"{source}: llama.rope.scaling.type={fields['llama.rope.scaling.type']!r} "
+                               "is not plain RoPE, "
                                "so lmforge cannot reproduce this model exactly.")
         if any(name.endswith(".bias") for name in tensors):
             raise LmforgeError(f"{source} has bias tensors, which lmforge's llama family (model.bias=false) lacks.")
@@ -446,5 +452,6 @@ def tokenizer_from_gguf(fields: dict[str, Any], source: Path):
     tokenizer.add_special_tokens([t for t, kind in zip(tokens, types) if kind == CONTROL])
     eot_id = fields.get("tokenizer.ggml.eos_token_id")
     if eot_id is None or not 0 <= int(eot_id) < len(tokens):
-        raise LmforgeError(f"{source} names no valid end-of-text token (tokenizer.ggml.eos_token_id); add one and import again.")
+        raise LmforgeError(f"{source} names no valid end-of-text token (tokenizer.ggml.eos_token_id); "
+                           "add one and import again.")
     return tokenizer, int(eot_id)

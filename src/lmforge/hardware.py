@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 import time
 from importlib import metadata
 
@@ -186,6 +187,27 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     if device_type == "cpu" and autocast_speedup() < MIN_BF16_SPEEDUP:
         return "32"
     return "bf16-mixed"
+
+
+# Dense bf16 tensor-core peak FLOP/s by device name (NVIDIA data sheets); MFU is measured against
+# it. The first pattern that matches torch.cuda.get_device_name() wins; unknown devices (and CPUs)
+# get no MFU rather than a wrong one.
+PEAK_BF16_FLOPS = (
+    (r"H100.*PCIe", 756e12),
+    (r"H100 NVL", 835e12),
+    (r"H100|H200|GH200", 989e12),  # SXM (HBM3 / HBM3e)
+    (r"A100", 312e12),
+    (r"L40S", 362e12),
+    (r"\bL4\b", 121e12),
+)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak FLOP/s from ``PEAK_BF16_FLOPS``, or None when unknown (CPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for pattern, flops in PEAK_BF16_FLOPS if re.search(pattern, name)), None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -178,7 +178,8 @@ def export_hf(model_dir: str | Path, out: str | Path) -> Path:
         save_file(to_hf_state_dict(loaded.model, family), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", to_hf_config(config, family, loaded.eot_id))
         shutil.copyfile(loaded.path / TOKENIZER, tmp / "tokenizer.json")
-        special = {"bos_token": loaded.config["tokenizer"]["eot_token"], "eos_token": loaded.config["tokenizer"]["eot_token"]}
+        eot_token = loaded.config["tokenizer"]["eot_token"]
+        special = {"bos_token": eot_token, "eos_token": eot_token}
         if loaded.tokenizer.token_to_id(UNK_TOKEN) is not None:
             special["unk_token"] = UNK_TOKEN
         pad = next((t for t in PAD_TOKENS if loaded.tokenizer.token_to_id(t) is not None), None)
@@ -244,10 +245,12 @@ def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise LmforgeError(f"{hf_dir}: the weights do not fit the config (missing {missing[:3]}, unexpected {unexpected[:3]}).")
+        raise LmforgeError(f"{hf_dir}: the weights do not fit the config "
+                           f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
     meta = {"kind": "imported", "eot_token": eot_token, "eot_id": eot_id}
     return save_model_dir(out, model, tokenizer_path, meta,
-                          extra={"imported_from": {"path": str(hf_dir.resolve()), "architecture": ARCHITECTURES[family]}})
+                          extra={"imported_from": {"path": str(hf_dir.resolve()),
+                                                   "architecture": ARCHITECTURES[family]}})
 
 
 def _shard_path(hf_dir: Path, name: object, index: Path) -> Path:
@@ -255,7 +258,8 @@ def _shard_path(hf_dir: Path, name: object, index: Path) -> Path:
     (``../x``, ``/etc/x``, a link out) is refused: an index must not make us read other files."""
     path = hf_dir / str(name)
     inside = hf_dir.resolve()
-    if not isinstance(name, str) or Path(name).is_absolute() or (path.resolve() != inside and inside not in path.resolve().parents):
+    if (not isinstance(name, str) or Path(name).is_absolute()
+            or (path.resolve() != inside and inside not in path.resolve().parents)):
         raise LmforgeError(f"{index} names the shard {name!r}, which is not a file inside {hf_dir}; "
                            "shards must be file names in the model directory.")
     return path
@@ -283,7 +287,8 @@ def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
         try:
             state.update(load_file(str(path)))
         except (SafetensorError, OSError) as err:
-            raise LmforgeError(f"{path} is missing, corrupt or truncated ({err}); re-download or re-save the model.") from None
+            raise LmforgeError(f"{path} is missing, corrupt or truncated ({err}); "
+                               "re-download or re-save the model.") from None
     return state
 
 

@@ -6,8 +6,8 @@ writes and reads the directories, ``lmforge.gguf`` reuses the family choice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lmforge.errors import LmforgeError
 from lmforge.model_config import GPTConfig
@@ -165,7 +165,8 @@ def _llama_settings(hf: dict, refuse: Callable[[str, str], LmforgeError]) -> dic
         raise refuse(f"rope type {rope_type!r}", "is not plain RoPE")
     hidden, heads = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
     if hf.get("head_dim") not in (None, hidden // heads):
-        raise refuse(f"head_dim={hf['head_dim']}", f"differs from hidden_size / num_attention_heads = {hidden // heads}")
+        raise refuse(f"head_dim={hf['head_dim']}",
+                     f"differs from hidden_size / num_attention_heads = {hidden // heads}")
     config = dict(
         vocab_size=hf.get("vocab_size", 32000),
         block_size=hf.get("max_position_embeddings", 2048),

@@ -20,8 +20,8 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import yaml
 
@@ -127,7 +127,8 @@ def describe_run(run_id: str, tracking_uri: str) -> str:
         run = client.get_run(run_id)
         experiment = client.get_experiment(run.info.experiment_id)
     except MlflowException:
-        raise LmforgeError(f"there is no run '{run_id}' in {tracking_uri}; list the runs with `lmforge runs list`.") from None
+        raise LmforgeError(f"there is no run '{run_id}' in {tracking_uri}; "
+                           "list the runs with `lmforge runs list`.") from None
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     lines = [f"run {run.info.run_id}  {run.info.run_name}  {run.info.status}  (experiment {experiment.name})",
              f"  artifacts        {run.info.artifact_uri}", "lineage"]

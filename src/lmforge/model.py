@@ -2,7 +2,8 @@
 
 The pieces in the order the forward pass meets them: position schemes, normalisation, causal
 self-attention (with a KV cache for generation), the MLP, the pre-norm block, and the model; the
-settings they read are ``GPTConfig`` (``lmforge.model_config``). The defaults are GPT-2 (Radford et al. 2019, as in nanoGPT); the options
+settings they read are ``GPTConfig`` (``lmforge.model_config``). The defaults are GPT-2 (Radford
+et al. 2019, as in nanoGPT); the options
 ``positions="rope"``, ``norm="rmsnorm"``, ``mlp="swiglu"``, ``n_kv_head`` and ``bias=False``
 give a Llama-style model; ``mlp="gelu_tanh"`` is GPT-2's own tanh-approximate GELU.
 

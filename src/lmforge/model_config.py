@@ -8,8 +8,9 @@ layers live in ``lmforge.model``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, Mapping, get_args
+from typing import Any, Literal, get_args
 
 from lmforge.errors import LmforgeError
 

@@ -17,9 +17,10 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import yaml
@@ -104,17 +105,20 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Mode
         raise LmforgeError(f"model directory {path} does not exist; train one (dvc repro train) or fix --model.")
     for name in REQUIRED:
         if not (path / name).is_file():
-            raise LmforgeError(f"{path / name} is missing; {path} is not a complete model directory (retrain or re-export it).")
+            raise LmforgeError(f"{path / name} is missing; "
+                               f"{path} is not a complete model directory (retrain or re-export it).")
     try:
         config = json.loads((path / CONFIG).read_text())
         gpt_config = GPTConfig.from_dict(config["model"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise LmforgeError(f"{path / CONFIG} is not a valid lmforge model config ({err}); retrain or re-export the model.") from None
+        raise LmforgeError(f"{path / CONFIG} is not a valid lmforge model config ({err}); "
+                           "retrain or re-export the model.") from None
     model = GPT(gpt_config)
     try:
         missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=str(device))
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise LmforgeError(f"{path / WEIGHTS} is corrupt or truncated ({err}); retrain or re-export the model.") from None
+        raise LmforgeError(f"{path / WEIGHTS} is corrupt or truncated ({err}); "
+                           "retrain or re-export the model.") from None
     # Tied weights are stored once; anything else missing means the file does not fit the config.
     missing = [k for k in missing if not (gpt_config.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -186,10 +190,12 @@ def fetch_model_dir(ref: str | Path, tracking_uri: str | None = None) -> Path:
             mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(tmp), tracking_uri=uri, registry_uri=uri)
         except MlflowException as err:
             reason = str(err.message).splitlines()[0]
-            raise LmforgeError(f"cannot download {ref} from {uri} ({reason}); check the run id or model name and version.") from None
+            raise LmforgeError(f"cannot download {ref} from {uri} ({reason}); "
+                               "check the run id or model name and version.") from None
     found = sorted({p.parent for p in dest.rglob(WEIGHTS) if (p.parent / CONFIG).is_file()}, key=lambda p: len(p.parts))
     if not found:
-        raise LmforgeError(f"{ref} holds no lmforge model directory (no {WEIGHTS} beside a {CONFIG}); name the model directory's artifact path.")
+        raise LmforgeError(f"{ref} holds no lmforge model directory (no {WEIGHTS} beside a {CONFIG}); "
+                           "name the model directory's artifact path.")
     return found[0]
 
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,8 +33,7 @@ from starlette.exceptions import HTTPException
 
 from lmforge.batching import Engine, Event, Job
 from lmforge.errors import LmforgeError
-from lmforge.openai_protocol import (ApiError, Ask, choice, envelope, logprobs_block, new_id, parse_ask,
-                                     usage)
+from lmforge.openai_protocol import ApiError, Ask, choice, envelope, logprobs_block, new_id, parse_ask, usage
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 

@@ -91,7 +91,7 @@ class RayRun:
             self.ray.shutdown()
             self.started = False
 
-    def __enter__(self) -> "RayRun":
+    def __enter__(self) -> RayRun:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -140,11 +140,13 @@ def _connect(ray, address: str) -> None:
         try:
             host, port = parts.hostname, parts.port or (10001 if parts.scheme == "ray" else 6379)
         except ValueError:
-            raise LmforgeError(f"data.ray_address='{address}' is not auto, host:port or ray://host:port; {fix}.") from None
+            raise LmforgeError(f"data.ray_address='{address}' is not auto, host:port or ray://host:port; "
+                               f"{fix}.") from None
         try:
             socket.create_connection((host, port), timeout=_CONNECT_SECONDS).close()
         except OSError as err:
-            raise LmforgeError(f"data.ray_address='{address}': nothing answers at {host}:{port} ({err}); {fix}.") from None
+            raise LmforgeError(f"data.ray_address='{address}': nothing answers at {host}:{port} ({err}); "
+                               f"{fix}.") from None
     # Something may answer the port and never speak Ray (a proxy, another service): ray.init would then
     # wait for minutes, so it runs in a thread given _JOIN_SECONDS (the stage ends on the error anyway).
     outcome: list = []
@@ -295,8 +297,8 @@ class RayEncoding:
 
     def encoded(self, chunks: Iterable[str]) -> Iterator[bytes]:
         """The ids of each chunk (as bytes), in order."""
-        return self.run.in_order(self.task, ((self.encode_chunk, self.key, self.tokenizer_ref, self.eot_id, self.dtype, chunk)
-                                             for chunk in chunks))
+        return self.run.in_order(self.task, ((self.encode_chunk, self.key, self.tokenizer_ref, self.eot_id,
+                                              self.dtype, chunk) for chunk in chunks))
 
     def close(self) -> None:
         self.run.close()

@@ -1,4 +1,5 @@
-"""Where numbers reach MLflow: the tracking URI, the experiment, the run of each training.
+"""Where numbers reach MLflow: the tracking URI, the experiment, the run of each training
+(``TrainingRun``: opened or continued, its status) and its metrics per step (``MetricsLog``).
 
 The training stage opens the run; the evaluate stage logs its metrics and artifacts onto that
 same run, found through the model directory's ``run.json``.
@@ -13,6 +14,7 @@ one store the user opens in the UI.
 from __future__ import annotations
 
 import os
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -135,7 +137,6 @@ def log_to_run(run: dict, metrics: dict[str, float] | None = None, artifacts: li
     run_id = run["run_id"]
     if metrics:
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
@@ -160,3 +161,82 @@ def set_run_status(run: dict, status: str) -> None:
         client.update_run(run["run_id"], status=status)
     else:
         client.set_terminated(run["run_id"], status=status)
+
+
+class MetricsLog:
+    """Metrics on their way to one MLflow run, written in one batch every ``FLUSH_SECONDS`` rather
+    than one write per logged step (a SQLite store spends tens of milliseconds on each write; see
+    benchmarks/train_throughput.py). The training flushes it before every checkpoint is written,
+    so a resumed run misses no step, and when training ends or fails.
+
+    ``logged`` holds the (metric, step) pairs a resumed run already has: they are not sent again,
+    so MLflow keeps each step once (the first value; on a CPU the resumed run's is the same).
+    """
+
+    FLUSH_SECONDS = 10.0
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+        self.pending: list[tuple[str, float, int, int]] = []  # key, value, step, timestamp (ms)
+        self.logged: set[tuple[str, int]] = set()
+        self._last_flush = time.monotonic()
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.pending += [(key, float(value), step, now) for key, value in metrics.items()
+                         if (key, step) not in self.logged]
+        if time.monotonic() - self._last_flush > self.FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self.pending:
+            return
+        from mlflow.entities import Metric
+
+        pending, self.pending = self.pending, []
+        for start in range(0, len(pending), 1000):  # MLflow's limit per batch
+            batch = pending[start : start + 1000]
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v, step, ts in batch])
+
+
+class TrainingRun:
+    """The MLflow run of one training: opened new, or continued after an interruption; its
+    parameters and first metrics, its metrics per step (``metrics``), and its status at the end.
+
+    ``logger`` is the Lightning MLFlowLogger the Trainer writes through; ``info`` is what
+    ``run.json`` files hold (tracking URI, experiment and run id).
+    """
+
+    def __init__(self, logger, resumed: bool):
+        self.logger, self.resumed = logger, resumed
+        self.info = {"tracking_uri": logger._tracking_uri, "experiment_id": logger.experiment_id,
+                     "run_id": logger.run_id}
+        self.metrics = MetricsLog(logger.experiment, logger.run_id)
+
+    @classmethod
+    def open(cls, tracking_cfg, run_name: str, tags: dict[str, str], record: dict | None) -> TrainingRun:
+        """Continue the run ``record`` names (a checkpoint's ``run.json``) when it lives in the
+        configured store; otherwise start a new run named ``run_name`` with ``tags``."""
+        same_store = record is not None and record.get("tracking_uri") == resolve_uri(tracking_cfg.uri)
+        logger = make_logger(tracking_cfg, run_name, run_id=record["run_id"] if same_store else None, tags=tags)
+        run = cls(logger, resumed=same_store)
+        if same_store:
+            set_run_status(run.info, "RUNNING")
+            run.metrics.logged = run.logged_metric_steps()
+        return run
+
+    def log_start(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
+        """A new run's parameters and its step-0 metrics (model size, corpus counts)."""
+        self.logger.log_hyperparams(params)
+        self.logger.log_metrics(metrics, step=0)
+
+    def logged_metric_steps(self) -> set[tuple[str, int]]:
+        """The (metric, step) pairs the run already holds (steps past the last checkpoint may
+        have been flushed before an interruption)."""
+        client = self.logger.experiment
+        keys = client.get_run(self.logger.run_id).data.metrics
+        return {(key, m.step) for key in keys for m in client.get_metric_history(self.logger.run_id, key)}
+
+    def set_status(self, status: str) -> None:
+        set_run_status(self.info, status)

@@ -27,6 +27,7 @@ from lmforge.corpus.sources import file_format, resolve_sources
 from lmforge.corpus.stage import prepare, progress_bar, reported_counts
 
 __all__ = [
-    "DOC_SEPARATOR", "SPLITS", "BadSource", "CorpusStats", "clean", "clean_pieces", "read_sources", "file_format", "is_safe_cut", "iter_chunks", "iter_pieces",
+    "DOC_SEPARATOR", "SPLITS", "BadSource", "CorpusStats", "clean", "clean_pieces", "read_sources", "file_format",
+    "is_safe_cut", "iter_chunks", "iter_pieces",
     "iter_split", "prepare", "progress_bar", "reported_counts", "resolve_sources", "warn",
 ]

@@ -8,8 +8,8 @@ chunks of about a megabyte, never whole.
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from lmforge.errors import LmforgeError
 

@@ -16,8 +16,8 @@ import bz2
 import gzip
 import lzma
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import orjson
 
@@ -107,7 +107,7 @@ def _decode(data: bytes, path: Path, offset: int, errors: str, where: str = "") 
         ) from None
 
 
-def _text_pieces(path: Path, source: "_Source", buffer: bytes, offset: int, errors: str) -> Iterator[Piece]:
+def _text_pieces(path: Path, source: _Source, buffer: bytes, offset: int, errors: str) -> Iterator[Piece]:
     """The pieces of a large text file, each cut after a line end so cleaning never sees half a line."""
     while True:
         block = source.read(BLOCK_BYTES)
@@ -133,7 +133,7 @@ def _line_cut(data: bytes) -> int:
     return cut
 
 
-def _jsonl_documents(path: Path, source: "_Source", block: bytes, offset: int,
+def _jsonl_documents(path: Path, source: _Source, block: bytes, offset: int,
                      options: ReadOptions) -> Iterator[Document]:
     field = options.text_field
     pending = b""
@@ -272,7 +272,7 @@ class _Source:
         self._position = position
         return data
 
-    def __enter__(self) -> "_Source":
+    def __enter__(self) -> _Source:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from lmforge.errors import LmforgeError
 
@@ -116,7 +116,8 @@ def _url_files(entry: str) -> list:
     elif fs.isdir(path):
         root = path.rstrip("/")
         matched = sorted(p for p in fs.find(root)
-                         if not any(part.startswith(".") for part in p[len(root):].split("/")) and not p.endswith(".dvc"))
+                         if not any(part.startswith(".") for part in p[len(root):].split("/"))
+                         and not p.endswith(".dvc"))
     elif fs.isfile(path):
         matched = [path]
     else:
@@ -144,7 +145,8 @@ def _package_files(entry: str) -> list[Path]:
     package, _, pattern = entry[len("package:"):].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise LmforgeError(f"data.sources entry '{entry}': Python package '{package}' is not installed; pip install {package}.")
+        raise LmforgeError(f"data.sources entry '{entry}': Python package '{package}' is not installed; "
+                           f"pip install {package}.")
     root = Path(list(spec.submodule_search_locations)[0])
     matched = sorted(p for p in root.glob(pattern or "**/*") if p.is_file())
     if not matched:
@@ -171,5 +173,6 @@ def file_format(path: Path, forced: str = "auto") -> tuple[str, str | None]:
     else:
         fmt = "text"
     if fmt == "parquet" and compression:
-        raise LmforgeError(f"{path}: Parquet compresses internally and cannot be read through {compression}; decompress the file.")
+        raise LmforgeError(f"{path}: Parquet compresses internally and cannot be read through {compression}; "
+                           "decompress the file.")
     return fmt, compression

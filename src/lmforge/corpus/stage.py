@@ -11,7 +11,6 @@ import bisect
 import codecs
 import os
 import shutil
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -37,8 +36,9 @@ def progress_bar(total: int | None, desc: str, unit: str = "B"):
     """A tqdm bar with rate and ETA on stderr; silent when stderr is not a terminal or ``CI`` is set."""
     from tqdm import tqdm
 
-    quiet = not sys.stderr.isatty() or bool(os.environ.get("CI"))
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=quiet, dynamic_ncols=True,
+    from lmforge.progress import watched
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not watched(), dynamic_ncols=True,
                 smoothing=0.05, mininterval=0.5)
 
 

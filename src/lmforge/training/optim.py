@@ -1,0 +1,137 @@
+"""The optimisation of a training step: learning-rate schedule, AdamW or Muon+AdamW, and how many
+micro-batches make one optimizer step. Plain PyTorch: no Lightning, no MLflow.
+
+AdamW puts weight decay on matrices only; ``muon`` runs Muon on the 2-D weight matrices inside
+the transformer blocks and AdamW on the rest. Every param group follows one schedule: linear
+warmup, then constant or a linear/cosine decay to ``min_lr``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmforge import hardware
+from lmforge.errors import LmforgeError
+from lmforge.model import GPT
+from lmforge.training.muon import Muon
+
+SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "muon")
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel for the whole update instead of a dozen per tensor
+
+
+def lr_factor(step: int, opt_cfg, max_steps: int) -> float:
+    """The learning rate at optimizer step ``step`` (from 0) as a fraction of the peak rate.
+
+    Linear warmup over ``warmup_steps``, then ``constant``, or a ``linear``/``cosine`` decay that
+    reaches ``min_lr / lr`` at ``max_steps``. Every param group (Muon's too) follows this factor.
+    """
+    lr, warmup = float(opt_cfg.lr), int(opt_cfg.warmup_steps)
+    floor = float(opt_cfg.min_lr) / lr if lr > 0 else 0.0
+    if step < warmup:
+        return (step + 1) / warmup
+    if opt_cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if opt_cfg.schedule == "linear":
+        return 1.0 - (1.0 - floor) * progress
+    if opt_cfg.schedule == "cosine":
+        return floor + 0.5 * (1.0 - floor) * (1.0 + math.cos(math.pi * progress))
+    raise LmforgeError(f"optimizer.schedule='{opt_cfg.schedule}' is not one of {', '.join(SCHEDULES)}.")
+
+
+def lr_at(step: int, opt_cfg, max_steps: int) -> float:
+    """The (AdamW) learning rate at optimizer step ``step``: ``lr * lr_factor(step)``."""
+    return float(opt_cfg.lr) * lr_factor(step, opt_cfg, max_steps)
+
+
+def adamw_groups(params: list[torch.nn.Parameter], matrices: set[int], weight_decay: float) -> list[dict]:
+    """Two param groups: weight decay on the ``matrices`` (ids), none on biases and gains."""
+    return [
+        {"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: GPT, opt_cfg, fused: bool = False) -> torch.optim.Optimizer:
+    """The optimizer ``optimizer.name`` names, for ``model``.
+
+    ``adamw``: AdamW over everything (decay on matrices only). ``muon``: Muon (``training.muon``) on the
+    2-D weight matrices inside the transformer blocks, AdamW on embeddings, head, gains and biases.
+    ``fused``: the fused AdamW kernel (CUDA and CPU). Parameters are told apart by the layer that
+    owns them, not by their shape, which FSDP flattens.
+    """
+    if opt_cfg.name not in OPTIMIZERS:
+        raise LmforgeError(f"optimizer.name='{opt_cfg.name}' is not one of {', '.join(OPTIMIZERS)}.")
+    adamw = dict(lr=float(opt_cfg.lr), betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps))
+    if fused:
+        adamw["fused"] = True
+    params = [p for p in model.parameters() if p.requires_grad]
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    if opt_cfg.name == "adamw":
+        return torch.optim.AdamW(adamw_groups(params, matrices, float(opt_cfg.weight_decay)), **adamw)
+    hidden = {id(m.weight) for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear)}
+    muon = Muon(  # torch.optim.Muon, orthogonalising in the device's native dtype (lmforge.hardware)
+        [p for p in params if id(p) in hidden],
+        ns_dtype=hardware.muon_dtype(params[0].device),
+        lr=float(opt_cfg.muon_lr),
+        momentum=float(opt_cfg.muon_momentum),
+        weight_decay=float(opt_cfg.muon_weight_decay),
+        nesterov=True,
+        adjust_lr_fn=opt_cfg.muon_adjust_lr,
+    )
+    rest = [p for p in params if id(p) not in hidden]
+    return MuonWithAdamW(muon, torch.optim.AdamW(adamw_groups(rest, matrices, float(opt_cfg.weight_decay)), **adamw))
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon and AdamW stepped as one optimizer, so Lightning's automatic optimization (gradient
+    accumulation, clipping, mixed precision, schedulers) applies to both unchanged.
+
+    ``param_groups`` are the two optimizers' own group dicts: a scheduler that scales a group's
+    ``lr`` scales the optimizer that reads it. The state dict holds both inner state dicts.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+        # Optimizer.__init__ adopts these very dicts (add_param_group appends the dict it is given).
+        super().__init__(muon.param_groups + adamw.param_groups, defaults={})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        # Loading replaces the inner group dicts: share the new ones again.
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups
+
+
+def accumulation_steps(global_batch_tokens: int | None, batch_size: int, block_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step so that a step sees ``global_batch_tokens`` tokens.
+
+    None means one micro-batch per device (no accumulation). LmforgeError when the global batch
+    is not a whole number of micro-batches of ``batch_size * block_size`` tokens on every device.
+    """
+    if global_batch_tokens is None:
+        return 1
+    per_pass = batch_size * block_size * world_size
+    if global_batch_tokens <= 0 or global_batch_tokens % per_pass:
+        raise LmforgeError(
+            f"train.global_batch_tokens={global_batch_tokens} is not a positive multiple of "
+            f"train.batch_size * model.block_size * devices = {batch_size} * {block_size} * {world_size} = {per_pass}; "
+            f"set it to a multiple of {per_pass} (or null for no accumulation)."
+        )
+    return global_batch_tokens // per_pass

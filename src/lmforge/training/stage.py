@@ -1,0 +1,304 @@
+"""The train stage: ``train(cfg)`` reads the token files, builds the model, opens (or continues)
+the MLflow run, runs Lightning's Trainer and writes the final weights as a model directory.
+
+Surviving: ``checkpoints/last.ckpt`` is rewritten atomically every ``train.checkpoint_every``
+steps, with the optimizer, schedule, random-number and data position in it; ``train.resume=auto``
+continues from it bit for bit, in the same MLflow run (``checkpoints/run.json``). A non-finite
+loss stops the run (FAILED) before a bad checkpoint is written; Ctrl-C or SIGTERM finishes the
+step, saves a checkpoint and stops (KILLED; exit status 130 or 143). A resumed run logs no step
+that MLflow already holds.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
+
+from lmforge.errors import LmforgeError
+from lmforge.model import GPT, Block, GPTConfig
+from lmforge.progress import watched
+from lmforge.shards import read_index
+from lmforge.tracking import TrainingRun
+from lmforge.training.callbacks import (
+    AtomicCheckpointIO,
+    ExactResume,
+    FlushMetrics,
+    LastCheckpoint,
+    ProgressLines,
+    Stopped,
+    Throughput,
+    TrainingInterrupted,
+)
+from lmforge.training.module import LitGPT, NonFiniteLoss
+from lmforge.training.optim import accumulation_steps
+from lmforge.training.resume import LAST_CHECKPOINT, RUN_FILE, clear_checkpoints, config_fingerprint, find_resume_point
+
+
+def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
+    """Run the train stage for config ``cfg``; return the model directory it wrote.
+
+    ``callbacks``: extra Lightning callbacks (tests and experiments hook in here). Raises
+    LmforgeError for a bad setting or a non-finite loss (the MLflow run is then FAILED) and
+    ``Stopped`` (a KeyboardInterrupt) after Ctrl-C or SIGTERM has saved a checkpoint (the run is
+    then KILLED).
+    """
+    from lmforge.checks import check_training
+    from lmforge.data import TokenDataModule
+
+    check_training(cfg)
+    choices = _set_up_torch(cfg)
+    index = read_index(cfg.paths.tokens)
+    t = cfg.train
+    datamodule = TokenDataModule(cfg.paths.tokens, int(cfg.model.block_size), int(t.batch_size), int(cfg.seed),
+                                 int(t.eval_iters))
+    datamodule.setup()  # fail on a too-short split before anything is created
+    lit = _lightning_module(cfg, index)
+    checkpoints = Path(cfg.paths.checkpoints)
+    fingerprint = config_fingerprint(cfg, index)
+    ckpt_path, record = find_resume_point(checkpoints, t.resume, fingerprint)
+    run = _open_run(cfg, lit, record, fingerprint, choices) if rank_zero_only.rank == 0 else None  # rank 0: MLflow
+    if run is not None and record is not None:
+        print(f"resuming from {ckpt_path or 'step 0'} in MLflow run {run.info['run_id']}")
+    trainer = _trainer(cfg, choices["hardware.precision"], run, [*callbacks, *_callbacks(cfg, run)])
+    throughput = _steps_and_throughput(cfg, trainer)
+    _compile(cfg, lit)
+    _fit(trainer, lit, datamodule, ckpt_path, run, checkpoints)
+    trainer.save_checkpoint(checkpoints / LAST_CHECKPOINT, weights_only=False)  # finished: resume=auto only exports
+    # The last validation may fall before the last step: score the final weights too.
+    if trainer.global_step % int(t.eval_interval) != 0:
+        trainer.validate(lit, datamodule=datamodule, verbose=False)
+    return _write_model_dir(cfg, trainer, lit, index, run, throughput)
+
+
+# --- the steps of train(), in the order it takes them ------------------------------------------
+
+
+def _set_up_torch(cfg) -> dict[str, str]:
+    """Threads, float32 matmul precision and every random seed, before anything is built; returns
+    what this machine resolves (``trainer.precision=auto``, Muon's dtype: ``lmforge.hardware``)."""
+    from lmforge.hardware import training_choices
+
+    _quiet_lightning()
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(int(cfg.trainer.num_threads))
+    torch.set_float32_matmul_precision(cfg.trainer.float32_matmul_precision)
+    choices = training_choices(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
+    rank_zero_only(print)(", ".join(f"{k.removeprefix('hardware.')} {v}" for k, v in choices.items()))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    return choices
+
+
+def model_config_for(cfg, vocab_size: int) -> dict:
+    """The GPT config dict: ``cfg.model`` plus the vocabulary size of the token files."""
+    config = OmegaConf.to_container(cfg.model, resolve=True)
+    config["vocab_size"] = int(vocab_size)
+    try:
+        GPTConfig.from_dict(config).validate()
+    except ValueError as err:
+        raise LmforgeError(str(err)) from None
+    return config
+
+
+def _lightning_module(cfg, index: dict) -> LitGPT:
+    """The LitGPT of ``cfg.model`` at the token files' vocabulary size, from ``train.init_from``'s
+    weights when set (fine-tuning a model directory of the same architecture)."""
+    t = cfg.train
+    lit = LitGPT(model_config_for(cfg, index["vocab_size"]), OmegaConf.to_container(cfg.optimizer, resolve=True),
+                 int(t.max_steps), int(t.log_every))
+    if t.init_from:
+        from lmforge.modeldir import init_from_model_dir
+
+        init_from_model_dir(lit.model, t.init_from, Path(cfg.paths.vocab) / "tokenizer.json")
+    n_params, flops = lit.model.num_params(), lit.model.flops_per_token()
+    rank_zero_only(print)(f"model: {n_params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOP per token (training)")
+    return lit
+
+
+def _open_run(cfg, lit: LitGPT, record: dict | None, fingerprint: str, choices: dict[str, str]) -> TrainingRun:
+    """Open the MLflow run (or continue ``record``'s), log a new run's parameters and step-0
+    metrics, and name it in ``checkpoints/run.json`` for a later ``train.resume=auto``."""
+    from lmforge import lineage
+    from lmforge.config import flat_params
+    from lmforge.corpus import reported_counts
+    from lmforge.outputs import write_json
+
+    # In a sweep, the DVC experiment name is what `dvc exp show` lists: the same name in the UI.
+    run_name = cfg.tracking.run_name or lineage.dvc_experiment() or f"{Path(cfg.paths.model).name}-{cfg.tokenizer.kind}"
+    run = TrainingRun.open(cfg.tracking, run_name, lineage.run_tags(cfg), record)
+    lit.metrics_log = run.metrics
+    if not run.resumed:
+        checkpoints = Path(cfg.paths.checkpoints)
+        if record is None:
+            clear_checkpoints(checkpoints)  # before run.json names the new run: see find_resume_point
+        # The corpus and vocabulary counts (prepare's and vocab's DVC metrics) belong on the run too.
+        model = {"model/parameters": lit.model.num_params(), "model/flops_per_token": lit.model.flops_per_token()}
+        run.log_start({**flat_params(cfg), **choices}, {**model, **reported_counts(cfg.paths.reports)})
+        write_json(checkpoints / RUN_FILE, {**run.info, "fingerprint": fingerprint})
+    return run
+
+
+def _callbacks(cfg, run: TrainingRun | None) -> list[Callback]:
+    """Resume, metrics and early-stopping callbacks, then the checkpoint ones. Lightning runs
+    checkpoint callbacks last, in this order: last.ckpt then holds the others' state after a step."""
+    t = cfg.train
+    checkpoints = Path(cfg.paths.checkpoints)
+    chosen: list[Callback] = [ExactResume()]
+    if run is not None:
+        chosen.append(FlushMetrics(run.metrics))
+    if t.early_stopping_patience:
+        chosen.append(EarlyStopping(monitor="val/loss", mode="min", patience=int(t.early_stopping_patience)))
+    return chosen + [
+        ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val/loss", mode="min", save_top_k=1,
+                        auto_insert_metric_name=False, enable_version_counter=False),
+        LastCheckpoint(checkpoints / LAST_CHECKPOINT, int(t.checkpoint_every), int(t.eval_interval), int(t.log_every)),
+    ]
+
+
+def _trainer(cfg, precision: str, run: TrainingRun | None, callbacks: list[Callback]) -> L.Trainer:
+    """Lightning's Trainer for ``cfg.trainer`` (at the resolved ``precision``) and ``cfg.train``,
+    logging through ``run``."""
+    t = cfg.train
+    return L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        num_nodes=int(cfg.trainer.num_nodes),
+        strategy=_strategy(cfg.trainer),
+        precision=precision,
+        max_steps=int(t.max_steps),
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        gradient_clip_val=float(t.grad_clip) if t.grad_clip else None,
+        deterministic=bool(cfg.trainer.deterministic),
+        logger=run.logger if run is not None else False,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=watched(),  # else ProgressLines (_steps_and_throughput)
+        enable_model_summary=False,
+        enable_autolog_hparams=False,  # the whole config is logged once, by _open_run
+    )
+
+
+def _steps_and_throughput(cfg, trainer: L.Trainer) -> Throughput:
+    """Micro-batches per optimizer step and the validation interval, which need the world size
+    Lightning has just resolved (both are read when fitting starts); then the throughput meter."""
+    t, block_size = cfg.train, int(cfg.model.block_size)
+    accumulate = accumulation_steps(t.global_batch_tokens, int(t.batch_size), block_size, trainer.world_size)
+    trainer.accumulate_grad_batches = accumulate
+    trainer.val_check_interval = int(t.eval_interval) * accumulate  # counts micro-batches, not steps
+    tokens_per_step = int(t.batch_size) * block_size * accumulate * trainer.world_size
+    throughput = Throughput(tokens_per_step, int(t.log_every))
+    trainer.callbacks.append(throughput)
+    if not watched():  # no bar: plain progress lines (make run > log, queued experiments, CI)
+        trainer.callbacks.append(ProgressLines(int(t.max_steps), tokens_per_step))
+    if accumulate > 1:
+        rank_zero_only(print)(f"global batch: {tokens_per_step} tokens per step "
+                              f"({accumulate} micro-batches per device)")
+    return throughput
+
+
+def _compile(cfg, lit: LitGPT) -> None:
+    """``trainer.compile``: in place, so parameter names (and checkpoints) stay the eager model's.
+    Under FSDP each block, a unit of sharding, is compiled on its own (as torchtitan does)."""
+    if cfg.trainer.compile:
+        for module in lit.model.transformer.h if cfg.trainer.strategy == "fsdp" else [lit.model]:
+            module.compile()
+
+
+def _fit(trainer: L.Trainer, lit: LitGPT, datamodule, ckpt_path: Path | None, run: TrainingRun | None,
+         checkpoints: Path) -> None:
+    """Train, turning how training ended into the run's status and one sentence for the user."""
+    try:
+        trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except NonFiniteLoss as err:
+        last = checkpoints / LAST_CHECKPOINT
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was saved before it"
+        raise LmforgeError(f"{err}, so training stopped and the MLflow run is marked FAILED; {kept}. "
+                           "Lower optimizer.lr (or raise optimizer.warmup_steps) and train again.") from None
+    except TrainingInterrupted as err:
+        if run is not None:
+            run.set_status("KILLED")
+            print(f"{err}: saved {checkpoints / LAST_CHECKPOINT}; run again with train.resume=auto to continue",
+                  flush=True)
+        raise Stopped(err.signum) from None
+    except (KeyboardInterrupt, SystemExit) as err:  # Lightning: Ctrl-C is sys.exit(1), a 2nd SIGTERM SIGTERMException
+        if run is not None:
+            run.set_status("KILLED")
+        raise Stopped(signal.SIGTERM if type(err).__name__ == "SIGTERMException" else signal.SIGINT) from None
+
+
+def _write_model_dir(cfg, trainer: L.Trainer, lit: LitGPT, index: dict, run: TrainingRun | None,
+                     throughput: Throughput) -> Path:
+    """The final weights (whole, also from FSDP shards: every rank takes part) as a model
+    directory with tokenizer, configs and loss curves; logged and registered in MLflow on request."""
+    from lmforge.modeldir import save_model_dir
+
+    state = trainer.strategy.lightning_module_state_dict()
+    out = Path(cfg.paths.model)
+    if trainer.global_rank != 0:
+        return out
+    model = GPT(lit.model.config)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})  # as float32
+    tokenizer_meta = {"kind": cfg.tokenizer.kind, "eot_token": cfg.tokenizer.eot_token, "eot_id": index["eot_id"],
+                      "sha256": index["tokenizer_sha256"]}
+    training = {"steps": trainer.global_step, "tokens": trainer.global_step * throughput.tokens_per_step,
+                "tokens_per_second": throughput.tokens_per_second}
+    save_model_dir(out, model, Path(cfg.paths.vocab) / "tokenizer.json", tokenizer_meta, train_cfg=cfg,
+                   run=run.info, extra={"training": training}, write_more=_curves_writer(lit.history))
+    if cfg.tracking.log_model:
+        from lmforge.serving import log_pyfunc_model
+        from lmforge.tracking import log_to_run
+
+        log_to_run(run.info, artifact_dirs={"model": out})
+        log_pyfunc_model(out, run.info, cfg.tracking.registered_model)  # servable as an MLflow pyfunc
+    return out
+
+
+# --- small pieces -------------------------------------------------------------------------------
+
+
+def _curves_writer(history: dict):
+    def write(model_dir: Path) -> None:
+        import csv
+
+        out = model_dir / "curves"
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "train_loss.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "train_loss", "lr"])
+            w.writerows(history["train"])
+        with open(out / "val_loss.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "val_loss"])
+            w.writerows(history["val"])
+
+    return write
+
+
+def _quiet_lightning() -> None:
+    import logging
+    import warnings
+
+    # Lightning advertises its cloud logger on every run; we log to MLflow.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.getMessage()).startswith("💡 Tip")
+    )
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # Our iterable data has no length and infinite epochs, by design.
+    warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+
+
+def _strategy(trainer_cfg):
+    if trainer_cfg.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        # One FSDP unit per transformer block: parameters are gathered a block at a time.
+        return FSDPStrategy(auto_wrap_policy={Block}, sharding_strategy=trainer_cfg.fsdp_sharding,
+                            state_dict_type="full")
+    return trainer_cfg.strategy
