@@ -22,6 +22,19 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_tracking_uri() -> Iterator[None]:
+    """``mlflow.set_tracking_uri`` (Lightning's MLflow logger calls it when a test trains in-process)
+    exports ``MLFLOW_TRACKING_URI``: without this, one test's temporary store would become the
+    default of every command a later test runs."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture
 def project_root() -> Path:
     return ROOT
