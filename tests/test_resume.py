@@ -149,38 +149,24 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(project, reference, tmp
     assert_same_training(directory, reference)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_marks_the_run_killed(project, reference, tmp_path):
+# Ctrl-C; and what SLURM and Kubernetes send before a kill. Either one finishes the step, saves,
+# marks the run KILLED and exits 128 + the signal; the resumed run is the uninterrupted one.
+STOPS = [(signal.SIGINT, 130, "interrupted at step"), (signal.SIGTERM, 143, "terminated (SIGTERM) at step")]
+
+
+@pytest.mark.parametrize(("signum", "status", "message"), STOPS, ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_saves_a_checkpoint_marks_the_run_killed_and_resumes_exactly(
+        project, reference, tmp_path, signum, status, message):
     directory = tmp_path / "project"
     shutil.copytree(project, directory)
     proc = train_process(directory, "train.resume=auto")
     wait_for_checkpoint(directory, 40, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == status, err[-3000:]
     stopped = checkpoint_step(directory / "models/checkpoints/last.ckpt")
     assert 40 <= stopped < 400
-    assert f"interrupted at step {stopped}" in out
-    run_id = run_record(directory)["run_id"]
-    assert mlflow_run(directory, run_id)[0] == "KILLED"
-
-    run_train(directory, "train.resume=auto")
-    assert run_record(directory)["run_id"] == run_id
-    assert mlflow_run(directory, run_id)[0] == "FINISHED"
-    assert_same_training(directory, reference)
-
-
-def test_sigterm_saves_a_checkpoint_exits_143_and_resumes_exactly(project, reference, tmp_path):
-    # What SLURM and Kubernetes send before a kill: finish the step, save, mark KILLED, exit 128 + 15.
-    directory = tmp_path / "project"
-    shutil.copytree(project, directory)
-    proc = train_process(directory, "train.resume=auto")
-    wait_for_checkpoint(directory, 40, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err[-3000:]
-    stopped = checkpoint_step(directory / "models/checkpoints/last.ckpt")
-    assert 40 <= stopped < 400
-    assert f"terminated (SIGTERM) at step {stopped}" in out
+    assert f"{message} {stopped}" in out
     run_id = run_record(directory)["run_id"]
     assert mlflow_run(directory, run_id)[0] == "KILLED"
 
