@@ -24,15 +24,13 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 @pytest.fixture(autouse=True)
 def no_leaked_tracking_uri() -> Iterator[None]:
-    """``mlflow.set_tracking_uri`` (Lightning's MLflow logger calls it when a test trains in-process)
-    exports ``MLFLOW_TRACKING_URI``: without this, one test's temporary store would become the
-    default of every command a later test runs."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    """``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``: lmforge's own calls restore it
+    (``tracking.environment_kept``), and so does every test, so that no test's temporary store
+    becomes the default of the commands a later test runs."""
+    from lmforge.tracking import environment_kept
+
+    with environment_kept():
+        yield
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ run and `lmforge runs`, and the Markdown report the evaluate stage logs."""
 from __future__ import annotations
 
 import http.server
+import os
 import sys
 import threading
 import time
@@ -291,3 +292,24 @@ def test_the_report_has_the_metrics_table_the_plots_and_the_samples(tmp_path):
     assert "````text\n**ROMEO**\nSpeak, ```fair``` lord.\n````" in text  # a fence the sample cannot close
     assert "```text\nTo be, or not\n```" in text
     assert not list(reports.glob(".*"))  # written atomically: no temporary file left
+
+
+@pytest.mark.slow
+def test_training_in_process_leaves_the_environment_as_it_was(tiny_cfg, tmp_path, monkeypatch):
+    # mlflow.set_tracking_uri / set_registry_uri export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI:
+    # a notebook (or a test) that trains must keep its own default store for what it runs next.
+    from lmforge.corpus import prepare
+    from lmforge.tokens import tokenize
+    from lmforge.training.stage import train
+    from lmforge.vocab import vocab_stage
+
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(key, raising=False)
+    tiny_cfg.data.sources = [str(write_corpus(tmp_path / "corpus", n_docs=12, words=300))]
+    prepare(tiny_cfg)
+    vocab_stage(tiny_cfg)
+    tokenize(tiny_cfg)
+    tiny_cfg.train.max_steps = 5
+    assert tiny_cfg.tracking.log_model  # the registered pyfunc model too
+    train(tiny_cfg)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ

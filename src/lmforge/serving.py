@@ -167,14 +167,14 @@ def log_pyfunc_model(model_dir: str | Path, run: dict, registered_model: str | N
     """Log ``model_dir`` as a pyfunc model on ``run`` (a ``run.json`` dict); register it if named.
 
     Returns MLflow's ModelInfo (``registered_model_version`` is set when registered). Sets
-    MLflow's global tracking and registry URIs to the run's.
+    MLflow's global tracking and registry URIs to the run's (not the process environment's).
     """
-    from lmforge.tracking import quiet_mlflow_env
+    from lmforge.tracking import environment_kept, quiet_mlflow_env
 
     quiet_mlflow_env()
-    mlflow.set_tracking_uri(run["tracking_uri"])
-    mlflow.set_registry_uri(run["tracking_uri"])
-    with tempfile.TemporaryDirectory() as tmp:
+    with environment_kept(), tempfile.TemporaryDirectory() as tmp:
+        mlflow.set_tracking_uri(run["tracking_uri"])
+        mlflow.set_registry_uri(run["tracking_uri"])
         code = Path(tmp) / "lmforge_model.py"
         code.write_text(_MODEL_CODE, encoding="utf-8")
         with mlflow.start_run(run_id=run["run_id"]), warnings.catch_warnings():

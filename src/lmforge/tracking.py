@@ -13,6 +13,7 @@ one store the user opens in the UI.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import urllib.parse
@@ -29,6 +30,26 @@ def quiet_mlflow_env() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+# MLflow's set_tracking_uri and set_registry_uri (Lightning's logger calls the first) export these
+# to the process environment, and so to every process started later.
+_EXPORTED_BY_MLFLOW = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextlib.contextmanager
+def environment_kept():
+    """Run a block that points MLflow at one run's store, leaving the process environment as it
+    was: a later command of the same process (a notebook, a test) keeps its own default store."""
+    before = {key: os.environ.get(key) for key in _EXPORTED_BY_MLFLOW}
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def project_root() -> Path:
@@ -220,7 +241,8 @@ class TrainingRun:
         configured store; otherwise start a new run named ``run_name`` with ``tags``."""
         same_store = record is not None and record.get("tracking_uri") == resolve_uri(tracking_cfg.uri)
         logger = make_logger(tracking_cfg, run_name, run_id=record["run_id"] if same_store else None, tags=tags)
-        run = cls(logger, resumed=same_store)
+        with environment_kept():  # the logger's first use calls mlflow.set_tracking_uri
+            run = cls(logger, resumed=same_store)
         if same_store:
             set_run_status(run.info, "RUNNING")
             run.metrics.logged = run.logged_metric_steps()
