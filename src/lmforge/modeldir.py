@@ -174,9 +174,10 @@ def fetch_model_dir(ref: str | Path, tracking_uri: str | None = None) -> Path:
     """
     if not is_mlflow_uri(ref):
         return Path(ref)
-    from lmforge.tracking import check_reachable, quiet_mlflow_env
+    from lmforge.tracking import check_reachable, environment_kept, quiet_mlflow_env
 
     quiet_mlflow_env()
+    import mlflow
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
@@ -185,7 +186,11 @@ def fetch_model_dir(ref: str | Path, tracking_uri: str | None = None) -> Path:
     check_reachable(uri)
     key = hashlib.sha256(f"{uri}\n{ref}".encode()).hexdigest()[:16]
     dest = cache_dir() / "mlflow" / key
-    with atomic_path(dest, directory=True) as tmp:
+    with atomic_path(dest, directory=True) as tmp, environment_kept():
+        # MLflow resolves models:/ through its process-wide registry URI whatever registry_uri says
+        # (without this it looked in ./mlflow.db): point both at the store, for this process only.
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
         try:
             mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=str(tmp), tracking_uri=uri, registry_uri=uri)
         except MlflowException as err:
