@@ -109,16 +109,16 @@ class _EncodedDocuments:
     encoded, documents joined with the end-of-text id as the tokenize stage joins them."""
 
     def __init__(self, encoder, eot_id: int, form: str | None):
-        self.encoder, self.form = encoder, form
+        from lmforge.corpus import clean_pieces
+
+        self.encoder, self.form, self.clean_pieces = encoder, form, clean_pieces
         self.eot = np.array([eot_id], dtype=np.int64)
         self.arrays: list[np.ndarray] = []
         self.documents = self.bytes = 0
 
     def take(self, document) -> None:
-        from lmforge.corpus import clean_pieces
-
         ids, size = [], 0
-        for text, data, _ in clean_pieces(document, self.form):  # a long one comes in pieces cut after line ends
+        for text, data, _ in self.clean_pieces(document, self.form):  # a long one comes in pieces cut after line ends
             if text:
                 ids.append(self.encoder.encode(text))
                 size += len(data)
