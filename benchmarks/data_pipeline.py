@@ -173,8 +173,8 @@ def _tree_digest(directory: Path) -> str:
 
 def run_stage_here(stage: str, overrides: list[str]) -> None:
     """(In the subprocess.) Run one stage and print its time and peak memory as JSON."""
-    from lmforge.config import load_config
-    from lmforge.stages import stage_function
+    from lmforge.config.compose import load_config
+    from lmforge.stages.runner import stage_function
 
     cfg = load_config(overrides)
     start, cpu = time.perf_counter(), time.process_time()

@@ -17,7 +17,7 @@ turns for ``--repeats`` rounds, and the table gives the best and the median toke
 
 500 new tokens pass a 256-token block, and ``transformers`` does not crop: a GPT-2 with 256
 positions cannot go past 256 tokens. So ``generate()`` is run by our window rule (see
-``lmforge.generation``): up to ``block_size`` tokens, then again from the last ``block_size // 2``
+``lmforge.inference.generation``): up to ``block_size`` tokens, then again from the last ``block_size // 2``
 tokens, each call with a fresh cache, which is exactly the work our engine does; llama.cpp is
 run by the same rule. Greedy tokens are compared as a check that the engines compute the same
 model (llama.cpp's q8_0 weights are rounded, so its greedy tokens part from ours sooner).
@@ -44,13 +44,13 @@ TOP_K = 50
 
 def build_model_dir(arch: str, block_size: int, out: Path, tokenizer_kind: str = "bpe") -> Path:
     """A randomly initialised model directory: the baby config, a vocabulary of the plays."""
-    from lmforge.config import compose_config
-    from lmforge.corpus import resolve_sources
-    from lmforge.model import GPT, GPTConfig
-    from lmforge.modeldir import save_model_dir
-    from lmforge.tokenizer import eot_token_id, save_tokenizer
+    from lmforge.config.compose import compose_config
+    from lmforge.corpus.sources import resolve_sources
+    from lmforge.model.directory import save_model_dir
+    from lmforge.model.gpt import GPT, GPTConfig
+    from lmforge.tokenization.tokenizer import eot_token_id, save_tokenizer
+    from lmforge.tokenization.vocab import build_tokenizer
     from lmforge.training.stage import model_config_for
-    from lmforge.vocab import build_tokenizer
 
     overrides = ["model=baby", f"model.block_size={block_size}", f"tokenizer={tokenizer_kind}"]
     if tokenizer_kind == "bpe":
@@ -119,7 +119,7 @@ def llama_cpp_runs(model_dir: Path, prompt: list[int], block_size: int, args,
                    tmp: Path) -> tuple[dict, list[int] | str]:
     """The llama.cpp generator on the q8_0 export, and its greedy tokens; or ({}, why not)."""
     from lmforge.errors import LmforgeError
-    from lmforge.gguf import export_gguf
+    from lmforge.interop.gguf import export_gguf
 
     try:
         path = export_gguf(model_dir, tmp / f"{model_dir.name}-q8_0.gguf", "q8_0")
@@ -138,9 +138,9 @@ def measure(model_dir: Path, label: str, args, tmp: Path) -> dict:
     """The generators on one model directory (and its exports), plus the greedy checks."""
     import transformers
 
-    from lmforge.generation import SamplingConfig, generate
-    from lmforge.hf import export_hf
-    from lmforge.modeldir import load_model_dir
+    from lmforge.inference.generation import SamplingConfig, generate
+    from lmforge.interop.hf import export_hf
+    from lmforge.model.directory import load_model_dir
 
     loaded = load_model_dir(model_dir)
     model, block_size = loaded.model, loaded.model.config.block_size

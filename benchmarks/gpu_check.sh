@@ -19,7 +19,7 @@ cd "$ROOT"
 
 echo "== machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-timeout 60 python -m lmforge.cli info --probe-seconds 2
+timeout 60 python -m lmforge info --probe-seconds 2
 
 # The default corpus with a BPE vocabulary (4096), token files under $WORK.
 PATHS=(paths.prepared="$WORK/prepared" paths.vocab="$WORK/vocab" paths.tokens="$WORK/tokens"
@@ -38,8 +38,8 @@ timeout 240 python pipelines/train.py "${PATHS[@]}" model=gpt2-small trainer=gpu
 python - "$WORK/gpt" <<'EOF'
 import json, sys
 import torch
-from lmforge.modeldir import load_model_dir
-from lmforge.hardware import peak_flops
+from lmforge.model.directory import load_model_dir
+from lmforge.training.hardware import peak_flops
 
 loaded = load_model_dir(sys.argv[1])
 training = json.load(open(f"{sys.argv[1]}/config.json"))["training"]

@@ -3,7 +3,7 @@
 The budget is nanoGPT's CPU "baby" run: 2000 steps of 12 x 64 tokens on the default corpus, with
 models of the baby's size (0.81M parameters, within 10%). Each recipe is the real train stage
 (``lmforge.training.stage.train``) on the project's token files, then the evaluate stage's score
-(``lmforge.evaluation.score_tokens``: every validation token, non-overlapping windows). The
+(``lmforge.evaluation.stage.score_tokens``: every validation token, non-overlapping windows). The
 training validation estimate every ``--eval-interval`` steps gives the step at which the recipe
 reaches nanoGPT's final loss (1.78). The time to get there is that many steps at the recipe's
 cost per step, measured afterwards for all recipes side by side (``--speed-steps`` steps each,
@@ -62,11 +62,11 @@ def run_recipe(name: str, extra: list[str], data: Path, eval_interval: int, thre
     """Train one recipe in a temporary project on ``data`` (prepared/, vocab/, tokens/); score it."""
     import lightning as L
 
-    from lmforge.config import compose_config
-    from lmforge.evaluation import score_tokens
-    from lmforge.modeldir import load_model_dir
-    from lmforge.shards import TokenStream
-    from lmforge.training.stage import train
+    from lmforge.config.compose import compose_config
+    from lmforge.evaluation.metrics import score_tokens
+    from lmforge.model.directory import load_model_dir
+    from lmforge.tokenization.shards import TokenStream
+    from lmforge.training.stage import train_stage
 
     class StepClock(L.Callback):
         """Wall time of the training steps alone (validation excluded)."""
@@ -91,7 +91,7 @@ def run_recipe(name: str, extra: list[str], data: Path, eval_interval: int, thre
         if threads:
             cfg.trainer.num_threads = threads
         started = time.perf_counter()
-        out = train(cfg, callbacks=[clock])
+        out = train_stage(cfg, callbacks=[clock])
         wall = time.perf_counter() - started
         loaded = load_model_dir(out)
         val = TokenStream(data / "tokens", "val")
@@ -135,7 +135,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-    from lmforge.hardware import format_info, machine_info
+    from lmforge.training.hardware import format_info, machine_info
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,8 +186,8 @@ def step_costs(results: dict, data: Path, steps: int, rounds: int, threads: int 
 
     import lightning as L
 
-    from lmforge.config import compose_config
-    from lmforge.training.stage import train
+    from lmforge.config.compose import compose_config
+    from lmforge.training.stage import train_stage
 
     warmup = 10
     # The learning rates do not change the cost of a step: one measurement per architecture,
@@ -220,7 +220,7 @@ def step_costs(results: dict, data: Path, steps: int, rounds: int, threads: int 
                 if threads:
                     cfg.trainer.num_threads = threads
                 with contextlib.redirect_stdout(open(os.devnull, "w")):
-                    train(cfg, callbacks=[Clock()])
+                    train_stage(cfg, callbacks=[Clock()])
             samples[label].append((clock[warmup + steps] - clock[warmup]) / steps)
             print(f"  cost per step of {label}: {samples[label][-1] * 1000:.1f} ms (CPU)", flush=True)
     costs = {label: statistics.median(values) for label, values in samples.items()}

@@ -59,7 +59,7 @@ def free_port() -> int:
 
 
 def start_server(model_dir: Path, port: int, max_batch: int, threads: int | None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lmforge.cli", "serve", "--model", str(model_dir), "--name", "baby",
+    cmd = [sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--name", "baby",
            "--port", str(port), "--max-batch", str(max_batch)]
     if threads:
         cmd += ["--threads", str(threads)]

@@ -6,7 +6,7 @@ round-robin ``--rounds`` times in one process (so another process's load hits al
 - ``nanogpt``: nanoGPT's model and loop at the baby config (``benchmarks/nanogpt_ref.py``), fp32.
 - ``baby-adamw``: lmforge's real train stage, ``model=baby optimizer=adamw`` (nanoGPT's recipe).
 - ``default``: lmforge's real train stage with the default config (baby-llama + Muon,
-  ``trainer.precision=auto``, Muon in ``lmforge.hardware.muon_dtype``).
+  ``trainer.precision=auto``, Muon in ``lmforge.training.hardware.muon_dtype``).
 - ``default-bf16-muon`` (``--with-bf16-muon``): the default with Muon orthogonalising in bfloat16
   whatever the CPU, as ``torch.optim.Muon`` does: the default before it followed the hardware.
 
@@ -49,9 +49,9 @@ def lmforge_side(data: Path, overrides: list[str], warmup: int, steps: int,
     """(wall, CPU) seconds per step of the real train stage with ``overrides``."""
     import lightning as L
 
-    from lmforge import hardware
-    from lmforge.config import compose_config
-    from lmforge.training.stage import train
+    from lmforge.config.compose import compose_config
+    from lmforge.training import hardware
+    from lmforge.training.stage import train_stage
 
     timer = StepTimer(warmup, warmup + steps)
 
@@ -72,7 +72,7 @@ def lmforge_side(data: Path, overrides: list[str], warmup: int, steps: int,
             hardware.muon_dtype = lambda device: torch.bfloat16
             stack.callback(setattr, hardware, "muon_dtype", original)
         with contextlib.redirect_stdout(open(os.devnull, "w")), contextlib.redirect_stderr(open(os.devnull, "w")):
-            train(cfg, callbacks=[Timing()])
+            train_stage(cfg, callbacks=[Timing()])
     return timer_seconds(timer, steps)
 
 
@@ -111,7 +111,7 @@ def main() -> None:
     import logging
     import warnings
 
-    from lmforge.hardware import format_info, machine_info, training_choices
+    from lmforge.training.hardware import format_info, machine_info, training_choices
 
     warnings.filterwarnings("ignore")
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):

@@ -40,7 +40,7 @@ NANOGPT_TOKENS_PER_SECOND = 16_000  # ../shared/NOTES.md: nanoGPT, baby config, 
 
 
 def base_config(overrides: list[str]):
-    from lmforge.config import compose_config
+    from lmforge.config.compose import compose_config
 
     return compose_config(["model=baby", "optimizer=adamw", "trainer=cpu", *overrides], conf_dir=ROOT / "conf")
 
@@ -69,7 +69,7 @@ def trainer_side(data: Path, precision: str, compiled: bool, warmup: int, steps:
     """Tokens per second of the train stage over steps warmup..warmup+steps."""
     import lightning as L
 
-    from lmforge.training.stage import train
+    from lmforge.training.stage import train_stage
 
     timer = StepTimer(warmup, warmup + steps)
 
@@ -88,7 +88,7 @@ def trainer_side(data: Path, precision: str, compiled: bool, warmup: int, steps:
             cfg.paths[stage] = str(data / stage)
         cfg.trainer.num_threads = torch.get_num_threads()
         with contextlib.redirect_stdout(open(os.devnull, "w")):
-            train(cfg, callbacks=[Timing()])
+            train_stage(cfg, callbacks=[Timing()])
     return timer.tokens_per_second(steps * cfg.train.batch_size * cfg.model.block_size)
 
 
@@ -96,9 +96,9 @@ def bare_side(data: Path, precision: str, compiled: bool, warmup: int, steps: in
     """Tokens per second of a plain PyTorch loop: same model, batches, optimizer, schedule, clipping."""
     from omegaconf import OmegaConf
 
-    from lmforge.data import RandomWindows
-    from lmforge.model import GPT, GPTConfig
-    from lmforge.shards import TokenStream, read_index
+    from lmforge.model.gpt import GPT, GPTConfig
+    from lmforge.tokenization.shards import TokenStream, read_index
+    from lmforge.training.data import RandomWindows
     from lmforge.training.optim import build_optimizer, lr_factor
 
     cfg = base_config([])
@@ -152,7 +152,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("mlflow").setLevel(logging.ERROR)
-    from lmforge.hardware import format_info, machine_info, resolve_precision
+    from lmforge.training.hardware import format_info, machine_info, resolve_precision
 
     machine = machine_info()
     print(format_info(machine) + "\n", flush=True)

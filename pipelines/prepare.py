@@ -1,6 +1,6 @@
 """DVC stage 'prepare': python pipelines/prepare.py [key=value | group=choice ...] (reads params.yaml)."""
 
-from lmforge.stages import run_stage
+from lmforge.stages.runner import run_stage
 
 if __name__ == "__main__":
     run_stage("prepare")

@@ -27,7 +27,7 @@ def no_leaked_tracking_uri() -> Iterator[None]:
     """``mlflow.set_tracking_uri`` exports ``MLFLOW_TRACKING_URI``: lmforge's own calls restore it
     (``tracking.environment_kept``), and so does every test, so that no test's temporary store
     becomes the default of the commands a later test runs."""
-    from lmforge.tracking import environment_kept
+    from lmforge.tracking.runs import environment_kept
 
     with environment_kept():
         yield
@@ -41,7 +41,7 @@ def project_root() -> Path:
 @pytest.fixture
 def tiny_cfg(tmp_path, monkeypatch):
     """The real composed config, with model=tiny and every path inside tmp_path (cwd = tmp_path)."""
-    from lmforge.config import compose_config
+    from lmforge.config.compose import compose_config
 
     cfg = compose_config(
         ["model=tiny", "train.max_steps=20", "train.eval_interval=10", "train.eval_iters=2", "train.log_every=5",

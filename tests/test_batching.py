@@ -8,10 +8,10 @@ import queue
 import pytest
 import torch
 
-from lmforge.batching import Engine, Job
-from lmforge.generation import SamplingConfig, encode_prompt, stream_samples
-from lmforge.kv_slots import KVSlots
-from lmforge.modeldir import load_model_dir
+from lmforge.inference.batching import Engine, Job
+from lmforge.inference.generation import SamplingConfig, encode_prompt, stream_samples
+from lmforge.inference.kv_slots import KVSlots
+from lmforge.model.directory import load_model_dir
 from tests.test_generation import LLAMA_STYLE, make_model_dir, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

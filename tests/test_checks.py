@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.checks import check_config, problems, summary, summary_line
-from lmforge.config import compose_config
+from lmforge.config.compose import compose_config
 from lmforge.errors import LmforgeError
+from lmforge.stages.check import check_config, problems, summary, summary_line
 from tests.conftest import ROOT, TINY_PIPELINE, copy_project, run_command
 from tests.test_generation import run_cli
 
@@ -81,7 +81,7 @@ def test_paths_under_dvc_must_be_the_declared_outputs(monkeypatch):
 
 
 def test_stages_run_the_checks(tmp_path, monkeypatch, capsys):
-    from lmforge.config import write_params
+    from lmforge.config.compose import write_params
 
     write_params(compose_config(["tokenizer=bpe", "tokenizer.lowercase=true"]), tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)  # no conf/ here: the stage reads params.yaml only

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from lmforge.config import compose_config, load_config
+from lmforge.config.compose import compose_config, load_config
 from lmforge.errors import LmforgeError
 
 
@@ -75,7 +75,7 @@ GROUPS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "conf").i
 @pytest.mark.parametrize("group", GROUPS)
 def test_an_unknown_key_under_any_group_is_refused(project_root, tmp_path, group):
     # `dvc exp run -S +optimizer.lrr=0.5` composes the typo into params.yaml: every group must refuse it.
-    from lmforge.config import check_known_keys
+    from lmforge.config.compose import check_known_keys
 
     first = sorted(compose_config(conf_dir=project_root / "conf")[group])[0]
     typo = f"+{group}.{first}x=1"
@@ -86,7 +86,7 @@ def test_an_unknown_key_under_any_group_is_refused(project_root, tmp_path, group
 
 
 def test_plus_optimizer_lrr_names_the_nearest_keys(project_root, tmp_path):
-    from lmforge.config import check_known_keys
+    from lmforge.config.compose import check_known_keys
 
     cfg = compose_config(["+optimizer.lrr=0.5"], conf_dir=project_root / "conf")
     with pytest.raises(LmforgeError, match=r"'optimizer\.lrr'.*did you mean optimizer\.lr"):

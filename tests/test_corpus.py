@@ -16,17 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from lmforge.corpus import (
-    DOC_SEPARATOR,
-    CorpusStats,
-    iter_split,
-    prepare,
-    progress_bar,
-    reading,
-    resolve_sources,
-    stage,
-)
+from lmforge.config.paths import DOC_SEPARATOR
+from lmforge.corpus import reading, stage
+from lmforge.corpus.documents import CorpusStats
+from lmforge.corpus.sources import resolve_sources
+from lmforge.corpus.stage import prepare_stage
 from lmforge.errors import LmforgeError
+from lmforge.outputs import progress_bar
+from lmforge.tokenization.chunks import iter_split
 from tests.conftest import write_corpus
 
 
@@ -39,7 +36,7 @@ def test_default_corpus_is_the_38_plays_from_the_package():
 
 def test_default_corpus_split_matches_nanogpt(tiny_cfg):
     # nanoGPT's prepare.py on the same joined plays: 4,786,923 train and 531,881 val characters.
-    stats = prepare(tiny_cfg)
+    stats = prepare_stage(tiny_cfg)
     assert stats.documents_in == 38 and stats.duplicates == 0
     assert stats.train_chars == 4_786_923
     assert stats.val_chars == 531_881
@@ -55,13 +52,13 @@ def test_document_split_is_stable_and_dedupes(tiny_cfg, tmp_path):
     tiny_cfg.data.sources = [str(corpus)]
     tiny_cfg.data.split = "document"
     tiny_cfg.data.val_fraction = 0.2
-    stats = prepare(tiny_cfg)
+    stats = prepare_stage(tiny_cfg)
     assert stats.duplicates == 1 and stats.documents_out == 30
     val_before = set(iter_split(Path(tiny_cfg.paths.prepared, "val.txt")))
     # adding documents never moves existing ones between the splits
     write_corpus(tmp_path / "more", n_docs=10, words=80)
     tiny_cfg.data.sources = [str(corpus), str(tmp_path / "more")]
-    prepare(tiny_cfg)
+    prepare_stage(tiny_cfg)
     val_after = set(iter_split(Path(tiny_cfg.paths.prepared, "val.txt")))
     train_after = set(iter_split(Path(tiny_cfg.paths.prepared, "train.txt")))
     assert val_before <= val_after
@@ -75,7 +72,7 @@ def test_crlf_bom_and_control_characters_are_cleaned(tiny_cfg, tmp_path):
     (src / "a.txt").write_bytes(b"\xef\xbb\xbf" + b"Hello\r\nworld\rend\x07\n" * 50)
     tiny_cfg.data.sources = [str(src)]
     tiny_cfg.data.split = "position"
-    prepare(tiny_cfg)
+    prepare_stage(tiny_cfg)
     text = Path(tiny_cfg.paths.prepared, "train.txt").read_text(encoding="utf-8")
     assert "\r" not in text and "\x07" not in text and "\ufeff" not in text
     assert text.startswith("Hello\nworld\nend\n")
@@ -84,7 +81,7 @@ def test_crlf_bom_and_control_characters_are_cleaned(tiny_cfg, tmp_path):
 def test_missing_path_is_a_clear_error_and_writes_nothing(tiny_cfg, tmp_path):
     tiny_cfg.data.sources = [str(tmp_path / "nowhere.txt")]
     with pytest.raises(LmforgeError, match="nowhere.txt.*does not exist"):
-        prepare(tiny_cfg)
+        prepare_stage(tiny_cfg)
     assert not Path(tiny_cfg.paths.prepared).exists()
 
 
@@ -92,7 +89,7 @@ def test_empty_corpus_is_a_clear_error(tiny_cfg, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     tiny_cfg.data.sources = [str(tmp_path / "empty.txt")]
     with pytest.raises(LmforgeError, match="empty"):
-        prepare(tiny_cfg)
+        prepare_stage(tiny_cfg)
     assert not Path(tiny_cfg.paths.prepared).exists()
     prepared_parent = Path(tiny_cfg.paths.prepared).parent
     assert not list(prepared_parent.glob(".*tmp*")) if prepared_parent.exists() else True
@@ -115,7 +112,7 @@ def _by_document(cfg, sources, **data) -> CorpusStats:
     cfg.data.val_fraction = 0.5
     for key, value in data.items():
         cfg.data[key] = value
-    return prepare(cfg)
+    return prepare_stage(cfg)
 
 
 def test_every_format_and_compression_is_read(tiny_cfg, tmp_path):
@@ -222,7 +219,7 @@ def test_progress_bar_is_quiet_unless_stderr_is_a_terminal(monkeypatch):
 
 def _fails(cfg, *words: str) -> str:
     with pytest.raises(LmforgeError) as err:
-        prepare(cfg)
+        prepare_stage(cfg)
     message = str(err.value)
     for word in words:
         assert word in message, message
@@ -272,7 +269,7 @@ def test_a_binary_file_among_text_files_is_refused_or_skipped(tiny_cfg, tmp_path
     tiny_cfg.data.sources = [str(corpus)]
     _fails(tiny_cfg, *words)
     tiny_cfg.data.skip_bad_files = True
-    stats = prepare(tiny_cfg)
+    stats = prepare_stage(tiny_cfg)
     assert stats.skipped_files == 1 and stats.documents_out == 4
     assert f"image.{kind}" in capsys.readouterr().err
 
@@ -286,9 +283,9 @@ def test_invalid_utf8_names_the_byte_offset_unless_replaced(tiny_cfg, tmp_path):
     tiny_cfg.data.split = "document"
     tiny_cfg.data.val_fraction = 0.5
     with pytest.raises(LmforgeError, match="split is empty"):  # one document: one split stays empty
-        prepare(tiny_cfg)
+        prepare_stage(tiny_cfg)
     tiny_cfg.data.split = "position"
-    prepare(tiny_cfg)
+    prepare_stage(tiny_cfg)
     assert "caf\ufffd au lait" in "".join(_docs(tiny_cfg, "train") + _docs(tiny_cfg, "val"))
 
 
@@ -311,7 +308,7 @@ def test_a_bad_jsonl_line_names_its_number(tiny_cfg, tmp_path, capsys, line, wor
     tiny_cfg.data.sources = [str(path)]
     _fails(tiny_cfg, *words)
     tiny_cfg.data.skip_bad_files = True
-    stats = prepare(tiny_cfg)
+    stats = prepare_stage(tiny_cfg)
     assert stats.documents_out == 2
     assert "skipped 1 bad line(s) of" in capsys.readouterr().err
 

@@ -9,9 +9,9 @@ import numpy as np
 import psutil
 import pytest
 
-from lmforge.data import RandomWindows
 from lmforge.errors import LmforgeError
-from lmforge.shards import TokenStream
+from lmforge.tokenization.shards import TokenStream
+from lmforge.training.data import RandomWindows
 
 
 def write_tokens(directory: Path, shard_sizes: list[int], dtype=np.uint16, start: int = 0) -> np.ndarray:

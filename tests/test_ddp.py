@@ -23,8 +23,8 @@ SCRIPT = '''
 import json, sys
 import lightning as L
 import torch
-from lmforge.config import load_config
-from lmforge.training.stage import train
+from lmforge.config.compose import load_config
+from lmforge.training.stage import train_stage
 
 
 class Record(L.Callback):
@@ -51,7 +51,7 @@ class Record(L.Callback):
             json.dump({"batches": self.batches, "train": self.train, "val": self.val}, f)
 
 
-train(load_config(sys.argv[1:]), callbacks=[Record()])
+train_stage(load_config(sys.argv[1:]), callbacks=[Record()])
 '''
 
 

@@ -1,10 +1,13 @@
 """dvc.yaml declares what each stage runs and reads, derived rather than kept by hand.
 
 Code: the lmforge modules a stage's entry point imports, transitively, at module level and inside
-functions (the AST of every module on the way). ``stages.py`` is read per stage: its own imports, the
-stage runner's, and the one branch of ``stage_function`` that picks the stage. ``checks.py`` only accepts
-or refuses a configuration and writes nothing a data stage outputs, so the walk stops there
-(except for the ``check`` stage, whose output it writes).
+functions (the AST of every module on the way), declared by package: a stage depends on
+``src/lmforge/<package>`` for each package it runs and on each top-level module it imports, and on
+nothing else, so an edit re-runs exactly the stages that run the edited package.
+``stages/runner.py`` is read per stage: its own imports, the stage runner's, and the one branch of
+``stage_function`` that picks the stage. ``stages/check.py`` only accepts or refuses a configuration
+and writes nothing a data stage outputs, so the walk stops there (except for the ``check`` stage,
+whose output it writes).
 
 Params: every config key a stage reads while it runs, recorded on the real stages of a tiny
 project. ``paths.*`` are not params: dvc.yaml names the paths as literal deps and outs, and a
@@ -23,6 +26,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 STAGE_NAMES = ("check", "prepare", "vocab", "tokenize", "train", "evaluate")
+RUNNER = SRC / "lmforge/stages/runner.py"
+CHECK_STAGE = SRC / "lmforge/stages/check.py"
 RUNNER_FUNCTIONS = ("run_stage", "_run_stage", "guarded")
 
 
@@ -54,7 +59,7 @@ def imported_names(nodes) -> set[str]:
 
 def runner_nodes(stage: str) -> list:
     """The parts of stages.py that run for ``stage``: module level, the runner, and its ``stage_function`` branch."""
-    tree = ast.parse((SRC / "lmforge/stages.py").read_text())
+    tree = ast.parse((SRC / "lmforge/stages/runner.py").read_text())
     nodes = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef)):
         if fn.name in RUNNER_FUNCTIONS:
@@ -81,33 +86,47 @@ def code_closure(stage: str) -> set[Path]:
         todo += [".".join(parts[:i]) for i in range(2, len(parts)) if ".".join(parts[:i]) not in {n for n in todo}]
         if path in files:
             continue
-        if path.name == "checks.py" and stage != "check":
+        if path == CHECK_STAGE and stage != "check":
             continue  # accepts or refuses a config; writes nothing a data stage outputs
         files.add(path)
-        nodes = runner_nodes(stage) if path == SRC / "lmforge/stages.py" else [ast.parse(path.read_text())]
+        nodes = runner_nodes(stage) if path == RUNNER else [ast.parse(path.read_text())]
         todo += sorted(imported_names(nodes))
     return {f for f in files if f != SRC / "lmforge/__init__.py"}  # the package's empty __init__
 
 
-def declared(path: Path, deps: list[str]) -> bool:
-    relative = path.relative_to(ROOT)
-    return any(relative == Path(d) or Path(d) in relative.parents for d in deps)
+def code_deps(stage: str) -> list[str]:
+    """What dvc.yaml must declare for ``stage``'s code: each package it runs, each top-level module."""
+    deps = set()
+    for path in code_closure(stage):
+        parts = path.relative_to(SRC / "lmforge").parts
+        deps.add(f"src/lmforge/{parts[0]}" if len(parts) > 1 else f"src/lmforge/{parts[0]}")
+    return sorted(deps)
 
 
 @pytest.mark.parametrize("stage", STAGE_NAMES)
-def test_every_module_a_stage_imports_is_a_dependency(stage):
+def test_a_stage_depends_on_exactly_the_packages_it_runs(stage):
     deps = [d if isinstance(d, str) else next(iter(d)) for d in dvc_stages()[stage]["deps"]]
     assert f"pipelines/{stage}.py" in deps
     closure = code_closure(stage)
-    assert SRC / "lmforge/stages.py" in closure and SRC / "lmforge/config.py" in closure  # the walk itself works
-    missing = sorted(str(p.relative_to(ROOT)) for p in closure if not declared(p, deps))
-    assert not missing, f"dvc.yaml stage '{stage}' runs these files but does not declare them: {missing}"
+    assert RUNNER in closure and SRC / "lmforge/config/compose.py" in closure  # the walk itself works
+    declared = sorted(d for d in deps if d.startswith("src/"))
+    expected = code_deps(stage)
+    assert declared == expected, (f"dvc.yaml stage '{stage}' declares {declared} but runs {expected}: "
+                                  f"missing {sorted(set(expected) - set(declared))}, "
+                                  f"not run {sorted(set(declared) - set(expected))}")
 
 
 def test_the_walk_follows_function_level_imports():
-    # training.stage imports lmforge.serving inside a function: it must count.
-    assert SRC / "lmforge/serving.py" in code_closure("train")
+    # training.stage imports lmforge.serving.pyfunc inside a function: it must count.
+    assert SRC / "lmforge/serving/pyfunc.py" in code_closure("train")
     assert SRC / "lmforge/training/stage.py" not in code_closure("prepare")
+
+
+@pytest.mark.parametrize("package, reruns", [("corpus", {"check", "prepare"}),
+                                             ("engines", {"check", "prepare", "tokenize"})])
+def test_an_edit_reruns_only_the_stages_that_run_it(package, reruns):
+    # An edit to the JSONL reader or the Ray engine must not re-run training (hours, on a GPU).
+    assert {s for s in STAGE_NAMES if f"src/lmforge/{package}" in code_deps(s)} <= reruns
 
 
 # --- params: recorded while the real stages run on a tiny project ---
@@ -151,8 +170,8 @@ def covered(key: str, params: list[str]) -> bool:
 
 @pytest.fixture(scope="module")
 def stage_reads(tmp_path_factory, one_thread) -> dict[str, set[str]]:
-    from lmforge.config import compose_config, write_params
-    from lmforge.stages import stage_function
+    from lmforge.config.compose import compose_config, write_params
+    from lmforge.stages.runner import stage_function
     from tests.conftest import TINY_PIPELINE, write_corpus
 
     project = tmp_path_factory.mktemp("deps")
@@ -183,7 +202,7 @@ def test_every_param_a_stage_reads_is_declared(stage_reads, stage):
     missing = sorted(k for k in reads if not k.startswith("paths") and not covered(k, params))
     assert not missing, f"dvc.yaml stage '{stage}' reads these params but does not declare them: {missing}"
     # paths.* are not params: the directory a stage reads or writes must be a literal dep or out.
-    from lmforge.checks import DVC_OUTPUTS
+    from lmforge.config.paths import DVC_OUTPUTS
 
     for key in (k for k in reads if k.startswith("paths.")):
         where = DVC_OUTPUTS[key.split(".", 1)[1]]

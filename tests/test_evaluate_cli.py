@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.evaluation import evaluate_text
-from lmforge.modeldir import load_model_dir
+from lmforge.evaluation.text import evaluate_text
+from lmforge.model.directory import load_model_dir
 from tests.conftest import write_corpus
 from tests.test_generation import CHAR_TEXT, make_model_dir, run_cli
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(autouse=True)
 def project(tmp_path, monkeypatch, project_root):
     """Run in a project directory: its params.yaml says how text is read (model dirs made here have none)."""
-    from lmforge.config import compose_config, write_params
+    from lmforge.config.compose import compose_config, write_params
 
     write_params(compose_config(conf_dir=project_root / "conf"), tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
@@ -39,25 +39,25 @@ def text_files(tmp_path):
 
 
 def test_evaluate_text_equals_the_evaluate_stage_on_the_validation_split(tiny_cfg, tmp_path):
-    from lmforge.corpus import prepare
-    from lmforge.evaluation import evaluate
-    from lmforge.model import GPT, GPTConfig
-    from lmforge.modeldir import save_model_dir
-    from lmforge.shards import read_index
-    from lmforge.tokens import tokenize
-    from lmforge.vocab import vocab_stage
+    from lmforge.corpus.stage import prepare_stage
+    from lmforge.evaluation.stage import evaluate_stage
+    from lmforge.model.directory import save_model_dir
+    from lmforge.model.gpt import GPT, GPTConfig
+    from lmforge.tokenization.encode import tokenize_stage
+    from lmforge.tokenization.shards import read_index
+    from lmforge.tokenization.vocab import vocab_stage
 
     tiny_cfg.data.sources = [str(write_corpus(tmp_path / "corpus", n_docs=6, words=200))]
     tiny_cfg.evaluate.max_batches = None
-    prepare(tiny_cfg)
+    prepare_stage(tiny_cfg)
     vocab_stage(tiny_cfg)
-    index = tokenize(tiny_cfg)
+    index = tokenize_stage(tiny_cfg)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=index["vocab_size"], block_size=32, n_layer=1, n_head=2, n_embd=16))
     meta = {"kind": "char", "eot_token": tiny_cfg.tokenizer.eot_token, "eot_id": index["eot_id"]}
     save_model_dir(tiny_cfg.paths.model, model, f"{tiny_cfg.paths.vocab}/tokenizer.json", meta, train_cfg=tiny_cfg)
 
-    stage = evaluate(tiny_cfg)
+    stage = evaluate_stage(tiny_cfg)
     text = evaluate_text(load_model_dir(tiny_cfg.paths.model), [f"{tiny_cfg.paths.prepared}/val.txt"])
     assert text["tokens"] == stage["val_tokens"] == read_index(tiny_cfg.paths.tokens)["splits"]["val"]["tokens"]
     assert text["bytes"] == stage["val_bytes"]
@@ -119,8 +119,8 @@ def test_evaluate_command_errors_are_one_line(tmp_path, capsys):
 def test_mlflow_logging_onto_the_training_run_or_a_new_one(tmp_path, text_files, capsys, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from lmforge import tracking
-    from lmforge.modeldir import write_run_info
+    from lmforge.model.directory import write_run_info
+    from lmforge.tracking import runs as tracking
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -151,9 +151,9 @@ def test_mlflow_logging_onto_the_training_run_or_a_new_one(tmp_path, text_files,
 
 
 def test_evaluate_with_overrides_still_runs_the_stage(tiny_cfg, tmp_path, capsys, monkeypatch):
-    from lmforge.config import write_params
+    from lmforge.config.compose import write_params
 
-    monkeypatch.setattr("lmforge.stages.stage_function",
+    monkeypatch.setattr("lmforge.stages.runner.stage_function",
                         lambda name: lambda cfg: {"stage": name, "n": cfg.evaluate.max_new_tokens})
     write_params(tiny_cfg, tmp_path / "params.yaml")
     code, stdout, err = run_cli(["evaluate", "evaluate.max_new_tokens=7"], capsys)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.generation import SamplingConfig, generate, generate_tokens, sample_next
-from lmforge.model import GPT, GPTConfig
+from lmforge.inference.generation import SamplingConfig, generate, generate_tokens, sample_next
+from lmforge.model.gpt import GPT, GPTConfig
 
 LLAMA_STYLE = dict(
     positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=False, tie_embeddings=False
@@ -195,9 +195,9 @@ CHAR_TEXT = "the king and the queen speak of love and death.\nGood night, fair l
 
 def make_model_dir(path, seed: int = 0, **overrides):
     """A small random model directory with a character vocabulary of CHAR_TEXT; returns its path."""
-    from lmforge.modeldir import save_model_dir
-    from lmforge.tokenizer import save_tokenizer
-    from lmforge.vocab import build_tokenizer
+    from lmforge.model.directory import save_model_dir
+    from lmforge.tokenization.tokenizer import save_tokenizer
+    from lmforge.tokenization.vocab import build_tokenizer
 
     tokenizer = build_tokenizer({"kind": "char", "special_tokens": ["<|endoftext|>", "<unk>"]}, [CHAR_TEXT])
     save_tokenizer(tokenizer, path.parent / f"{path.name}-tokenizer.json")
@@ -215,8 +215,8 @@ def model_dir(tmp_path):
 
 
 def test_stop_string_ends_the_text_before_it(model_dir):
-    from lmforge.generation import complete
-    from lmforge.modeldir import load_model_dir
+    from lmforge.inference.generation import complete
+    from lmforge.model.directory import load_model_dir
 
     loaded = load_model_dir(model_dir)
     greedy = SamplingConfig(max_new_tokens=40, temperature=0.0)
@@ -228,8 +228,8 @@ def test_stop_string_ends_the_text_before_it(model_dir):
 
 
 def test_samples_of_one_batch_differ_and_repeat_with_the_seed(model_dir):
-    from lmforge.generation import complete_samples
-    from lmforge.modeldir import load_model_dir
+    from lmforge.inference.generation import complete_samples
+    from lmforge.model.directory import load_model_dir
 
     loaded = load_model_dir(model_dir)
     cfg = SamplingConfig(max_new_tokens=30, seed=5)
@@ -241,8 +241,8 @@ def test_samples_of_one_batch_differ_and_repeat_with_the_seed(model_dir):
 
 
 def test_text_tail_holds_back_partial_stop_strings_and_incomplete_characters():
-    from lmforge.generation import _TextTail
-    from lmforge.vocab import build_tokenizer
+    from lmforge.inference.generation import _TextTail
+    from lmforge.tokenization.vocab import build_tokenizer
 
     tokenizer = build_tokenizer({"kind": "bpe", "vocab_size": 300, "min_frequency": 1,
                                  "special_tokens": ["<|endoftext|>"]}, ["plain text"])
@@ -259,7 +259,7 @@ def test_text_tail_holds_back_partial_stop_strings_and_incomplete_characters():
 
 def run_cli(args, capsys):
     """``lmforge ARGS`` in this process; returns (exit status, stdout, stderr)."""
-    from lmforge.cli import main
+    from lmforge.cli.main import main
 
     try:
         main([str(a) for a in args])
@@ -271,8 +271,8 @@ def run_cli(args, capsys):
 
 
 def test_generate_command_streams_and_batches_samples(model_dir, capsys):
-    from lmforge.generation import complete, complete_samples
-    from lmforge.modeldir import load_model_dir
+    from lmforge.inference.generation import complete, complete_samples
+    from lmforge.model.directory import load_model_dir
 
     loaded = load_model_dir(model_dir)
     cfg = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=20, seed=3)
@@ -348,9 +348,9 @@ def test_bad_input_through_the_installed_command(model_dir):
 def test_incremental_decoding_equals_decoding_the_whole_sample(kind):
     import random
 
-    from lmforge.generation import _TextTail
-    from lmforge.tokenizer import DEFAULT_SPECIAL_TOKENS
-    from lmforge.vocab import build_tokenizer
+    from lmforge.inference.generation import _TextTail
+    from lmforge.tokenization.tokenizer import DEFAULT_SPECIAL_TOKENS
+    from lmforge.tokenization.vocab import build_tokenizer
 
     text = CHAR_TEXT * 3 + "caf\u00e9, na\u00efve \u2603 \u65e5\u672c\n"
     tokenizer = build_tokenizer({"kind": kind, "special_tokens": DEFAULT_SPECIAL_TOKENS[kind], "vocab_size": 400,
@@ -365,7 +365,7 @@ def test_incremental_decoding_equals_decoding_the_whole_sample(kind):
 
 
 def test_unescape_reads_escapes_and_keeps_non_ascii():
-    from lmforge.generation import unescape
+    from lmforge.inference.generation import unescape
 
     assert unescape("\\n\\n") == "\n\n"
     assert unescape("caf\u00e9\\t\u20ac\\u00e9") == "caf\u00e9\t\u20ac\u00e9"  # é stays é, not Ã©
@@ -373,8 +373,8 @@ def test_unescape_reads_escapes_and_keeps_non_ascii():
 
 def test_stop_option_takes_backslash_escapes(model_dir, capsys):
     # README: `lmforge generate ... --stop "\n\n"`: the shell passes a backslash and an n.
-    from lmforge.generation import complete, unescape
-    from lmforge.modeldir import load_model_dir
+    from lmforge.inference.generation import complete, unescape
+    from lmforge.model.directory import load_model_dir
 
     loaded = load_model_dir(model_dir)
     greedy = SamplingConfig(max_new_tokens=60, temperature=0)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.gguf import export_gguf, import_gguf
-from lmforge.model import GPT, GPTConfig
-from lmforge.modeldir import load_model_dir, save_model_dir
+from lmforge.interop.gguf import export_gguf, import_gguf
+from lmforge.model.directory import load_model_dir, save_model_dir
+from lmforge.model.gpt import GPT, GPTConfig
 from tests.test_generation import make_model_dir, run_cli
 
 GPT2_STYLE = dict(positions="learned", norm="layernorm", mlp="gelu_tanh")
@@ -45,8 +45,8 @@ def llama_cpp():
 
 
 def bpe_tokenizer_file(directory: Path, text: str = TRAIN_TEXT, vocab_size: int = 300) -> Path:
-    from lmforge.tokenizer import save_tokenizer
-    from lmforge.vocab import build_tokenizer
+    from lmforge.tokenization.tokenizer import save_tokenizer
+    from lmforge.tokenization.vocab import build_tokenizer
 
     path = directory / "bpe-tokenizer.json"
     if not path.is_file():
@@ -58,7 +58,7 @@ def bpe_tokenizer_file(directory: Path, text: str = TRAIN_TEXT, vocab_size: int 
 
 def bpe_model_dir(path: Path, model: GPT | None = None, **options) -> Path:
     """A model directory with a byte-level BPE vocabulary and non-trivial random weights."""
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenization.tokenizer import load_tokenizer
 
     tokenizer_file = bpe_tokenizer_file(path.parent)
     if model is None:
@@ -161,8 +161,8 @@ def train_briefly(config: GPTConfig, ids: torch.Tensor, steps: int) -> GPT:
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_q8_0_greedy_matches_ours_for_20_tokens_on_a_trained_model(tmp_path, family):
-    from lmforge.tokenizer import save_tokenizer
-    from lmforge.vocab import build_tokenizer
+    from lmforge.tokenization.tokenizer import save_tokenizer
+    from lmforge.tokenization.vocab import build_tokenizer
 
     text = plays_text(200_000)
     tokenizer = build_tokenizer({"kind": "bpe", "vocab_size": 512, "special_tokens": ["<|endoftext|>"]}, [text])
@@ -204,8 +204,8 @@ def test_export_refuses_what_gguf_cannot_represent_and_leaves_no_file(tmp_path, 
 def test_char_and_word_vocabularies_are_refused_with_the_reason(tmp_path, capsys, kind):
     model_dir = make_model_dir(tmp_path / "model", mlp="gelu_tanh")  # a char vocabulary
     if kind == "word":
-        from lmforge.tokenizer import save_tokenizer
-        from lmforge.vocab import build_tokenizer
+        from lmforge.tokenization.tokenizer import save_tokenizer
+        from lmforge.tokenization.vocab import build_tokenizer
 
         tokenizer = build_tokenizer({"kind": "word", "vocab_size": 40}, [TRAIN_TEXT])
         save_tokenizer(tokenizer, tmp_path / "word.json")
@@ -224,7 +224,7 @@ def char_vocabulary_as_gguf(path: Path, tokenizer, tokenizer_model: str) -> Path
     byte-level string, multi-byte characters merged) or ``llama`` (SentencePiece) tokenizer."""
     from tokenizers import pre_tokenizers
 
-    from lmforge.gguf import _write_hyperparameters, to_gguf_tensors
+    from lmforge.interop.gguf import _write_hyperparameters, to_gguf_tensors
 
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     special = {"<|endoftext|>", "<unk>"}
@@ -262,7 +262,7 @@ def test_no_gguf_tokenizer_reproduces_a_char_vocabulary_outside_its_alphabet(tmp
     import subprocess
     import sys
 
-    from lmforge.vocab import build_tokenizer
+    from lmforge.tokenization.vocab import build_tokenizer
 
     alphabet = "the king and the queen speak of love and death.\nGood night, fair lord! caf\u00e9\n"
     tokenizer = build_tokenizer({"kind": "char", "special_tokens": ["<|endoftext|>", "<unk>"]}, [alphabet])
@@ -336,8 +336,8 @@ def test_truncated_or_foreign_gguf_import_is_one_sentence(tmp_path, capsys):
 
 
 def test_lineage_keys_travel_in_the_file_and_back(tmp_path):
-    from lmforge.modeldir import write_run_info
-    from lmforge.tracking import quiet_mlflow_env
+    from lmforge.model.directory import write_run_info
+    from lmforge.tracking.runs import quiet_mlflow_env
 
     quiet_mlflow_env()
     import mlflow

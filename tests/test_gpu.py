@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge import hardware
+from lmforge.training import hardware
 from lmforge.training.muon import Muon
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

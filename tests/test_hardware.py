@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from lmforge import hardware
+from lmforge.training import hardware
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def test_the_probes_measure_both_dtypes():
 
 
 def test_lmforge_info_prints_the_machine_block(capsys):
-    from lmforge.cli import main
+    from lmforge.cli.main import main
 
     main(["info", "--probe-seconds", "0.2"])
     out = capsys.readouterr().out
@@ -100,7 +100,7 @@ def test_lmforge_info_prints_the_machine_block(capsys):
 
 
 def test_lmforge_info_refuses_a_negative_probe(capsys):
-    from lmforge.cli import main
+    from lmforge.cli.main import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["info", "--probe-seconds", "-1"])

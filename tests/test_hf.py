@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.hf import export_hf, import_hf
-from lmforge.modeldir import load_model_dir
+from lmforge.interop.hf import export_hf, import_hf
+from lmforge.model.directory import load_model_dir
 from tests.test_generation import CHAR_TEXT, make_model_dir, run_cli
 
 transformers = pytest.importorskip("transformers")
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def perturbed_model_dir(path, **options):
     """A model directory whose weights are all non-trivial (norm gains and biases are not 1 and 0)."""
-    from lmforge.modeldir import save_model_dir
+    from lmforge.model.directory import save_model_dir
 
     make_model_dir(path, **options)
     loaded = load_model_dir(path)
@@ -113,7 +113,7 @@ def save_transformers_model(path, family: str, vocab_size: int, tokenizer_file,
 @pytest.mark.parametrize("family, activation", [("gpt2", "gelu"), ("gpt2", "gelu_new"), ("gpt2", "gelu_pytorch_tanh"),
                                                 ("llama", None)])
 def test_import_of_a_transformers_model_gives_equal_logits(tmp_path, family, activation):
-    from lmforge.generation import SamplingConfig, complete
+    from lmforge.inference.generation import SamplingConfig, complete
 
     reference = make_model_dir(tmp_path / "reference")  # only for its char tokenizer
     vocab_size = load_model_dir(reference).tokenizer.get_vocab_size()
@@ -194,17 +194,17 @@ def test_training_continues_from_an_imported_model(tiny_cfg, tmp_path):
     """A transformers model trained elsewhere, imported, is the starting point of train.init_from."""
     from safetensors.torch import load_file
 
-    from lmforge.corpus import prepare
-    from lmforge.shards import read_index
-    from lmforge.tokens import tokenize
-    from lmforge.training.stage import train
-    from lmforge.vocab import vocab_stage
+    from lmforge.corpus.stage import prepare_stage
+    from lmforge.tokenization.encode import tokenize_stage
+    from lmforge.tokenization.shards import read_index
+    from lmforge.tokenization.vocab import vocab_stage
+    from lmforge.training.stage import train_stage
     from tests.conftest import write_corpus
 
     tiny_cfg.data.sources = [str(write_corpus(tmp_path / "corpus", n_docs=8, words=200))]
-    prepare(tiny_cfg)
+    prepare_stage(tiny_cfg)
     vocab_stage(tiny_cfg)
-    tokenize(tiny_cfg)
+    tokenize_stage(tiny_cfg)
     vocab_size = read_index(tiny_cfg.paths.tokens)["vocab_size"]
     # The tiny config's architecture, trained "elsewhere", with the corpus's tokenizer.
     torch.manual_seed(3)
@@ -224,19 +224,19 @@ def test_training_continues_from_an_imported_model(tiny_cfg, tmp_path):
         tiny_cfg.optimizer.update({"muon_lr": 1e-12, "muon_weight_decay": 0.0})
     tiny_cfg.tracking.log_model = False
     start = load_file(imported / "model.safetensors")
-    trained = load_file(train(tiny_cfg) / "model.safetensors")
+    trained = load_file(train_stage(tiny_cfg) / "model.safetensors")
     assert start.keys() == trained.keys()
     for name in start:
         torch.testing.assert_close(trained[name], start[name], rtol=0, atol=1e-6)
 
     tiny_cfg.model.n_layer = 3
     with pytest.raises(LmforgeError, match=r"has a different architecture than the config; set model.n_layer=2"):
-        train(tiny_cfg)
+        train_stage(tiny_cfg)
     tiny_cfg.model.n_layer = 2
     other = make_model_dir(tmp_path / "other", vocab_size=vocab_size, block_size=32, n_head=2)
     tiny_cfg.train.init_from = str(other)
     with pytest.raises(LmforgeError, match="uses a different tokenizer than the token files"):
-        train(tiny_cfg)
+        train_stage(tiny_cfg)
 
 
 @pytest.mark.parametrize("shard",
@@ -245,7 +245,7 @@ def test_a_shard_name_outside_the_directory_is_refused(tmp_path, shard):
     # model.safetensors.index.json comes with a downloaded model: it must not name files elsewhere.
     from safetensors.torch import save_file
 
-    from lmforge.hf import _read_weights
+    from lmforge.interop.hf import _read_weights
 
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
@@ -259,7 +259,7 @@ def test_a_shard_name_outside_the_directory_is_refused(tmp_path, shard):
 def test_shards_inside_the_directory_are_read(tmp_path):
     from safetensors.torch import save_file
 
-    from lmforge.hf import _read_weights
+    from lmforge.interop.hf import _read_weights
 
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()

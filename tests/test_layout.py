@@ -1,6 +1,6 @@
 """The codebase stays easy to walk: no module over ``MAX_MODULE_LINES``, no function over
 ``MAX_FUNCTION_LINES`` (the model's ``forward`` may read best whole), and the training package
-talks to MLflow only through ``lmforge.tracking``."""
+talks to MLflow only through ``lmforge.tracking.runs``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ PACKAGE = ROOT / "src" / "lmforge"
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60
 # Reads best as one piece, top to bottom in the order the tensors flow.
-EXEMPT_FUNCTIONS = {("model.py", "GPT.forward")}
+EXEMPT_FUNCTIONS = {("model/gpt.py", "GPT.forward")}
 MODULES = sorted(PACKAGE.rglob("*.py"))
 
 

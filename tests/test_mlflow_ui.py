@@ -43,8 +43,8 @@ def two_runs(tracking_server, tmp_path, monkeypatch):
     """Two finished runs of the pipeline (learning rates 1e-3 and 3e-4) on the tracking server."""
     from mlflow.tracking import MlflowClient
 
-    from lmforge.config import compose_config
-    from lmforge.modeldir import load_model_dir
+    from lmforge.config.compose import compose_config
+    from lmforge.model.directory import load_model_dir
 
     corpus = write_corpus(tmp_path / "corpus", n_docs=12, words=300)
     run_ids = []

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from lmforge.model import GPT, GPTConfig, KVCache, sinusoidal_table
+from lmforge.model.gpt import GPT, GPTConfig, KVCache, sinusoidal_table
 
 POSITIONS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
@@ -165,7 +165,7 @@ def test_gpt2_initialisation():
 
 
 def test_gelu_tanh_is_gpt2s_approximation_and_differs_from_exact_gelu():
-    from lmforge.model import MLP
+    from lmforge.model.gpt import MLP
 
     torch.manual_seed(0)
     mlp = MLP(tiny(mlp="gelu_tanh")).eval()
@@ -313,7 +313,7 @@ def preset(name: str, vocab_size: int) -> GPTConfig:
 
     from omegaconf import OmegaConf
 
-    from lmforge.config import compose_config
+    from lmforge.config.compose import compose_config
 
     cfg = compose_config([f"model={name}"], conf_dir=Path(__file__).resolve().parents[1] / "conf")
     return GPTConfig.from_dict({**OmegaConf.to_container(cfg.model), "vocab_size": vocab_size})

@@ -69,8 +69,8 @@ def test_state_dict_moves_between_ours_and_torchs():
 def test_build_optimizer_uses_the_hardware_dtype(monkeypatch):
     from omegaconf import OmegaConf
 
-    from lmforge import hardware
-    from lmforge.model import GPT, GPTConfig
+    from lmforge.model.gpt import GPT, GPTConfig
+    from lmforge.training import hardware
     from lmforge.training.optim import build_optimizer
 
     model = GPT(GPTConfig.from_dict({"vocab_size": 16, "block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 16}))

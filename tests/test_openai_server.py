@@ -16,11 +16,11 @@ import openai
 import pytest
 import torch
 
-from lmforge.model import GPT, GPTConfig
-from lmforge.modeldir import save_model_dir
-from lmforge.openai_protocol import ApiError, render_chat
-from lmforge.tokenizer import save_tokenizer
-from lmforge.vocab import build_tokenizer
+from lmforge.model.directory import save_model_dir
+from lmforge.model.gpt import GPT, GPTConfig
+from lmforge.serving.protocol import ApiError, render_chat
+from lmforge.tokenization.tokenizer import save_tokenizer
+from lmforge.tokenization.vocab import build_tokenizer
 from tests.conftest import free_port, stop_process_group
 
 NAME = "tiny"
@@ -49,7 +49,7 @@ def server(model_dir):
     """The base URL of `lmforge serve` on a tiny model (4 slots, prompts up to 100 tokens)."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmforge.cli", "serve", "--model", str(model_dir), "--name", NAME, "--port", str(port),
+        [sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--name", NAME, "--port", str(port),
          "--max-batch", "4", "--max-prompt-tokens", "100"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -114,8 +114,8 @@ def test_completion_counts_usage_and_seeds_reproduce(client):
 
 
 def test_the_server_samples_what_generate_samples(client, model_dir):
-    from lmforge.generation import SamplingConfig, complete_samples
-    from lmforge.modeldir import load_model_dir
+    from lmforge.inference.generation import SamplingConfig, complete_samples
+    from lmforge.model.directory import load_model_dir
 
     cfg = SamplingConfig(max_new_tokens=40, temperature=0.9, top_k=20, seed=13)
     expected = complete_samples(load_model_dir(model_dir), "the king", cfg, ["xq"], num_samples=2)
@@ -251,7 +251,7 @@ def test_unknown_model_is_a_404_and_malformed_bodies_a_400(client, server):
 
 
 def test_the_command_refuses_a_missing_model_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lmforge.cli", "serve", "--model", str(tmp_path / "none")],
+    proc = subprocess.run([sys.executable, "-m", "lmforge", "serve", "--model", str(tmp_path / "none")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
@@ -344,9 +344,9 @@ def test_the_readme_examples_run_against_the_server(server):
 def test_a_registered_model_is_served_with_its_chat_template(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from lmforge import tracking
-    from lmforge.modeldir import write_run_info
-    from lmforge.serving import log_pyfunc_model
+    from lmforge.model.directory import write_run_info
+    from lmforge.serving.pyfunc import log_pyfunc_model
+    from lmforge.tracking import runs as tracking
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     experiment_id = tracking.ensure_experiment(uri, "serve-test")
@@ -360,7 +360,7 @@ def test_a_registered_model_is_served_with_its_chat_template(tmp_path):
     log_pyfunc_model(model_dir, run, "tiny-chat")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lmforge.cli", "serve", "--model", "models:/tiny-chat/1", "--tracking-uri", uri,
+        [sys.executable, "-m", "lmforge", "serve", "--model", "models:/tiny-chat/1", "--tracking-uri", uri,
          "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**os.environ, "LMFORGE_CACHE": str(tmp_path / "cache")})
     try:

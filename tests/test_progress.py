@@ -7,7 +7,7 @@ import re
 
 import mlflow
 
-from lmforge.progress import duration
+from lmforge.outputs import duration
 from lmforge.training.callbacks import ProgressLines
 from tests.test_training import run_record, tokens_cfg  # noqa: F401  (a fixture)
 
@@ -20,10 +20,10 @@ def progress_lines(err: str) -> list[re.Match]:
 
 
 def test_a_run_without_a_terminal_prints_progress_at_each_evaluation(tokens_cfg, capfd):  # noqa: F811
-    from lmforge.training.stage import train
+    from lmforge.training.stage import train_stage
 
     tokens_cfg.tracking.log_model = False  # 20 steps, validation every 10
-    train(tokens_cfg)
+    train_stage(tokens_cfg)
     lines = progress_lines(capfd.readouterr().err)
     at_evaluations = [m for m in lines if int(m[1]) in (10, 20)]  # (and one every 30 s: none in a quick run)
     assert [int(m[1]) for m in at_evaluations] == [10, 20]
@@ -41,12 +41,12 @@ def test_progress_lines_come_every_interval_and_never_on_a_terminal(tokens_cfg, 
 
     tokens_cfg.tracking.log_model = False
     monkeypatch.setattr(ProgressLines, "EVERY_SECONDS", 0.0)  # a line at every step
-    training.train(tokens_cfg)
+    training.train_stage(tokens_cfg)
     steps = [int(m[1]) for m in progress_lines(capfd.readouterr().err)]
     assert set(range(1, 21)) <= set(steps)
     monkeypatch.setattr(training, "watched", lambda: True)  # a terminal: Lightning's bar instead
     tokens_cfg.paths.checkpoints = "terminal/checkpoints"
-    training.train(tokens_cfg)
+    training.train_stage(tokens_cfg)
     assert progress_lines(capfd.readouterr().err) == []
 
 

@@ -19,12 +19,12 @@ import psutil
 import pytest
 import ray  # (the ray extra is in the test extra: a missing Ray fails here, never skips)
 
-from lmforge.config import compose_config
-from lmforge.corpus import prepare
+from lmforge.config.compose import compose_config
 from lmforge.corpus.cleaning import clean
+from lmforge.corpus.stage import prepare_stage
 from lmforge.errors import LmforgeError
-from lmforge.tokens import tokenize
-from lmforge.vocab import vocab_stage
+from lmforge.tokenization.encode import tokenize_stage
+from lmforge.tokenization.vocab import vocab_stage
 from tests.conftest import ROOT, write_mixed_corpus
 from tests.conftest import lines as _lines
 
@@ -59,16 +59,16 @@ def test_ray_writes_the_local_engines_bytes_on_a_mixed_corpus(local_ray, tmp_pat
     # The same folder as a file:// URL: read through fsspec's listing, it must give the same files in the same order.
     on_ray = _cfg(tmp_path / "ray", [f"file://{corpus}"], f"data.split={split}", "data.val_fraction=0.3",
                   "data.shard_size=2000", "data.engine=ray", "data.workers=2")
-    stats = prepare(local)
+    stats = prepare_stage(local)
     assert stats.files == 17 and stats.duplicates >= 4 and stats.dropped_short >= 4
-    prepare(on_ray)
+    prepare_stage(on_ray)
     assert _tree(tmp_path / "ray/prepared") == _tree(tmp_path / "local/prepared")
     assert (tmp_path / "ray/reports/prepare.json").read_text() == (tmp_path / "local/reports/prepare.json").read_text()
     # Tokenize both from the same vocabulary, so any difference is the engine's.
     vocab_stage(local)
     on_ray.paths.vocab = local.paths.vocab
-    tokenize(local)
-    tokenize(on_ray)
+    tokenize_stage(local)
+    tokenize_stage(on_ray)
     shards = _tree(tmp_path / "local/tokens")
     assert len(shards) > 3  # several shards: the cut points are compared too
     assert _tree(tmp_path / "ray/tokens") == shards
@@ -76,7 +76,7 @@ def test_ray_writes_the_local_engines_bytes_on_a_mixed_corpus(local_ray, tmp_pat
 
 def test_a_task_reads_a_long_document_in_pieces_as_the_local_engine_does(tmp_path, monkeypatch):
     from lmforge.corpus import reading
-    from lmforge.ray_engine import _read_files
+    from lmforge.engines.ray import _read_files
 
     monkeypatch.setattr(reading, "BLOCK_BYTES", 64)  # (in this process: the task function runs here)
     text = "Line one\r\nline two café\x07\n" * 40
@@ -99,7 +99,7 @@ def test_a_killed_worker_is_retried_and_the_tokens_stay_the_same(local_ray, tmp_
     (corpus / "train.txt").write_text("\x1e".join(_lines(rng, 40) for _ in range(300)), encoding="utf-8")
     local = _cfg(tmp_path / "local", [corpus])
     on_ray = _cfg(tmp_path / "ray", [corpus], "data.engine=ray")
-    prepare(local)
+    prepare_stage(local)
     vocab_stage(local)
     # The prepared text repeated to about 12 MB: a dozen 1M-character chunks, i.e. a dozen tasks.
     big = tmp_path / "big"
@@ -109,7 +109,7 @@ def test_a_killed_worker_is_retried_and_the_tokens_stay_the_same(local_ray, tmp_
         (big / f"{split}.txt").write_text("\x1e".join([text] * max(1, (10 << 20) // len(text))), encoding="utf-8")
     local.paths.prepared = on_ray.paths.prepared = str(big)
     on_ray.paths.vocab = local.paths.vocab
-    tokenize(local)
+    tokenize_stage(local)
 
     killed: list[int] = []
     done = threading.Event()
@@ -129,7 +129,7 @@ def test_a_killed_worker_is_retried_and_the_tokens_stay_the_same(local_ray, tmp_
     killer = threading.Thread(target=kill_one_busy_worker)
     killer.start()
     try:
-        tokenize(on_ray)
+        tokenize_stage(on_ray)
     finally:
         done.set()
         killer.join()
@@ -146,7 +146,7 @@ def test_a_bad_file_fails_a_ray_run_with_the_local_sentence_and_writes_nothing(l
         Path(cfg.paths.prepared).mkdir(parents=True)
         (Path(cfg.paths.prepared) / "train.txt").write_text("the previous output")
         with pytest.raises(LmforgeError) as err:
-            prepare(cfg)
+            prepare_stage(cfg)
         errors[engine] = str(err.value)
         assert [p.name for p in (tmp_path / engine).iterdir()] == ["prepared"]  # no temporary left, no report
         assert (Path(cfg.paths.prepared) / "train.txt").read_text() == "the previous output"
@@ -196,7 +196,7 @@ def test_ray_is_imported_only_when_the_ray_engine_runs():
 
 
 def test_the_ray_engine_without_ray_installed_is_one_sentence(tmp_path, monkeypatch):
-    from lmforge.ray_engine import RayRun
+    from lmforge.engines.ray import RayRun
 
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where Ray is not installed
     with pytest.raises(LmforgeError,

@@ -192,7 +192,7 @@ def split_values(values: str) -> list[str]:
 
 
 def check_overrides(overrides: list[str], capsys) -> tuple[int, str]:
-    from lmforge.cli import main
+    from lmforge.cli.main import main
 
     try:
         main(["check", *overrides])
@@ -243,10 +243,10 @@ def bpe_llama_model_dir(project: Path) -> Path:
     (the default's family) with a byte-level BPE vocabulary trained on the project's train split."""
     import torch
 
-    from lmforge.model import GPT, GPTConfig
-    from lmforge.modeldir import save_model_dir
-    from lmforge.tokenizer import save_tokenizer
-    from lmforge.vocab import build_tokenizer
+    from lmforge.model.directory import save_model_dir
+    from lmforge.model.gpt import GPT, GPTConfig
+    from lmforge.tokenization.tokenizer import save_tokenizer
+    from lmforge.tokenization.vocab import build_tokenizer
 
     text = (project / "data/prepared/train.txt").read_text(encoding="utf-8")[:200_000]
     tokenizer = build_tokenizer({"kind": "bpe", "vocab_size": 300, "special_tokens": ["<|endoftext|>"]}, [text])

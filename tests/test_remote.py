@@ -16,25 +16,25 @@ pytestmark = pytest.mark.slow
 
 def run_pipeline(cfg, corpus: Path) -> dict:
     """The five stages in-process on ``corpus`` with config ``cfg``; returns the evaluate metrics."""
-    from lmforge.corpus import prepare
-    from lmforge.evaluation import evaluate
-    from lmforge.tokens import tokenize
-    from lmforge.training.stage import train
-    from lmforge.vocab import vocab_stage
+    from lmforge.corpus.stage import prepare_stage
+    from lmforge.evaluation.stage import evaluate_stage
+    from lmforge.tokenization.encode import tokenize_stage
+    from lmforge.tokenization.vocab import vocab_stage
+    from lmforge.training.stage import train_stage
 
     cfg.data.sources = [str(corpus)]
-    prepare(cfg)
+    prepare_stage(cfg)
     vocab_stage(cfg)
-    tokenize(cfg)
-    train(cfg)
-    return evaluate(cfg)
+    tokenize_stage(cfg)
+    train_stage(cfg)
+    return evaluate_stage(cfg)
 
 
 def test_a_training_run_logs_to_a_remote_tracking_server(tracking_server, tiny_cfg, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from lmforge.cli import main
-    from lmforge.modeldir import load_model_dir
+    from lmforge.cli.main import main
+    from lmforge.model.directory import load_model_dir
 
     tiny_cfg.tracking.uri = tracking_server
     tiny_cfg.tracking.experiment = "remote-test"

@@ -32,18 +32,18 @@ TINY = ["model=tiny", "model.dropout=0.1", "train.max_steps=400", "train.eval_in
 def make_project(directory: Path, overrides: list[str]) -> Path:
     """A project directory: params.yaml composed from the real conf/ plus ``overrides``, and the
     prepared, tokenized splits of a small generated corpus."""
-    from lmforge.config import compose_config, write_params
-    from lmforge.corpus import prepare
-    from lmforge.tokens import tokenize
-    from lmforge.vocab import vocab_stage
+    from lmforge.config.compose import compose_config, write_params
+    from lmforge.corpus.stage import prepare_stage
+    from lmforge.tokenization.encode import tokenize_stage
+    from lmforge.tokenization.vocab import vocab_stage
 
     directory.mkdir(parents=True)
     cfg = compose_config(overrides, conf_dir=ROOT / "conf")
     with contextlib.chdir(directory):
         cfg.data.sources = [str(write_corpus(Path("corpus"), n_docs=12, words=300))]
-        prepare(cfg)
+        prepare_stage(cfg)
         vocab_stage(cfg)
-        tokenize(cfg)
+        tokenize_stage(cfg)
         write_params(cfg)
     return directory
 
@@ -54,8 +54,8 @@ def train_process(project: Path, *overrides: str, flush_every_add: bool = False,
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     cmd = [sys.executable, str(ROOT / "pipelines/train.py"), *overrides]
     if flush_every_add:
-        cmd = [sys.executable, "-c", "import sys; import lmforge.tracking as t; t.MetricsLog.FLUSH_SECONDS = -1; "
-               "from lmforge.stages import run_stage; run_stage('train', sys.argv[1:])", *overrides]
+        cmd = [sys.executable, "-c", "import sys; import lmforge.tracking.runs as t; t.MetricsLog.FLUSH_SECONDS = -1; "
+               "from lmforge.stages.runner import run_stage; run_stage('train', sys.argv[1:])", *overrides]
     return subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             **popen)
 

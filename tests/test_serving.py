@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.generation import SamplingConfig, complete_samples
-from lmforge.modeldir import fetch_model_dir, load_model_dir, write_run_info
-from lmforge.serving import PYFUNC_NAME, log_pyfunc_model, sampling_from_params
+from lmforge.inference.generation import SamplingConfig, complete_samples
+from lmforge.model.directory import fetch_model_dir, load_model_dir, write_run_info
+from lmforge.serving.pyfunc import PYFUNC_NAME, log_pyfunc_model, sampling_from_params
 from tests.conftest import stop_process_group, write_corpus
 from tests.test_generation import make_model_dir, run_cli
 
@@ -35,7 +35,7 @@ def tracked_model(tmp_path):
     """A model directory with a run in a fresh MLflow store: (model_dir, run dict)."""
     from mlflow.tracking import MlflowClient
 
-    from lmforge import tracking
+    from lmforge.tracking import runs as tracking
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     experiment_id = tracking.ensure_experiment(uri, "serving-test")
@@ -119,18 +119,18 @@ def post(url: str, body: dict) -> tuple[int, dict]:
 
 @pytest.mark.slow
 def test_train_stage_registers_a_model_that_mlflow_serves(tiny_cfg, tmp_path):
-    from lmforge.corpus import prepare
-    from lmforge.tokens import tokenize
-    from lmforge.training.stage import train
-    from lmforge.vocab import vocab_stage
+    from lmforge.corpus.stage import prepare_stage
+    from lmforge.tokenization.encode import tokenize_stage
+    from lmforge.tokenization.vocab import vocab_stage
+    from lmforge.training.stage import train_stage
 
     tiny_cfg.data.sources = [str(write_corpus(tmp_path / "corpus", n_docs=12, words=300))]
     tiny_cfg.tracking.registered_model = "served-gpt"
     tiny_cfg.train.max_steps = 10
-    prepare(tiny_cfg)
+    prepare_stage(tiny_cfg)
     vocab_stage(tiny_cfg)
-    tokenize(tiny_cfg)
-    model_dir = train(tiny_cfg)
+    tokenize_stage(tiny_cfg)
+    model_dir = train_stage(tiny_cfg)
     run = json.loads((model_dir / "run.json").read_text())
 
     port = free_port()
@@ -169,7 +169,7 @@ def test_the_pip_requirement_names_lmforge_by_its_source_not_pypi():
 
     from packaging.requirements import Requirement
 
-    from lmforge.serving import pip_requirements
+    from lmforge.serving.pyfunc import pip_requirements
 
     requirement = Requirement(pip_requirements()[0])
     assert requirement.name == "lmforge" and not requirement.specifier

@@ -12,13 +12,16 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from lmforge import pretokenize, tokens
-from lmforge.corpus import DOC_SEPARATOR, is_safe_cut, iter_chunks, prepare
+from lmforge.config.paths import DOC_SEPARATOR
+from lmforge.corpus.stage import prepare_stage
 from lmforge.errors import LmforgeError
-from lmforge.shards import TokenStream, token_dtype
-from lmforge.tokenizer import Encoder, load_tokenizer, tokenizer_sha256
-from lmforge.tokens import encode_chunk, tokenize
-from lmforge.vocab import build_tokenizer, vocab_stage
+from lmforge.tokenization import encode as tokens
+from lmforge.tokenization import pretokenize
+from lmforge.tokenization.chunks import is_safe_cut, iter_chunks
+from lmforge.tokenization.encode import encode_chunk, tokenize_stage
+from lmforge.tokenization.shards import TokenStream, token_dtype
+from lmforge.tokenization.tokenizer import Encoder, load_tokenizer, tokenizer_sha256
+from lmforge.tokenization.vocab import build_tokenizer, vocab_stage
 from tests.conftest import write_corpus
 
 HYPOTHESIS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -193,20 +196,20 @@ def test_encoding_chunk_by_chunk_equals_encoding_documents_whole(tmp_path):
 @pytest.fixture
 def prepared_cfg(tiny_cfg, tmp_path):
     """tiny_cfg on a small generated corpus, split by document, prepared, with a bpe vocabulary."""
-    from lmforge.config import compose_config
+    from lmforge.config.compose import compose_config
     from tests.conftest import ROOT
 
     cfg = compose_config(["model=tiny", "tokenizer=bpe", "tokenizer.vocab_size=400", "data.split=document",
                           "data.val_fraction=0.3"], conf_dir=ROOT / "conf")
     cfg.paths = tiny_cfg.paths
     cfg.data.sources = [str(write_corpus(tmp_path / "corpus", n_docs=16, words=300))]
-    prepare(cfg)
+    prepare_stage(cfg)
     vocab_stage(cfg)
     return cfg
 
 
 def test_tokenize_writes_shards_and_index_that_decode_to_the_text(prepared_cfg):
-    index = tokenize(prepared_cfg)
+    index = tokenize_stage(prepared_cfg)
     on_disk = json.loads(Path(prepared_cfg.paths.tokens, "index.json").read_text())
     assert on_disk == index
     tokenizer_path = Path(prepared_cfg.paths.vocab, "tokenizer.json")
@@ -226,7 +229,7 @@ def test_tokenize_writes_shards_and_index_that_decode_to_the_text(prepared_cfg):
 
 
 def test_worker_processes_write_the_same_tokens(prepared_cfg, monkeypatch):
-    one = tokenize(prepared_cfg)
+    one = tokenize_stage(prepared_cfg)
     single = {s: TokenStream(prepared_cfg.paths.tokens, s).read(0, one["splits"][s]["tokens"])
               for s in ("train", "val")}
     monkeypatch.setattr(tokens, "_PARALLEL_MIN_BYTES", 0)
@@ -235,7 +238,7 @@ def test_worker_processes_write_the_same_tokens(prepared_cfg, monkeypatch):
     monkeypatch.setattr(tokens, "_in_order", lambda *args, **kw: through_workers.append(1) or in_order(*args, **kw))
     prepared_cfg.data.workers = 2
     prepared_cfg.data.shard_size = 2000  # bytes: several shards, written in order across workers
-    two = tokenize(prepared_cfg)
+    two = tokenize_stage(prepared_cfg)
     assert through_workers == [1, 1]  # both splits went through the worker pool
     assert len(two["splits"]["train"]["shards"]) > 2
     for split, ids in single.items():
@@ -251,7 +254,7 @@ def test_a_vocabulary_over_65536_ids_writes_uint32(prepared_cfg):
                                                "lowercase": False, "special_tokens": ["<|endoftext|>", "<unk>"],
                                                "eot_token": "<|endoftext|>"})
     vocab_stage(prepared_cfg)
-    index = tokenize(prepared_cfg)
+    index = tokenize_stage(prepared_cfg)
     assert index["vocab_size"] > 65_536 and index["dtype"] == "uint32"
     stream = TokenStream(prepared_cfg.paths.tokens, "val")
     assert stream.read(0, len(stream)).max() > 65_535
@@ -260,5 +263,5 @@ def test_a_vocabulary_over_65536_ids_writes_uint32(prepared_cfg):
 def test_tokenize_without_prepared_splits_names_the_stage_to_run(prepared_cfg):
     Path(prepared_cfg.paths.prepared, "val.txt").unlink()
     with pytest.raises(LmforgeError, match=r"val\.txt not found.*dvc repro prepare"):
-        tokenize(prepared_cfg)
+        tokenize_stage(prepared_cfg)
     assert not Path(prepared_cfg.paths.tokens).exists()

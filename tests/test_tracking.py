@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmforge import lineage, tracking
 from lmforge.errors import LmforgeError
+from lmforge.tracking import lineage
+from lmforge.tracking import runs as tracking
 from tests.conftest import ROOT, free_port, run_command, write_corpus
 
 
@@ -100,23 +101,23 @@ def test_a_server_is_alive_when_it_answers_below_500(status, alive):
 
 @pytest.mark.slow
 def test_the_train_stage_fails_fast_on_an_unreachable_server_and_writes_no_model(tiny_cfg, tmp_path):
-    from lmforge.config import write_params
-    from lmforge.corpus import prepare
-    from lmforge.tokens import tokenize
-    from lmforge.training.stage import train
-    from lmforge.vocab import vocab_stage
+    from lmforge.config.compose import write_params
+    from lmforge.corpus.stage import prepare_stage
+    from lmforge.tokenization.encode import tokenize_stage
+    from lmforge.tokenization.vocab import vocab_stage
+    from lmforge.training.stage import train_stage
 
     tiny_cfg.data.sources = [str(write_corpus(tmp_path / "corpus", n_docs=12, words=300))]
-    prepare(tiny_cfg)
+    prepare_stage(tiny_cfg)
     vocab_stage(tiny_cfg)
-    tokenize(tiny_cfg)
+    tokenize_stage(tiny_cfg)
     write_params(tiny_cfg)
     uri = f"http://127.0.0.1:{free_port()}"
 
     start = time.monotonic()  # the stage itself, without the interpreter's start-up
     tiny_cfg.tracking.uri = uri
     with pytest.raises(LmforgeError, match=f"{uri} is unreachable"):
-        train(tiny_cfg)
+        train_stage(tiny_cfg)
     assert time.monotonic() - start < 10
 
     start = time.monotonic()
@@ -239,7 +240,7 @@ def tracked_run(store):
 
 
 def test_runs_show_prints_the_lineage_params_and_metrics(tracked_run, capsys):
-    from lmforge.cli import main
+    from lmforge.cli.main import main
 
     uri, run_id = tracked_run
     main(["runs", "show", run_id, "--tracking-uri", uri])
@@ -251,7 +252,7 @@ def test_runs_show_prints_the_lineage_params_and_metrics(tracked_run, capsys):
 
 
 def test_runs_list_shows_the_dvc_experiment_and_val_loss(tracked_run, capsys):
-    from lmforge.cli import main
+    from lmforge.cli.main import main
 
     uri, run_id = tracked_run
     main(["runs", "list", "--experiment", "lmforge", "--tracking-uri", uri])
@@ -261,7 +262,7 @@ def test_runs_list_shows_the_dvc_experiment_and_val_loss(tracked_run, capsys):
 
 
 def test_an_unknown_run_is_one_line_and_exit_1(tracked_run, capsys):
-    from lmforge.cli import main
+    from lmforge.cli.main import main
 
     uri, _ = tracked_run
     with pytest.raises(SystemExit) as exit_info:
@@ -274,8 +275,8 @@ def test_an_unknown_run_is_one_line_and_exit_1(tracked_run, capsys):
 # --- The report ---
 
 def test_the_report_has_the_metrics_table_the_plots_and_the_samples(tmp_path):
-    from lmforge.modeldir import load_model_dir
-    from lmforge.report import write_report
+    from lmforge.evaluation.report import write_report
+    from lmforge.model.directory import load_model_dir
     from tests.test_generation import make_model_dir
 
     loaded = load_model_dir(make_model_dir(tmp_path / "model"))
@@ -298,18 +299,18 @@ def test_the_report_has_the_metrics_table_the_plots_and_the_samples(tmp_path):
 def test_training_in_process_leaves_the_environment_as_it_was(tiny_cfg, tmp_path, monkeypatch):
     # mlflow.set_tracking_uri / set_registry_uri export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI:
     # a notebook (or a test) that trains must keep its own default store for what it runs next.
-    from lmforge.corpus import prepare
-    from lmforge.tokens import tokenize
-    from lmforge.training.stage import train
-    from lmforge.vocab import vocab_stage
+    from lmforge.corpus.stage import prepare_stage
+    from lmforge.tokenization.encode import tokenize_stage
+    from lmforge.tokenization.vocab import vocab_stage
+    from lmforge.training.stage import train_stage
 
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         monkeypatch.delenv(key, raising=False)
     tiny_cfg.data.sources = [str(write_corpus(tmp_path / "corpus", n_docs=12, words=300))]
-    prepare(tiny_cfg)
+    prepare_stage(tiny_cfg)
     vocab_stage(tiny_cfg)
-    tokenize(tiny_cfg)
+    tokenize_stage(tiny_cfg)
     tiny_cfg.train.max_steps = 5
     assert tiny_cfg.tracking.log_model  # the registered pyfunc model too
-    train(tiny_cfg)
+    train_stage(tiny_cfg)
     assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ

@@ -10,12 +10,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lmforge.corpus import prepare
+from lmforge.corpus.stage import prepare_stage
 from lmforge.errors import LmforgeError
-from lmforge.shards import TokenStream
-from lmforge.tokens import tokenize
+from lmforge.tokenization.encode import tokenize_stage
+from lmforge.tokenization.shards import TokenStream
+from lmforge.tokenization.vocab import vocab_stage
 from lmforge.training.optim import accumulation_steps, build_optimizer, lr_at, lr_factor
-from lmforge.vocab import vocab_stage
 from tests.conftest import assert_learned, first_train_loss, write_corpus
 
 
@@ -23,14 +23,14 @@ from tests.conftest import assert_learned, first_train_loss, write_corpus
 def tokens_cfg(tiny_cfg, tmp_path):
     """tiny_cfg on a small generated corpus, prepared, with a vocabulary and token files."""
     tiny_cfg.data.sources = [str(write_corpus(tmp_path / "corpus", n_docs=12, words=300))]
-    prepare(tiny_cfg)
+    prepare_stage(tiny_cfg)
     vocab_stage(tiny_cfg)
-    tokenize(tiny_cfg)
+    tokenize_stage(tiny_cfg)
     return tiny_cfg
 
 
 def test_token_files_round_trip(tokens_cfg):
-    from lmforge.tokenizer import load_tokenizer
+    from lmforge.tokenization.tokenizer import load_tokenizer
 
     index = json.loads(Path(tokens_cfg.paths.tokens, "index.json").read_text())
     assert index["dtype"] == "uint16"
@@ -43,7 +43,7 @@ def test_token_files_round_trip(tokens_cfg):
 
 def test_shards_split_at_the_configured_size(tokens_cfg):
     tokens_cfg.data.shard_size = 1000  # bytes: 500 uint16 tokens a shard
-    index = tokenize(tokens_cfg)
+    index = tokenize_stage(tokens_cfg)
     shards = index["splits"]["train"]["shards"]
     assert len(shards) > 2 and all(s["tokens"] <= 500 for s in shards)
     stream = TokenStream(tokens_cfg.paths.tokens, "train")
@@ -80,8 +80,8 @@ def test_global_batch_in_tokens_sets_the_accumulation():
 
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tmp_path):
-    from lmforge.config import compose_config
-    from lmforge.model import GPT, GPTConfig
+    from lmforge.config.compose import compose_config
+    from lmforge.model.gpt import GPT, GPTConfig
     from lmforge.training.optim import MuonWithAdamW
 
     opt_cfg = compose_config(["optimizer=muon"], conf_dir=Path(__file__).parents[1] / "conf").optimizer
@@ -117,7 +117,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tmp_path):
 
 
 def test_weight_decay_only_on_matrices():
-    from lmforge.model import GPT, GPTConfig
+    from lmforge.model.gpt import GPT, GPTConfig
 
     model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16))
     optimizer = build_optimizer(model, compose_optimizer("adamw"))
@@ -127,17 +127,17 @@ def test_weight_decay_only_on_matrices():
 
 
 def test_train_and_evaluate_write_a_model_directory_and_metrics(tokens_cfg):
-    from lmforge.evaluation import evaluate
-    from lmforge.modeldir import load_model_dir
-    from lmforge.training.stage import train
+    from lmforge.evaluation.stage import evaluate_stage
+    from lmforge.model.directory import load_model_dir
+    from lmforge.training.stage import train_stage
 
     tokens_cfg.train.max_steps = 30
-    out = train(tokens_cfg)
+    out = train_stage(tokens_cfg)
     loaded = load_model_dir(out)
     assert loaded.model.config.n_layer == tokens_cfg.model.n_layer
     val = [float(line.split(",")[1]) for line in (out / "curves/val_loss.csv").read_text().splitlines()[1:]]
     assert len(val) >= 2 and val[-1] < val[0]  # it learned something
-    metrics = evaluate(tokens_cfg)
+    metrics = evaluate_stage(tokens_cfg)
     assert metrics["val_loss"] < np.log(loaded.model.config.vocab_size)
     assert metrics["val_bits_per_byte"] == pytest.approx(
         metrics["val_loss"] * metrics["val_tokens"] / metrics["val_bytes"] / np.log(2), rel=0.05)
@@ -145,18 +145,18 @@ def test_train_and_evaluate_write_a_model_directory_and_metrics(tokens_cfg):
 
 
 def test_block_size_larger_than_validation_split_is_a_clear_error(tokens_cfg):
-    from lmforge.training.stage import train
+    from lmforge.training.stage import train_stage
 
     val_tokens = TokenStream(tokens_cfg.paths.tokens, "val").__len__()
     tokens_cfg.model.block_size = val_tokens + 10
     with pytest.raises(LmforgeError, match="model.block_size"):
-        train(tokens_cfg)
+        train_stage(tokens_cfg)
     assert not Path(tokens_cfg.paths.model).exists()
 
 
 def test_corrupt_or_incomplete_model_directory_is_a_clear_error(tokens_cfg, tmp_path):
-    from lmforge.model import GPT, GPTConfig
-    from lmforge.modeldir import load_model_dir, save_model_dir
+    from lmforge.model.directory import load_model_dir, save_model_dir
+    from lmforge.model.gpt import GPT, GPTConfig
 
     model = GPT(GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, n_embd=16))
     out = save_model_dir(tmp_path / "m", model, Path(tokens_cfg.paths.vocab) / "tokenizer.json",
@@ -176,7 +176,7 @@ def test_corrupt_or_incomplete_model_directory_is_a_clear_error(tokens_cfg, tmp_
 def run_status(cfg, run_id: str) -> str:
     from mlflow.tracking import MlflowClient
 
-    from lmforge.tracking import resolve_uri
+    from lmforge.tracking.runs import resolve_uri
 
     return MlflowClient(resolve_uri(cfg.tracking.uri)).get_run(run_id).info.status
 
@@ -184,7 +184,7 @@ def run_status(cfg, run_id: str) -> str:
 def metric_keys(cfg, run_id: str) -> set[str]:
     from mlflow.tracking import MlflowClient
 
-    from lmforge.tracking import resolve_uri
+    from lmforge.tracking.runs import resolve_uri
 
     return set(MlflowClient(resolve_uri(cfg.tracking.uri)).get_run(run_id).data.metrics)
 
@@ -194,7 +194,7 @@ def run_record(cfg) -> dict:
 
 
 def test_a_nan_loss_stops_training_keeps_the_last_good_checkpoint_and_fails_the_run(tokens_cfg):
-    from lmforge.training.stage import train
+    from lmforge.training.stage import train_stage
 
     tokens_cfg.tracking.log_model = False
     tokens_cfg.optimizer = compose_optimizer("adamw")
@@ -205,7 +205,7 @@ def test_a_nan_loss_stops_training_keeps_the_last_good_checkpoint_and_fails_the_
     tokens_cfg.optimizer.warmup_steps = 0
     with pytest.raises(LmforgeError,
                        match=r"loss became NaN or infinite at step (\d+).*FAILED.*last good checkpoint") as err:
-        train(tokens_cfg)
+        train_stage(tokens_cfg)
     bad_step = int(str(err.value).split("at step ")[1].split(",")[0])
     checkpoint = torch.load(Path(tokens_cfg.paths.checkpoints, "last.ckpt"), weights_only=True)
     assert checkpoint["global_step"] < bad_step
@@ -230,9 +230,9 @@ def test_peak_flops_by_device_name(monkeypatch, name, peak):
 
 @pytest.mark.slow
 def test_early_stopping_on_validation_loss(tokens_cfg, monkeypatch):
-    from lmforge.modeldir import load_model_dir
+    from lmforge.model.directory import load_model_dir
     from lmforge.training import callbacks
-    from lmforge.training.stage import train
+    from lmforge.training.stage import train_stage
 
     monkeypatch.setattr(callbacks, "peak_flops", lambda device: 1e9)  # as if the device's peak were known
 
@@ -242,7 +242,7 @@ def test_early_stopping_on_validation_loss(tokens_cfg, monkeypatch):
     tokens_cfg.train.eval_interval = 5
     tokens_cfg.train.early_stopping_patience = 2
     tokens_cfg.optimizer.lr = 0.0  # the validation loss never improves after the first evaluation
-    out = train(tokens_cfg)
+    out = train_stage(tokens_cfg)
     # Evaluations at 5 (best), 10 and 15 (no better: patience 2 used up).
     assert load_model_dir(out).config["training"]["steps"] == 15
     run_id = run_record(tokens_cfg)["run_id"]
@@ -252,7 +252,7 @@ def test_early_stopping_on_validation_loss(tokens_cfg, monkeypatch):
     # MFU is the model's FLOPs at the measured rate over the device's peak, step by step.
     from mlflow.tracking import MlflowClient
 
-    from lmforge.tracking import resolve_uri
+    from lmforge.tracking.runs import resolve_uri
 
     client = MlflowClient(resolve_uri(tokens_cfg.tracking.uri))
     history = {k: {m.step: m.value for m in client.get_metric_history(run_id, k)}
@@ -267,13 +267,13 @@ def test_early_stopping_on_validation_loss(tokens_cfg, monkeypatch):
 # 16-mixed needs CUDA: Lightning makes it bf16 on CPU
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_mixed_and_half_precision_train_on_cpu(tokens_cfg, precision):
-    from lmforge.modeldir import load_model_dir
-    from lmforge.training.stage import train
+    from lmforge.model.directory import load_model_dir
+    from lmforge.training.stage import train_stage
 
     tokens_cfg.tracking.log_model = False
     tokens_cfg.train.max_steps = 20
     tokens_cfg.trainer.precision = precision
-    out = train(tokens_cfg)
+    out = train_stage(tokens_cfg)
     loaded = load_model_dir(out)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in loaded.model.parameters())
     # ... and the precision trains: the final validation loss is what 20 steps must reach.
@@ -300,7 +300,7 @@ def test_muon_with_accumulation_resumes_exactly_after_ctrl_c(tokens_cfg):
     """In-process twin of tests/test_resume.py for the Muon optimizer and gradient accumulation."""
     from safetensors.torch import load_file
 
-    from lmforge.training.stage import train
+    from lmforge.training.stage import train_stage
 
     cfg = tokens_cfg
     cfg.tracking.log_model = False
@@ -310,15 +310,15 @@ def test_muon_with_accumulation_resumes_exactly_after_ctrl_c(tokens_cfg):
     cfg.train.update({"max_steps": 16, "eval_interval": 5, "log_every": 2, "checkpoint_every": 4,
                       "global_batch_tokens": 2 * cfg.train.batch_size * cfg.model.block_size})
     cfg.paths.update({"model": "a/gpt", "checkpoints": "a/checkpoints"})
-    reference = train(cfg)
+    reference = train_stage(cfg)
     cfg.paths.update({"model": "b/gpt", "checkpoints": "b/checkpoints"})
     cfg.train.resume = "auto"
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, callbacks=[SignalAt(7)])
+        train_stage(cfg, callbacks=[SignalAt(7)])
     assert torch.load("b/checkpoints/last.ckpt", weights_only=True)["global_step"] == 7
     run_id = run_record(cfg)["run_id"]
     assert run_status(cfg, run_id) == "KILLED"
-    resumed = train(cfg)
+    resumed = train_stage(cfg)
     assert run_record(cfg)["run_id"] == run_id and run_status(cfg, run_id) == "FINISHED"
     a, b = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -328,28 +328,28 @@ def test_muon_with_accumulation_resumes_exactly_after_ctrl_c(tokens_cfg):
 
 
 def compose_optimizer(name: str):
-    from lmforge.config import compose_config
+    from lmforge.config.compose import compose_config
 
     return compose_config([f"optimizer={name}"], conf_dir=Path(__file__).parents[1] / "conf").optimizer
 
 
 def test_resume_auto_continues_only_a_run_of_the_same_configuration(tokens_cfg):
-    from lmforge.training.stage import train
+    from lmforge.training.stage import train_stage
 
     cfg = tokens_cfg
     cfg.tracking.log_model = False
     cfg.train.max_steps = 10
     cfg.train.resume = "auto"
-    train(cfg)
+    train_stage(cfg)
     first = run_record(cfg)["run_id"]
-    train(cfg)  # finished, same configuration: the same run, nothing more to train
+    train_stage(cfg)  # finished, same configuration: the same run, nothing more to train
     assert run_record(cfg)["run_id"] == first and run_status(cfg, first) == "FINISHED"
     cfg.seed = 7  # another configuration never continues these checkpoints
-    train(cfg)
+    train_stage(cfg)
     second = run_record(cfg)["run_id"]
     assert second != first
     cfg.train.resume = "never"
-    train(cfg)
+    train_stage(cfg)
     assert run_record(cfg)["run_id"] not in (first, second)
 
 
@@ -364,20 +364,20 @@ def test_resume_auto_continues_only_a_run_of_the_same_configuration(tokens_cfg):
     ],
 )
 def test_bad_training_settings_are_clear_errors(tokens_cfg, override, words):
-    from lmforge.training.stage import train
+    from lmforge.stages.check import check_config  # what the stage runner checks before the train stage runs
 
     key, value = override.split("=")
     OmegaConf.update(tokens_cfg, key, int(value) if value.isdigit() else value)
     with pytest.raises(LmforgeError) as err:
-        train(tokens_cfg)
+        check_config(tokens_cfg, stage="train")
     assert all(word in str(err.value) for word in words)
 
 
 def test_gpu_trainer_presets_compose_and_fsdp_shards_by_block(project_root):
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from lmforge.checks import check_training as check_training_config
-    from lmforge.config import compose_config
+    from lmforge.config.compose import compose_config
+    from lmforge.training.checks import check_training as check_training_config
     from lmforge.training.stage import _strategy
 
     for preset in ("gpu", "ddp", "fsdp"):

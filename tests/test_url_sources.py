@@ -8,8 +8,9 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from lmforge.config import compose_config
-from lmforge.corpus import prepare, resolve_sources
+from lmforge.config.compose import compose_config
+from lmforge.corpus.sources import resolve_sources
+from lmforge.corpus.stage import prepare_stage
 from lmforge.errors import LmforgeError
 from tests.conftest import ROOT, write_mixed_corpus
 
@@ -34,8 +35,8 @@ def test_a_corpus_behind_an_fsspec_url_prepares_to_the_same_bytes(tmp_path):
         assert [str(f) for f in files] == [f"memory://{root}/docs/{p.name}" for p in sorted(corpus.iterdir())]
         assert [f.name for f in resolve_sources([f"memory://{root}/docs/*.jsonl*"])] == [
             "c_web_0.jsonl", "c_web_1.jsonl.gz", "c_web_2.jsonl"]
-        prepare(_cfg(tmp_path / "local", [str(corpus)]))
-        prepare(_cfg(tmp_path / "url", [f"memory://{root}/docs"]))
+        prepare_stage(_cfg(tmp_path / "local", [str(corpus)]))
+        prepare_stage(_cfg(tmp_path / "url", [f"memory://{root}/docs"]))
     finally:
         memory.rm(root, recursive=True)
     for name in ("prepared/train.txt", "prepared/val.txt", "reports/prepare.json"):

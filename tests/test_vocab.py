@@ -16,9 +16,10 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from lmforge import outputs, vocab
+from lmforge import outputs
 from lmforge.errors import LmforgeError
-from lmforge.tokenizer import (
+from lmforge.tokenization import vocab
+from lmforge.tokenization.tokenizer import (
     DEFAULT_EOT_TOKEN,
     DEFAULT_SPECIAL_TOKENS,
     eot_token_id,
@@ -26,7 +27,7 @@ from lmforge.tokenizer import (
     save_tokenizer,
     tokenizer_sha256,
 )
-from lmforge.vocab import build_tokenizer, normalise_for_word, vocab_metrics
+from lmforge.tokenization.vocab import build_tokenizer, normalise_for_word, vocab_metrics
 
 # Free of "<" and "|", so hypothesis cannot draw a special token out of its alphabet.
 CHAR_TEXT = "First Citizen:\nBefore we proceed, hear me speak.\n\n**ROMEO**  Speak,\tspeak!\n"
@@ -371,7 +372,7 @@ def char_vocab(alphabet: str) -> dict:
 
 
 def test_training_sample_spreads_train_bytes_over_the_split(tmp_path):
-    from lmforge.corpus import DOC_SEPARATOR
+    from lmforge.config.paths import DOC_SEPARATOR
 
     megabyte = ("word " * 200 + "\n") * 1000  # about 1 MB a chunk
     path = tmp_path / "train.txt"

@@ -1,4 +1,4 @@
-"""Writing outputs so that nothing half-written is ever left behind.
+"""What lmforge writes: files, so that nothing half-written is ever left behind, and progress for a person.
 
 Every stage writes to a temporary sibling and renames it into place only once it is complete;
 a failure removes the temporary copy and leaves any previous output untouched.
@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,3 +81,29 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+# --- progress: a bar when someone watches a terminal, plain lines elsewhere ---------------------
+
+
+def watched() -> bool:
+    """True when stderr is a terminal and ``CI`` is unset: progress bars then, plain lines otherwise."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as ``45s``, ``3m07s`` or ``1h02m``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def progress_bar(total: int | None, desc: str, unit: str = "B"):
+    """A tqdm bar with rate and ETA on stderr; silent when stderr is not a terminal or ``CI`` is set."""
+    from tqdm import tqdm  # lazily: a 0.1 s import that only stages with a bar pay
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not watched(), dynamic_ncols=True,
+                smoothing=0.05, mininterval=0.5)

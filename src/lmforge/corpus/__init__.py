@@ -18,16 +18,3 @@ Output (``paths.prepared``): ``train.txt`` and ``val.txt``; the counts go to
 - ``document``: each document goes wholly to val when a hash of its content falls below
   ``val_fraction``. Adding documents never moves existing ones between splits.
 """
-
-from lmforge.corpus.cleaning import clean
-from lmforge.corpus.documents import CorpusStats, clean_pieces, read_sources, warn
-from lmforge.corpus.prepared import DOC_SEPARATOR, SPLITS, is_safe_cut, iter_chunks, iter_pieces, iter_split
-from lmforge.corpus.reading import BadSource
-from lmforge.corpus.sources import file_format, resolve_sources
-from lmforge.corpus.stage import prepare, progress_bar, reported_counts
-
-__all__ = [
-    "DOC_SEPARATOR", "SPLITS", "BadSource", "CorpusStats", "clean", "clean_pieces", "read_sources", "file_format",
-    "is_safe_cut", "iter_chunks", "iter_pieces",
-    "iter_split", "prepare", "progress_bar", "reported_counts", "resolve_sources", "warn",
-]

@@ -15,14 +15,14 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from lmforge.config.paths import DOC_SEPARATOR, SPLITS
 from lmforge.corpus.cleaning import check_normal_form
 from lmforge.corpus.documents import CorpusStats, Documents, read_sources, warn
-from lmforge.corpus.prepared import DOC_SEPARATOR, SPLITS
 from lmforge.corpus.reading import ReadOptions
 from lmforge.corpus.sources import file_format, resolve_sources
+from lmforge.engines.ray import engine_of, prepare_on_ray  # Ray itself is imported only when used
 from lmforge.errors import LmforgeError
-from lmforge.outputs import atomic_path, write_json
-from lmforge.ray_engine import engine_of, prepare_on_ray  # Ray itself is imported only when used
+from lmforge.outputs import atomic_path, progress_bar, write_json
 
 # A long document is held in memory up to this size, then spooled to a temporary file until it
 # is known whether (and to which split) it goes.
@@ -32,37 +32,10 @@ _MARK_BYTES = 16 << 20
 _WRITE_BUFFER = 1 << 20
 
 
-def progress_bar(total: int | None, desc: str, unit: str = "B"):
-    """A tqdm bar with rate and ETA on stderr; silent when stderr is not a terminal or ``CI`` is set."""
-    from tqdm import tqdm
-
-    from lmforge.progress import watched
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=not watched(), dynamic_ncols=True,
-                smoothing=0.05, mininterval=0.5)
-
-
-def reported_counts(reports_dir: str | Path) -> dict[str, float]:
-    """The numbers in ``reports/prepare.json`` and ``reports/vocab.json`` (when present), for MLflow.
-
-    Keys are ``prepare/<count>`` and ``vocab/<metric>``, e.g. ``prepare/duplicates``.
-    """
-    import json
-
-    counts = {}
-    for stage in ("prepare", "vocab"):
-        path = Path(reports_dir) / f"{stage}.json"
-        if path.is_file():
-            for key, value in json.loads(path.read_text(encoding="utf-8")).items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    counts[f"{stage}/{key}"] = value
-    return counts
-
-
-def prepare(cfg) -> CorpusStats:
+def prepare_stage(cfg) -> CorpusStats:
     """Run the prepare stage for config ``cfg``; write ``paths.prepared`` and return the counts.
 
-    Writes ``train.txt`` and ``val.txt`` (see ``lmforge.corpus.prepared``) into
+    Writes ``train.txt`` and ``val.txt`` (see ``lmforge.tokenization.chunks``) into
     ``paths.prepared`` and the counts into ``paths.reports/prepare.json``. On any error nothing
     is written and the previous output stays as it was.
     """

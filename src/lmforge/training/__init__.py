@@ -6,5 +6,5 @@
 - ``resume``: which checkpoint and MLflow run a ``train.resume=auto`` run continues.
 - ``stage``: ``train(cfg)``, the stage itself, as a list of named steps.
 
-Nothing here imports ``mlflow``: the run of a training lives behind ``lmforge.tracking.TrainingRun``.
+Nothing here imports ``mlflow``: the run of a training lives behind ``lmforge.tracking.runs.TrainingRun``.
 """

@@ -18,8 +18,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-from lmforge.hardware import peak_flops
-from lmforge.progress import duration
+from lmforge.outputs import duration
+from lmforge.training.hardware import peak_flops
 
 
 class FlushMetrics(Callback):
@@ -93,7 +93,7 @@ class Throughput(Callback):
 class ExactResume(Callback):
     """What Lightning does not restore by itself: the random-number generators and the data position.
 
-    The batches are a pure function of the batch index (``lmforge.data``), so continuing at batch
+    The batches are a pure function of the batch index (``lmforge.training.data``), so continuing at batch
     ``global_step * accumulate_grad_batches`` gives the uninterrupted run's batches. The generator
     states saved at the end of step k are put back just before step k + 1 runs.
     """
@@ -224,7 +224,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class ProgressLines(Callback):
     """A progress line on ``stream`` (stderr) every ``every_seconds`` and after each validation:
     step/max_steps, last train and val loss, tokens/s, elapsed time and ETA, for runs nobody watches
-    on a terminal (``lmforge.progress``). The rate and ETA count wall time since training started
+    on a terminal (``lmforge.outputs``). The rate and ETA count wall time since training started
     (validation included). Rank 0 only."""
 
     EVERY_SECONDS = 30.0

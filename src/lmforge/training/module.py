@@ -1,7 +1,7 @@
 """The GPT as a LightningModule: a training step (loss averaged over micro-batches), validation,
 gradient clipping under every precision, and the metrics of each optimizer step.
 
-It owns no I/O: metrics go out through ``lmforge.tracking.MetricsLog`` and the loss history rides
+It owns no I/O: metrics go out through ``lmforge.tracking.runs.MetricsLog`` and the loss history rides
 in the checkpoints, so that a resumed run's curves are complete.
 """
 
@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from omegaconf import OmegaConf
 
-from lmforge.model import GPT, GPTConfig
+from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.training.optim import FUSED_ADAMW_DEVICES, build_optimizer, lr_at, lr_factor
 
 

@@ -3,7 +3,7 @@
 ``torch.optim.Muon`` (Jordan et al. 2024) always orthogonalises in bfloat16. On a CPU without
 bf16 instructions (AVX2-only x86, Apple M1) every one of those matmuls is emulated, and that was
 84% of a default training step. ``Muon`` here is torch's optimizer with one change: the dtype of
-the iterations is a constructor argument (``lmforge.hardware.muon_dtype`` picks it). The update
+the iterations is a constructor argument (``lmforge.training.hardware.muon_dtype`` picks it). The update
 is otherwise torch's, operation for operation (Nesterov momentum by ``lerp``, the quintic
 iteration with torch's coefficients, decoupled weight decay, the ``adjust_lr_fn`` scaling), and
 the state dict is torch's (``momentum_buffer`` per parameter, the same group keys): checkpoints

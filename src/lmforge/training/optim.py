@@ -12,9 +12,9 @@ import math
 
 import torch
 
-from lmforge import hardware
 from lmforge.errors import LmforgeError
-from lmforge.model import GPT
+from lmforge.model.gpt import GPT
+from lmforge.training import hardware
 from lmforge.training.muon import Muon
 
 SCHEDULES = ("cosine", "linear", "constant")

@@ -1,4 +1,4 @@
-"""The train stage: ``train(cfg)`` reads the token files, builds the model, opens (or continues)
+"""The train stage: ``train_stage(cfg)`` reads the token files, builds the model, opens (or continues)
 the MLflow run, runs Lightning's Trainer and writes the final weights as a model directory.
 
 Surviving: ``checkpoints/last.ckpt`` is rewritten atomically every ``train.checkpoint_every``
@@ -21,10 +21,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 from lmforge.errors import LmforgeError
-from lmforge.model import GPT, Block, GPTConfig
-from lmforge.progress import watched
-from lmforge.shards import read_index
-from lmforge.tracking import TrainingRun
+from lmforge.model.gpt import GPT, Block, GPTConfig
+from lmforge.outputs import watched
+from lmforge.tokenization.shards import read_index
+from lmforge.tracking.runs import TrainingRun
 from lmforge.training.callbacks import (
     AtomicCheckpointIO,
     ExactResume,
@@ -40,7 +40,7 @@ from lmforge.training.optim import accumulation_steps
 from lmforge.training.resume import LAST_CHECKPOINT, RUN_FILE, clear_checkpoints, config_fingerprint, find_resume_point
 
 
-def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
+def train_stage(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
     """Run the train stage for config ``cfg``; return the model directory it wrote.
 
     ``callbacks``: extra Lightning callbacks (tests and experiments hook in here). Raises
@@ -48,10 +48,8 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
     ``Stopped`` (a KeyboardInterrupt) after Ctrl-C or SIGTERM has saved a checkpoint (the run is
     then KILLED).
     """
-    from lmforge.checks import check_training
-    from lmforge.data import TokenDataModule
+    from lmforge.training.data import TokenDataModule
 
-    check_training(cfg)
     choices = _set_up_torch(cfg)
     index = read_index(cfg.paths.tokens)
     t = cfg.train
@@ -81,8 +79,8 @@ def train(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
 
 def _set_up_torch(cfg) -> dict[str, str]:
     """Threads, float32 matmul precision and every random seed, before anything is built; returns
-    what this machine resolves (``trainer.precision=auto``, Muon's dtype: ``lmforge.hardware``)."""
-    from lmforge.hardware import training_choices
+    what this machine resolves (``trainer.precision=auto``, Muon's dtype: ``lmforge.training.hardware``)."""
+    from lmforge.training.hardware import training_choices
 
     _quiet_lightning()
     if cfg.trainer.num_threads:
@@ -112,7 +110,7 @@ def _lightning_module(cfg, index: dict) -> LitGPT:
     lit = LitGPT(model_config_for(cfg, index["vocab_size"]), OmegaConf.to_container(cfg.optimizer, resolve=True),
                  int(t.max_steps), int(t.log_every))
     if t.init_from:
-        from lmforge.modeldir import init_from_model_dir
+        from lmforge.model.directory import init_from_model_dir
 
         init_from_model_dir(lit.model, t.init_from, Path(cfg.paths.vocab) / "tokenizer.json")
     n_params, flops = lit.model.num_params(), lit.model.flops_per_token()
@@ -123,10 +121,10 @@ def _lightning_module(cfg, index: dict) -> LitGPT:
 def _open_run(cfg, lit: LitGPT, record: dict | None, fingerprint: str, choices: dict[str, str]) -> TrainingRun:
     """Open the MLflow run (or continue ``record``'s), log a new run's parameters and step-0
     metrics, and name it in ``checkpoints/run.json`` for a later ``train.resume=auto``."""
-    from lmforge import lineage
-    from lmforge.config import flat_params
-    from lmforge.corpus import reported_counts
+    from lmforge.config.compose import flat_params
     from lmforge.outputs import write_json
+    from lmforge.tracking import lineage
+    from lmforge.tracking.runs import reported_counts
 
     # In a sweep, the DVC experiment name is what `dvc exp show` lists: the same name in the UI.
     run_name = cfg.tracking.run_name or lineage.dvc_experiment() or f"{Path(cfg.paths.model).name}-{cfg.tokenizer.kind}"
@@ -236,7 +234,7 @@ def _write_model_dir(cfg, trainer: L.Trainer, lit: LitGPT, index: dict, run: Tra
                      throughput: Throughput) -> Path:
     """The final weights (whole, also from FSDP shards: every rank takes part) as a model
     directory with tokenizer, configs and loss curves; logged and registered in MLflow on request."""
-    from lmforge.modeldir import save_model_dir
+    from lmforge.model.directory import save_model_dir
 
     state = trainer.strategy.lightning_module_state_dict()
     out = Path(cfg.paths.model)
@@ -251,8 +249,8 @@ def _write_model_dir(cfg, trainer: L.Trainer, lit: LitGPT, index: dict, run: Tra
     save_model_dir(out, model, Path(cfg.paths.vocab) / "tokenizer.json", tokenizer_meta, train_cfg=cfg,
                    run=run.info, extra={"training": training}, write_more=_curves_writer(lit.history))
     if cfg.tracking.log_model:
-        from lmforge.serving import log_pyfunc_model
-        from lmforge.tracking import log_to_run
+        from lmforge.serving.pyfunc import log_pyfunc_model
+        from lmforge.tracking.runs import log_to_run
 
         log_to_run(run.info, artifact_dirs={"model": out})
         log_pyfunc_model(out, run.info, cfg.tracking.registered_model)  # servable as an MLflow pyfunc

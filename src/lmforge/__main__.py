@@ -1,0 +1,6 @@
+"""``python -m lmforge``: the ``lmforge`` command."""
+
+from lmforge.cli.main import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Loss, perplexity and bits per byte of a model on a stream of token ids.
+
+The loss is over the whole stream, cut into consecutive windows of ``block_size`` tokens (each
+token predicted once). Bits per byte divides the total nats by ln 2 and by the UTF-8 bytes of the
+text those tokens encode, so models with different tokenizers compare.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import LmforgeError
+
+
+@torch.no_grad()
+def score_tokens(model, ids: np.ndarray | object, block_size: int, batch_size: int = 64,
+                 max_batches: int | None = None, device: str | torch.device = "cpu") -> dict:
+    """Sum the next-token loss over ``ids`` (an array or a TokenStream) in non-overlapping windows.
+
+    Returns ``{"nats": total, "predicted": tokens scored, "tokens": len(ids)}``.
+    """
+    n = len(ids)
+    if n < 2:
+        raise LmforgeError("the evaluation text has fewer than 2 tokens; give it more text.")
+    read = ids.read if hasattr(ids, "read") else (
+        lambda start, length: np.asarray(ids[start : start + length], dtype=np.int64))
+    starts = list(range(0, n - 1, block_size))
+    if max_batches:
+        starts = starts[: max_batches * batch_size]
+    total, predicted = 0.0, 0
+    model.eval()
+    for b in range(0, len(starts), batch_size):
+        chunk = starts[b : b + batch_size]
+        lengths = [min(block_size, n - 1 - s) for s in chunk]
+        x = torch.full((len(chunk), block_size), 0, dtype=torch.long)
+        y = torch.full((len(chunk), block_size), -100, dtype=torch.long)
+        for row, (s, length) in enumerate(zip(chunk, lengths)):
+            window = torch.from_numpy(read(s, length + 1))
+            x[row, :length] = window[:-1]
+            y[row, :length] = window[1:]
+        logits, _ = model(x.to(device))
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).view(-1),
+                               ignore_index=-100, reduction="sum")
+        total += float(loss)
+        predicted += sum(lengths)
+    return {"nats": total, "predicted": predicted, "tokens": n}
+
+
+def summarise(score: dict, text_bytes: int) -> dict:
+    """Loss, perplexity and bits per byte from a ``score_tokens`` result and the text's byte count."""
+    loss = score["nats"] / score["predicted"]
+    # Scale the bytes to the tokens actually predicted (all but the first, or a capped subset).
+    covered_bytes = text_bytes * score["predicted"] / max(1, score["tokens"] - 1)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 700.0)),
+        "bits_per_byte": score["nats"] / math.log(2) / covered_bytes,
+        "tokens": score["tokens"],
+        "bytes": text_bytes,
+    }

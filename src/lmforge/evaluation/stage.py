@@ -1,0 +1,112 @@
+"""Stage 5, evaluate: the validation split's loss, perplexity and bits per byte, samples, plots, report.
+
+The loss is over the whole validation split, cut into consecutive windows of ``block_size``
+tokens (each token predicted once). Bits per byte divides the total nats by ln 2 and by the
+UTF-8 bytes of the text those tokens encode, so models with different tokenizers compare.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.evaluation.metrics import score_tokens, summarise
+from lmforge.outputs import atomic_path, write_json, write_text
+
+
+def write_plots(curves_dir: Path, plots_dir: Path) -> Path:
+    """Copy the training curves to ``plots_dir`` as CSV (DVC plots) and draw ``loss.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = _read_csv(curves_dir / "train_loss.csv")
+    val = _read_csv(curves_dir / "val_loss.csv")
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("train_loss.csv", "val_loss.csv"):
+        src = curves_dir / name
+        if src.is_file():
+            write_text(plots_dir / name, src.read_text())
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        ax_loss.plot([r["step"] for r in train], [r["train_loss"] for r in train], label="train", alpha=0.7)
+        ax_lr.plot([r["step"] for r in train], [r["lr"] for r in train], color="tab:green")
+    if val:
+        ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="Loss")
+    if train or val:
+        ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_lr.set(xlabel="step", ylabel="learning rate", title="Learning rate")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    png = plots_dir / "loss.png"
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return png
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _sample(loaded, prompt: str, sampling) -> str:
+    from lmforge.inference.generation import complete
+
+    try:
+        return complete(loaded, prompt, sampling)
+    except LmforgeError as err:  # a prompt this corpus cannot encode should not fail the stage
+        return f"\n[no sample: {err}]"
+
+
+def evaluate_stage(cfg) -> dict:
+    """Run the evaluate stage for ``cfg``: metrics.json, plots, samples, report.md; logged to the training run."""
+    from lmforge.evaluation.report import write_report
+    from lmforge.inference.generation import SamplingConfig
+    from lmforge.model.directory import load_model_dir
+    from lmforge.tokenization.shards import TokenStream
+    from lmforge.tracking import runs as tracking
+
+    loaded = load_model_dir(cfg.paths.model)
+    ev = cfg.evaluate
+    block_size = loaded.model.config.block_size
+    val = TokenStream(cfg.paths.tokens, "val")
+    if len(val) <= block_size:
+        raise LmforgeError(
+            f"the validation split has {len(val)} tokens, not more than model.block_size={block_size}; "
+            "lower model.block_size or raise data.val_fraction."
+        )
+    score = score_tokens(loaded.model, val, block_size, int(ev.batch_size), ev.max_batches)
+    metrics = {f"val_{k}" if k in ("loss", "perplexity") else k: v
+               for k, v in summarise(score, val.index["splits"]["val"]["bytes"]).items()}
+    metrics = {"val_loss": metrics["val_loss"], "val_perplexity": metrics["val_perplexity"],
+               "val_bits_per_byte": metrics["bits_per_byte"], "val_tokens": metrics["tokens"],
+               "val_bytes": metrics["bytes"]}
+    training = loaded.config.get("training", {})
+    if training.get("tokens_per_second"):
+        metrics["train_tokens_per_second"] = training["tokens_per_second"]
+
+    sampling = SamplingConfig(max_new_tokens=int(ev.max_new_tokens), temperature=float(ev.temperature),
+                              top_k=ev.top_k, top_p=ev.top_p, seed=int(ev.seed))
+    samples = [(p, _sample(loaded, p, sampling)) for p in ev.prompts]
+
+    reports = Path(cfg.paths.reports)
+    png = write_plots(loaded.path / "curves", reports / "plots")
+    samples_md = "# Samples\n\n" + "".join(
+        f"## Prompt {i + 1}: `{p!r}`\n\n```text\n{p}{s}\n```\n\n" for i, (p, s) in enumerate(samples)
+    )
+    write_text(reports / "samples.md", samples_md)
+    write_json(reports / "metrics.json", metrics)
+    report = write_report(reports / "report.md", loaded, metrics, [png], samples)
+
+    run = loaded.run()
+    if run is not None:
+        tracking.log_to_run(run, metrics={f"eval/{k}": v for k, v in metrics.items()},
+                            artifacts=[reports / "metrics.json", reports / "samples.md", png, report])
+    return metrics

@@ -1,0 +1,364 @@
+"""Sampling text from a GPT, one token at a time, with a KV cache.
+
+Each step turns the last position's logits into a token: repetition penalty, temperature,
+top-k, top-p, then a draw (or argmax when temperature is 0). ``generate_tokens`` yields the
+tokens as they come, for streaming; ``generate`` collects them.
+
+The context window. The model attends over at most ``block_size`` tokens, so the tokens it
+sees (the window) are a suffix of the sequence, chosen by one rule whether or not the cache is
+used, so ``use_cache`` changes the speed and never the tokens:
+
+* A prompt longer than ``block_size`` is cropped to its last ``block_size`` tokens.
+* When a new token would make the window longer than ``block_size``, the window restarts as
+  the last ``block_size // 2`` tokens (the new one included). With the cache that is a fresh
+  prefill of those tokens: positions restart at 0, which suits every position scheme, and the
+  re-encode happens once every ``block_size // 2`` tokens instead of at every step.
+* Without the cache each step runs the model on the whole current window.
+
+(nanoGPT instead slides the window by one token per step; that would force the cached path to
+re-encode at every step once the window is full.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmforge.config.values import is_int, is_number
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.model.gpt import GPT
+from lmforge.tokenization.tokenizer import UNK_TOKEN
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick tokens. ``validate`` checks the ranges."""
+
+    max_new_tokens: int = 200
+    temperature: float = 1.0  # 0 means greedy (argmax)
+    top_k: int | None = None  # keep the k most likely tokens
+    top_p: float | None = None  # nucleus: keep the fewest tokens whose probability reaches top_p, in (0, 1]
+    repetition_penalty: float = 1.0  # CTRL (Keskar et al. 2019); > 1 discourages tokens already present
+    seed: int | None = None  # None: draw from torch's global generator
+    use_cache: bool = True
+
+    def validate(self) -> None:
+        """Raise ConfigError (a ValueError) with one sentence naming the first bad setting."""
+
+        def fail(name: str, requirement: str) -> None:
+            raise ConfigError(f"sampling.{name}={getattr(self, name)!r} {requirement}.")
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            fail("max_new_tokens", "must be an integer >= 1")
+        if not is_number(self.temperature) or self.temperature < 0:
+            fail("temperature", "must be a number >= 0 (0 means greedy)")
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
+            fail("top_k", "must be an integer >= 1 or null")
+        if self.top_p is not None and (not is_number(self.top_p) or not 0 < self.top_p <= 1):
+            fail("top_p", "must be in (0, 1] or null")
+        if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            fail("repetition_penalty", "must be a number > 0 (1 means no penalty)")
+        if self.seed is not None and not is_int(self.seed):
+            fail("seed", "must be an integer or null")
+        if not isinstance(self.use_cache, bool):
+            fail("use_cache", "must be true or false")
+
+
+def check_sampling(cfg) -> None:
+    """The evaluate stage's sampling settings (``evaluate.*`` of a composed config) are in range."""
+    e = cfg.evaluate
+    sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_k=e.top_k,
+                              top_p=e.top_p, seed=e.seed)
+    try:
+        sampling.validate()
+    except ValueError as err:
+        raise LmforgeError(str(err).replace("sampling.", "evaluate.")) from None
+
+
+def unescape(text: str) -> str:
+    """Backslash escapes typed on a command line (``\\n``, ``\\t``, ``\\u00e9``) as the characters
+    they name; every other character, non-ASCII included, stays as it is (``é`` stays ``é``:
+    ``unicode_escape`` alone would read its UTF-8 bytes as Latin-1)."""
+    return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def sample_next(
+    logits: Tensor,
+    cfg: SamplingConfig,
+    generator: torch.Generator | None = None,
+    previous: Tensor | None = None,
+) -> Tensor:
+    """Pick the next token of each sequence.
+
+    logits: (B, vocab_size) for the last position. previous: (B, T) tokens so far, used by the
+    repetition penalty. generator: the torch.Generator to draw from (None: the global one).
+    Returns (B, 1) token ids. ``logits`` is not modified.
+    """
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and previous is not None:
+        logits = _penalise_repeats(logits, previous, cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
+        logits = _keep_top_k(logits, cfg.top_k)
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        logits = _keep_top_p(logits, cfg.top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+def _penalise_repeats(logits: Tensor, previous: Tensor, penalty: float) -> Tensor:
+    # CTRL: a token already present has its logit divided by the penalty when positive and
+    # multiplied when negative, so penalty > 1 always makes it less likely (as HF does).
+    seen = logits.gather(-1, previous)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, previous, seen)
+
+
+def _keep_top_k(logits: Tensor, k: int) -> Tensor:
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _keep_top_p(logits: Tensor, top_p: float) -> Tensor:
+    # Holtzman et al. 2019: keep the most likely tokens until their probability reaches top_p.
+    # A token is dropped when the tokens before it already reach top_p, so the top one stays.
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    before = probs.cumsum(dim=-1) - probs
+    sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+# inference_mode rather than no_grad: no version counters or views are tracked, so each token costs less.
+@torch.inference_mode()
+def generate_tokens(
+    model: GPT,
+    prompt: Tensor,
+    cfg: SamplingConfig,
+    stop: Callable[[Tensor], bool] | None = None,
+) -> Iterator[Tensor]:
+    """Yield new tokens one step at a time: each a (B, 1) tensor of token ids, as soon as sampled.
+
+    model: a GPT. prompt: (B, T) token ids, B prompts of equal length, T >= 1 (moved to the
+    model's device). cfg: validated here. stop: called after each token with the (B, T + n)
+    sequence so far (prompt included; a view, do not modify it); generation ends once it
+    returns True, after that token was yielded. At most ``cfg.max_new_tokens`` tokens.
+
+    The context window rule is in the module docstring. The model is put in eval mode while
+    sampling and its previous mode is restored when the iterator finishes or is closed.
+    Equal ``cfg.seed`` gives equal tokens on the same device. The tokens are inference-mode
+    tensors: read them, copy them, but do not modify them in place.
+    """
+    cfg.validate()
+    if prompt.dim() != 2 or prompt.size(1) == 0:
+        raise ValueError(
+            f"prompt must be a (batch, length) tensor of token ids with length >= 1, not shape {tuple(prompt.shape)}."
+        )
+    block_size = model.config.block_size
+    restart = max(1, block_size // 2)  # window length after a restart
+    device = model.transformer.wte.weight.device
+    batch, prompt_len = prompt.shape
+
+    # Every token so far, in one preallocated buffer: the window, the repetition penalty and
+    # ``stop`` read views of it, so a step concatenates nothing.
+    tokens = torch.empty(batch, prompt_len + cfg.max_new_tokens, dtype=torch.long, device=device)
+    tokens[:, :prompt_len] = prompt
+    n = prompt_len  # tokens so far
+    start = max(0, n - block_size)  # the window is tokens[:, start:n]
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_kv_cache(batch) if cfg.use_cache else None
+        logits = model(tokens[:, start:n], cache=cache)[0][:, -1]
+        for step in range(cfg.max_new_tokens):
+            next_token = sample_next(logits, cfg, generator, tokens[:, :n])
+            tokens[:, n : n + 1] = next_token
+            n += 1
+            yield next_token
+            if step == cfg.max_new_tokens - 1 or (stop is not None and stop(tokens[:, :n])):
+                return
+            if n - start > block_size:  # the window is full: restart it
+                start = n - restart
+                if cache is not None:
+                    cache.reset()
+            if cache is not None and cache.length > 0:  # the cache holds the window but the new token
+                logits = model(next_token, cache=cache)[0][:, -1]
+            else:  # encode the whole window (into the cache, when it was just reset)
+                logits = model(tokens[:, start:n], cache=cache)[0][:, -1]
+    finally:
+        model.train(was_training)
+
+
+def generate(
+    model: GPT,
+    prompt: Tensor,
+    cfg: SamplingConfig,
+    stop: Callable[[Tensor], bool] | None = None,
+) -> Tensor:
+    """Sample a continuation of each prompt; returns (B, T + new) token ids, the prompt first.
+
+    Same arguments as ``generate_tokens``; new <= cfg.max_new_tokens (fewer when ``stop`` fired).
+    """
+    new = list(generate_tokens(model, prompt, cfg, stop))
+    return torch.cat([prompt.to(new[0].device), *new], dim=1)
+
+
+# --- Text in, text out: what `lmforge generate`, the evaluate stage's samples and serving use. ---
+
+
+def encode_prompt(loaded, prompt: str) -> Tensor:
+    """Encode ``prompt`` for a loaded model directory as a (1, T) id tensor.
+
+    An empty prompt starts from the end-of-text token. A character model refuses characters
+    outside its training alphabet (they would silently become ``<unk>``) with a LmforgeError.
+    """
+    from lmforge.errors import LmforgeError
+
+    tokenizer = loaded.tokenizer
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
+    unk = tokenizer.token_to_id(UNK_TOKEN)
+    if loaded.config["tokenizer"].get("kind") == "char" and unk is not None and unk in ids:
+        unknown = sorted({c for c in prompt if tokenizer.encode(c, add_special_tokens=False).ids == [unk]})
+        raise LmforgeError(
+            f"the prompt has characters outside the model's vocabulary ({', '.join(map(repr, unknown))}); "
+            "a character model knows only its training alphabet, so remove or replace them."
+        )
+    if not ids:
+        ids = [loaded.eot_id]
+    return torch.tensor([ids], dtype=torch.long, device=next(loaded.model.parameters()).device)
+
+
+class _TextTail:
+    """The text of one sample's new tokens, handed out in pieces as soon as each is final.
+
+    Decoding is incremental: each step decodes only the tokens since the previous step plus those
+    of the step before as context (what makes a word tokenizer's joining space or a multi-byte
+    character come out right), so a long sample costs no more per token than a short one. A
+    piece is held back while it ends in an incomplete UTF-8 character (byte-level BPE) or could
+    still grow into one of the ``stop`` strings. The sample ends at the end-of-text token or at a
+    stop string, which is not handed out.
+    """
+
+    def __init__(self, tokenizer, eot_id: int, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.eot_id = eot_id
+        self.stop = stop
+        self.hold = max((len(s) - 1 for s in stop), default=0)
+        self.ids: list[int] = []
+        self.context = 0  # ids[context:read] are decoded already, as left context for the next step
+        self.read = 0
+        self.text = ""  # the decoded text so far
+        self.emitted = 0  # characters handed out so far
+        self.done = False
+
+    def push(self, token_id: int) -> str:
+        """Take the next token; return the text that became final ('' when none, or once done)."""
+        if self.done:
+            return ""
+        if token_id == self.eot_id:
+            return self.finish()
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.context : self.read])
+        after = self._decode(self.ids[self.context :])
+        if after.endswith("\ufffd"):
+            return ""  # a multi-byte character is not complete yet
+        searched = max(0, len(self.text) - self.hold)  # earlier text was searched already
+        self.text += after[len(before) :]
+        self.context, self.read = self.read, len(self.ids)
+        hit = min((i for i in (self.text.find(s, searched) for s in self.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            self.done = True
+            return self._emit(hit)
+        return self._emit(len(self.text) - self.hold)
+
+    def finish(self) -> str:
+        """End the sample; return whatever text was still held back."""
+        if self.done:
+            return ""
+        self.done = True
+        if self.read < len(self.ids):  # an incomplete character at the very end
+            before = self._decode(self.ids[self.context : self.read])
+            self.text += self._decode(self.ids[self.context :])[len(before) :]
+        return self._emit(len(self.text))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+
+    def _emit(self, end: int) -> str:
+        if end <= self.emitted:
+            return ""
+        piece = self.text[self.emitted : end]
+        self.emitted = end
+        return piece
+
+
+TextTail = _TextTail  # the public name, for the serving engine (lmforge.batching)
+
+
+def stream_samples(loaded, prompt: str, cfg: SamplingConfig, stop: list[str] | None = None,
+                   num_samples: int = 1) -> Iterator[tuple[int, str]]:
+    """Sample ``num_samples`` continuations of ``prompt`` as one batch; yield ``(sample, piece)``.
+
+    ``sample`` is the index of the continuation (0 .. num_samples - 1) and ``piece`` the text
+    that became final for it, as soon as it did. A sample ends at ``cfg.max_new_tokens``, at the
+    end-of-text token, or at the first of the ``stop`` strings (not yielded); the batch runs
+    until every sample has ended. With ``cfg.seed`` set the whole batch is reproducible, and the
+    samples of one batch differ from each other. Bad settings and unencodable prompts raise
+    LmforgeError here, before anything is yielded.
+    """
+    from lmforge.errors import LmforgeError
+
+    if not is_int(num_samples) or num_samples < 1:
+        raise LmforgeError(f"num_samples={num_samples!r} must be an integer >= 1.")
+    cfg.validate()
+    idx = encode_prompt(loaded, prompt).expand(num_samples, -1)
+    stop = [s for s in (stop or []) if s]
+    return _stream_samples(loaded, idx, cfg, stop)
+
+
+def _stream_samples(loaded, idx: Tensor, cfg: SamplingConfig, stop: list[str]) -> Iterator[tuple[int, str]]:
+    tails = [_TextTail(loaded.tokenizer, loaded.eot_id, stop) for _ in range(idx.size(0))]
+
+    def all_done(_tokens: Tensor) -> bool:
+        return all(tail.done for tail in tails)
+
+    for token in generate_tokens(loaded.model, idx, cfg, stop=all_done):
+        for sample, (token_id, tail) in enumerate(zip(token[:, 0].tolist(), tails)):
+            if not tail.done and (piece := tail.push(token_id)):
+                yield sample, piece
+    for sample, tail in enumerate(tails):
+        if piece := tail.finish():
+            yield sample, piece
+
+
+def stream_completion(loaded, prompt: str, cfg: SamplingConfig, stop: list[str] | None = None) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` as text pieces, as soon as each is final.
+
+    Stops at ``cfg.max_new_tokens``, at the end-of-text token, or at the first of the ``stop``
+    strings (which is not yielded).
+    """
+    return (piece for _, piece in stream_samples(loaded, prompt, cfg, stop))
+
+
+def complete(loaded, prompt: str, cfg: SamplingConfig, stop: list[str] | None = None) -> str:
+    """The continuation of ``prompt`` (without the prompt) as one string."""
+    return complete_samples(loaded, prompt, cfg, stop)[0]
+
+
+def complete_samples(loaded, prompt: str, cfg: SamplingConfig, stop: list[str] | None = None,
+                     num_samples: int = 1) -> list[str]:
+    """``num_samples`` continuations of ``prompt``, sampled as one batch (see ``stream_samples``)."""
+    texts = [""] * num_samples
+    for sample, piece in stream_samples(loaded, prompt, cfg, stop, num_samples):
+        texts[sample] += piece
+    return texts

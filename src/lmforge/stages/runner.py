@@ -1,0 +1,73 @@
+"""The pipeline's stage runner: ``pipelines/<stage>.py`` and ``lmforge <stage>`` read params.yaml
+(plus ``key=value`` overrides), run the checks of what the stage reads, then the stage itself.
+
+Kept apart from ``cli.py`` (the model tools' command line) so that DVC, which re-runs a stage
+when a file it imports changes, does not re-run the pipeline for an edit to another subcommand.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from lmforge.errors import LmforgeError
+
+
+def stage_function(name: str) -> Callable:
+    # Imported lazily: `lmforge generate` should not pay for importing the training stack.
+    if name == "prepare":
+        from lmforge.corpus.stage import prepare_stage as run
+    elif name == "vocab":
+        from lmforge.tokenization.vocab import vocab_stage as run
+    elif name == "tokenize":
+        from lmforge.tokenization.encode import tokenize_stage as run
+    elif name == "train":
+        from lmforge.tracking.runs import quiet_mlflow_env  # before MLflow is imported
+
+        quiet_mlflow_env()
+        from lmforge.training.stage import train_stage as run
+    elif name == "evaluate":
+        from lmforge.tracking.runs import quiet_mlflow_env
+
+        quiet_mlflow_env()
+        from lmforge.evaluation.stage import evaluate_stage as run
+    elif name == "check":  # the DVC stage that runs on any parameter change (pipelines/check.py)
+        from lmforge.stages.check import check_stage as run
+    else:
+        raise LmforgeError(f"unknown stage '{name}'; stages: {', '.join(STAGES)}.")
+    return run
+
+
+STAGES = ("prepare", "vocab", "tokenize", "train", "evaluate")
+
+
+def run_stage(name: str, overrides: Sequence[str] | None = None) -> None:
+    """Entry point of ``pipelines/<name>.py``: read params.yaml + overrides, run the stage."""
+    overrides = sys.argv[1:] if overrides is None else overrides
+    guarded(lambda: _run_stage(name, overrides))
+
+
+def _run_stage(name: str, overrides: Sequence[str]) -> None:
+    from lmforge.config.compose import load_config
+    from lmforge.stages.check import check_config
+
+    cfg = load_config(overrides)
+    check_config(cfg, stage=name)  # what `lmforge check` checks, as far as this stage reads
+    result = stage_function(name)(cfg)
+    if name == "evaluate" and isinstance(result, dict):
+        print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+
+
+def guarded(action: Callable[[], object]) -> None:
+    try:
+        action()
+    except LmforgeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as err:  # Ctrl-C: 130; SIGTERM after training saved a checkpoint: 143
+        print("interrupted", file=sys.stderr)
+        sys.exit(getattr(err, "exit_status", 130))
+    except BrokenPipeError:  # `lmforge runs list | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

@@ -1,0 +1,41 @@
+"""The train stage's checks of a configuration: choices, positive counts, micro-batches per step."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from lmforge.config.checks import PRECISIONS
+from lmforge.errors import LmforgeError
+from lmforge.training.optim import OPTIMIZERS, SCHEDULES, accumulation_steps
+from lmforge.training.resume import RESUME
+
+
+def check_training(cfg: DictConfig) -> None:
+    """The train stage's own checks, the first problem only: choices, positive counts, micro-batches
+    per step for the given devices and nodes, optimizer and strategy."""
+    t, opt, trainer = cfg.train, cfg.optimizer, cfg.trainer
+    choices = (("trainer.precision", str(trainer.precision), PRECISIONS), ("train.resume", t.resume, RESUME),
+               ("optimizer.schedule", opt.schedule, SCHEDULES), ("optimizer.name", opt.name, OPTIMIZERS))
+    for key, value, valid in choices:
+        if value not in valid:
+            raise LmforgeError(f"{key}='{value}' is not one of {', '.join(valid)}; set it in conf/ or override it.")
+    for key in ("max_steps", "batch_size", "eval_interval", "eval_iters", "log_every", "checkpoint_every"):
+        if not isinstance(t[key], int) or isinstance(t[key], bool) or t[key] < 1:
+            raise LmforgeError(f"train.{key}={t[key]!r} must be a positive integer.")
+    patience = t.early_stopping_patience
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        raise LmforgeError(f"train.early_stopping_patience={patience!r} must be a positive integer or null.")
+    if isinstance(trainer.devices, int) and trainer.devices > 0:  # else checked once Lightning knows the devices
+        accumulation_steps(t.global_batch_tokens, int(t.batch_size), int(cfg.model.block_size),
+                           trainer.devices * int(trainer.num_nodes))
+    if opt.name == "muon" and "fsdp" in str(trainer.strategy):
+        raise LmforgeError("optimizer=muon needs whole weight matrices, which trainer.strategy=fsdp shards; "
+                           "use optimizer=adamw with FSDP, or trainer=ddp.")
+
+
+def check_global_batch(cfg: DictConfig) -> None:
+    """With ``trainer.devices=auto`` the world size is known only at run time; the global batch
+    must still be a whole number of one device's micro-batches."""
+    t = cfg.train
+    if not isinstance(cfg.trainer.devices, int):
+        accumulation_steps(t.global_batch_tokens, int(t.batch_size), int(cfg.model.block_size), 1)
