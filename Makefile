@@ -1,5 +1,6 @@
 # make run   : create .venv if missing, install lmforge, run the pipeline (dvc repro)
 # make test  : create .venv if missing, install lmforge with its test extras, lint (ruff), run the whole suite
+# make test-fast : the unit tier only (tests/unit)
 # make ui    : the MLflow UI on http://127.0.0.1:5000 over mlflow.db
 
 VENV   ?= .venv
@@ -45,9 +46,10 @@ test: install-test
 	ruff check src tests pipelines benchmarks
 	python -m pytest -q
 
+# The unit tier only (tests/unit: no training, no subprocess, no server): well under a minute on 2 cores.
 test-fast: install-test
 	ruff check src tests pipelines benchmarks
-	python -m pytest -q -m "not slow"
+	python -m pytest -q tests/unit
 
 ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1 --host 127.0.0.1 --port 5000

@@ -1,0 +1,204 @@
+"""data.engine=ray: the same bytes as the local engine, exact dedup across workers, a killed worker, errors.
+
+One small local Ray (2 CPUs, a 200 MB object store, no dashboard) is shared by the whole test
+session and stopped at its end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import ray  # (the ray extra is in the test extra: a missing Ray fails here, never skips)
+
+from lmforge.config.compose import compose_config
+from lmforge.corpus.cleaning import clean
+from lmforge.corpus.stage import prepare_stage
+from lmforge.errors import LmforgeError
+from lmforge.tokenization.encode import tokenize_stage
+from lmforge.tokenization.vocab import vocab_stage
+from tests.helpers import ROOT, write_mixed_corpus
+from tests.helpers import lines as _lines
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the session: small, no dashboard, stopped at the end."""
+    ray.init(num_cpus=2, object_store_memory=200 << 20, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def _cfg(workdir: Path, sources, *overrides: str):
+    cfg = compose_config(["tokenizer=bpe", "tokenizer.vocab_size=300", "data.min_chars=2", *overrides],
+                         conf_dir=ROOT / "conf")
+    for key in ("prepared", "vocab", "tokens", "reports"):
+        cfg.paths[key] = str(workdir / key)
+    cfg.data.sources = [str(s) for s in sources]
+    return cfg
+
+
+def _tree(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` (relative path) with the hash of its bytes."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("split", ["document", "position"])
+def test_ray_writes_the_local_engines_bytes_on_a_mixed_corpus(local_ray, tmp_path, split):
+    corpus = write_mixed_corpus(tmp_path / "corpus")
+    local = _cfg(tmp_path / "local", [corpus], f"data.split={split}", "data.val_fraction=0.3", "data.shard_size=2000")
+    # The same folder as a file:// URL: read through fsspec's listing, it must give the same files in the same order.
+    on_ray = _cfg(tmp_path / "ray", [f"file://{corpus}"], f"data.split={split}", "data.val_fraction=0.3",
+                  "data.shard_size=2000", "data.engine=ray", "data.workers=2")
+    stats = prepare_stage(local)
+    assert stats.files == 17 and stats.duplicates >= 4 and stats.dropped_short >= 4
+    prepare_stage(on_ray)
+    assert _tree(tmp_path / "ray/prepared") == _tree(tmp_path / "local/prepared")
+    assert (tmp_path / "ray/reports/prepare.json").read_text() == (tmp_path / "local/reports/prepare.json").read_text()
+    # Tokenize both from the same vocabulary, so any difference is the engine's.
+    vocab_stage(local)
+    on_ray.paths.vocab = local.paths.vocab
+    tokenize_stage(local)
+    tokenize_stage(on_ray)
+    shards = _tree(tmp_path / "local/tokens")
+    assert len(shards) > 3  # several shards: the cut points are compared too
+    assert _tree(tmp_path / "ray/tokens") == shards
+
+
+def test_a_task_reads_a_long_document_in_pieces_as_the_local_engine_does(tmp_path, monkeypatch):
+    from lmforge.corpus import reading
+    from lmforge.engines.ray import _read_files
+
+    monkeypatch.setattr(reading, "BLOCK_BYTES", 64)  # (in this process: the task function runs here)
+    text = "Line one\r\nline two café\x07\n" * 40
+    path = tmp_path / "long.txt"
+    path.write_bytes(text.encode("utf-8"))
+    keys = {"decode_errors": "strict", "text_field": "text", "column": "text", "skip_bad_files": False}
+    [(kept, documents_in, bytes_in, short, bad, warnings)] = _read_files([(path, "text", None)], keys, "NFC", 1)
+    cleaned, data, _ = clean(text, None, "NFC")
+    assert (documents_in, bytes_in, short, bad, warnings) == (1, len(text.encode()), 0, None, [])
+    assert kept == [(len(cleaned), data, hashlib.blake2b(data, digest_size=16).digest())]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_retried_and_the_tokens_stay_the_same(local_ray, tmp_path):
+    import random
+
+    rng = random.Random(2)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("\x1e".join(_lines(rng, 40) for _ in range(300)), encoding="utf-8")
+    local = _cfg(tmp_path / "local", [corpus])
+    on_ray = _cfg(tmp_path / "ray", [corpus], "data.engine=ray")
+    prepare_stage(local)
+    vocab_stage(local)
+    # The prepared text repeated to about 12 MB: a dozen 1M-character chunks, i.e. a dozen tasks.
+    big = tmp_path / "big"
+    big.mkdir()
+    for split in ("train", "val"):
+        text = (Path(local.paths.prepared) / f"{split}.txt").read_text(encoding="utf-8")
+        (big / f"{split}.txt").write_text("\x1e".join([text] * max(1, (10 << 20) // len(text))), encoding="utf-8")
+    local.paths.prepared = on_ray.paths.prepared = str(big)
+    on_ray.paths.vocab = local.paths.vocab
+    tokenize_stage(local)
+
+    killed: list[int] = []
+    done = threading.Event()
+
+    def kill_one_busy_worker() -> None:
+        while not done.is_set() and not killed:
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    if proc.cmdline()[:1] == ["ray::_encode"]:
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
+                        return
+                except (psutil.Error, IndexError):
+                    pass
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_one_busy_worker)
+    killer.start()
+    try:
+        tokenize_stage(on_ray)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no worker was caught running an encoding task"
+    assert _tree(tmp_path / "ray/tokens") == _tree(tmp_path / "local/tokens")
+
+
+def test_a_bad_file_fails_a_ray_run_with_the_local_sentence_and_writes_nothing(local_ray, tmp_path):
+    corpus = write_mixed_corpus(tmp_path / "corpus")
+    (corpus / "c_web_2.jsonl").write_bytes(b'{"text": "fine"}\n{"text": broken\n')
+    errors = {}
+    for engine in ("local", "ray"):
+        cfg = _cfg(tmp_path / engine, [corpus], f"data.engine={engine}")
+        Path(cfg.paths.prepared).mkdir(parents=True)
+        (Path(cfg.paths.prepared) / "train.txt").write_text("the previous output")
+        with pytest.raises(LmforgeError) as err:
+            prepare_stage(cfg)
+        errors[engine] = str(err.value)
+        assert [p.name for p in (tmp_path / engine).iterdir()] == ["prepared"]  # no temporary left, no report
+        assert (Path(cfg.paths.prepared) / "train.txt").read_text() == "the previous output"
+    assert errors["ray"] == errors["local"]
+    assert "c_web_2.jsonl line 2 is not valid JSON" in errors["ray"]
+
+
+def _prepare_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    paths = [f"paths.{key}={tmp_path / key}" for key in ("prepared", "reports")]
+    return subprocess.run([sys.executable, "pipelines/prepare.py", *paths, *overrides], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("listening", [False, True], ids=["nothing-listens", "a-port-that-never-speaks-ray"])
+def test_an_unreachable_ray_address_is_one_sentence_not_a_hang(tmp_path, listening):
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    if listening:  # the kernel accepts connections; nobody ever answers on them
+        silent.listen(8)
+    address = f"{'ray://' if listening else ''}127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        start = time.monotonic()
+        result = _prepare_cli(tmp_path, "data.engine=ray", f"data.ray_address={address}")
+        assert time.monotonic() - start < 30
+    finally:
+        silent.close()
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"data.ray_address='{address}'" in lines[0] and "ray start --head" in lines[0], result.stderr
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_an_unknown_engine_is_one_sentence(tmp_path):
+    result = _prepare_cli(tmp_path, "data.engine=spark")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == ["error: data.engine='spark' is not one of local, ray."], result.stderr
+
+
+def test_ray_is_imported_only_when_the_ray_engine_runs():
+    code = "import sys, lmforge.corpus, lmforge.tokens, lmforge.ray_engine; print('ray' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert result.stdout.strip() == "False"
+
+
+def test_the_ray_engine_without_ray_installed_is_one_sentence(tmp_path, monkeypatch):
+    from lmforge.engines.ray import RayRun
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where Ray is not installed
+    with pytest.raises(LmforgeError,
+                       match=r"data.engine=ray needs Ray, which is not installed; pip install 'lmforge\[ray\]'"):
+        RayRun(_cfg(tmp_path, []).data)

@@ -1,0 +1,106 @@
+"""Tests for continuous batching: KVSlots decoding equals one sequence at a time, and the engine
+gives the text of ``stream_samples`` while jobs join, end and are cancelled around each other."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+import torch
+
+from lmforge.inference.batching import Engine, Job
+from lmforge.inference.generation import SamplingConfig, encode_prompt, stream_samples
+from lmforge.inference.kv_slots import KVSlots
+from lmforge.model.directory import load_model_dir
+from tests.helpers import LLAMA_STYLE, make_model_dir, tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize(
+    "options", [dict(positions="learned"), dict(positions="sinusoidal"), LLAMA_STYLE], ids=str
+)
+def test_slot_decoding_equals_each_sequence_decoded_alone(options):
+    model = tiny_model(**options)
+    lengths = [3, 9, 1, 6]  # each slot at its own position
+    sequences = [torch.randint(0, 32, (n + 4,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    slots = KVSlots.for_model(model, 6)
+    for row, (seq, n) in enumerate(zip(sequences, lengths)):
+        model(seq[None, :n], cache=slots.slot(row))
+        slots.lengths[row] = n
+    for step in range(4):  # four batched decode steps, each slot one token further
+        batched = model(torch.stack([seq[n + step] for seq, n in zip(sequences, lengths)])[:, None], cache=slots)[0]
+        for row, (seq, n) in enumerate(zip(sequences, lengths)):
+            alone = model(seq[None, : n + step + 1])[0][:, -1]
+            torch.testing.assert_close(batched[row], alone, rtol=1e-9, atol=1e-9)
+    assert slots.lengths[:4].tolist() == [n + 4 for n in lengths]
+
+
+def test_moving_a_slot_keeps_its_sequence():
+    model = tiny_model()
+    seq = torch.arange(1, 8)[None]
+    slots = KVSlots.for_model(model, 3)
+    model(seq[:, :6], cache=slots.slot(2))
+    slots.lengths[2] = 6
+    slots.move(2, 0)
+    logits = model(seq[:, 6:7], cache=slots)[0][0, -1]  # slot 0 only (B = 1)
+    torch.testing.assert_close(logits, model(seq)[0][0, -1], rtol=1e-9, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    loaded = load_model_dir(make_model_dir(tmp_path_factory.mktemp("batching") / "model"))
+    loaded.model.double()  # float64: a batched and a single forward pick the same tokens
+    engine = Engine(loaded, max_batch=6)
+    yield engine
+    engine.close()
+
+
+def submit(engine, prompt, cfg, n=1, stop=(), ignore_eos=False) -> queue.Queue:
+    """Queue a job; returns the queue of its events (``.job`` is the job)."""
+    events: queue.Queue = queue.Queue()
+    events.job = Job(encode_prompt(engine.loaded, prompt)[0].tolist(), cfg, events.put, n, list(stop), ignore_eos)
+    engine.submit(events.job)
+    return events
+
+
+def texts_of(events: queue.Queue, n: int) -> list[str]:
+    texts = [""] * n
+    while (event := events.get(timeout=60)).kind != "done":
+        assert event.kind == "token", event.text
+        texts[event.sample] += event.text
+    return texts
+
+
+def reference(engine, prompt, cfg, n=1, stop=()) -> list[str]:
+    texts = [""] * n
+    for sample, piece in stream_samples(engine.loaded, prompt, cfg, list(stop), n):
+        texts[sample] += piece
+    return texts
+
+
+def test_jobs_running_together_give_the_text_of_each_alone(engine):
+    # Block size 16 and 40 tokens: every sample restarts its window while others run beside it.
+    jobs = [("the king", SamplingConfig(max_new_tokens=40, seed=1, top_k=10), 3, ()),
+            ("good night, fair lord", SamplingConfig(max_new_tokens=25, seed=2, repetition_penalty=1.3), 1, ()),
+            ("love", SamplingConfig(max_new_tokens=40, temperature=0), 1, ("e",)),
+            ("death", SamplingConfig(max_new_tokens=30, seed=3, top_p=0.9), 2, ())]
+    steps = engine.steps
+    queues = [submit(engine, *job) for job in jobs]
+    results = [texts_of(q, job[2]) for q, job in zip(queues, jobs)]
+    assert results == [reference(engine, *job) for job in jobs]
+    # 3 + 1 + 1 + 2 = 7 samples need more than the 6 slots: the last waits, the rest share passes.
+    assert engine.steps - steps < 40 + 25 + 40 + 30
+    assert engine.busy_slots() == 0
+
+
+def test_a_cancelled_job_frees_its_slots_and_others_go_on(engine):
+    endless = submit(engine, "the king", SamplingConfig(max_new_tokens=10_000, seed=4), n=5, ignore_eos=True)
+    endless.get(timeout=60)
+    jobs = [submit(engine, "love", SamplingConfig(max_new_tokens=12, seed=5))]
+    # All 6 slots are busy until the 5-sample job is cancelled: then the 2-sample job gets in.
+    jobs.append(submit(engine, "fair", SamplingConfig(max_new_tokens=12, seed=6), n=2))
+    assert texts_of(jobs[0], 1) == reference(engine, "love", SamplingConfig(max_new_tokens=12, seed=5))
+    assert jobs[1].empty()
+    endless.job.cancel()
+    assert texts_of(jobs[1], 2) == reference(engine, "fair", SamplingConfig(max_new_tokens=12, seed=6), 2)
