@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU, at most 5 minutes: GPT-2 small (124M-class) trained by the real train stage in bf16,
-# compiled, with flash attention (scaled_dot_product_attention picks it on CUDA); prints tokens/s
-# and MFU against the GPU's bf16 peak, then runs the GPU-marked tests.
+# compiled, with fused flash attention (scaled_dot_product_attention picks the kernel: cuDNN's on an
+# H200 with torch 2.11); prints tokens/s, MFU against the GPU's bf16 peak and the attention kernels,
+# then runs the GPU-marked tests. Results: benchmarks/GPU_RESULTS.md.
 #
 #   bash benchmarks/gpu_check.sh            # from the project root, torch with CUDA installed
 #                                           # (make install TORCH=torch), lmforge importable
