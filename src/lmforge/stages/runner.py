@@ -45,7 +45,32 @@ STAGES = ("prepare", "vocab", "tokenize", "train", "evaluate")
 def run_stage(name: str, overrides: Sequence[str] | None = None) -> None:
     """Entry point of ``pipelines/<name>.py``: read params.yaml + overrides, run the stage."""
     overrides = sys.argv[1:] if overrides is None else overrides
+    unshadow_standard_library()
     guarded(lambda: _run_stage(name, overrides))
+
+
+def unshadow_standard_library() -> None:
+    """Take the stage script's folder off ``sys.path`` when a file there hides a standard module.
+
+    ``python pipelines/train.py`` puts ``pipelines/`` first on ``sys.path``, and its ``tokenize.py``
+    hides the standard library's ``tokenize``: whatever imports that next (``linecache`` does, for
+    the stack torch records as it imports with CUDA) got the stage script and failed with "module
+    'tokenize' has no attribute 'open'". An environment whose start-up had already imported the real
+    one (a ``.pth`` file of some package) hid this. The stage scripts import nothing from their folder.
+    """
+    if not (sys.argv and sys.argv[0] and sys.path and sys.path[0]):
+        return
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(sys.argv[0])))
+    if os.path.realpath(sys.path[0]) != folder or not os.path.isdir(folder):
+        return
+    hidden = {f.removesuffix(".py") for f in os.listdir(folder) if f.endswith(".py")} & sys.stdlib_module_names
+    if not hidden:
+        return
+    del sys.path[0]
+    for name in hidden:  # imported from the folder already: import the standard one next time
+        module = sys.modules.get(name)
+        if module is not None and os.path.realpath(os.path.dirname(getattr(module, "__file__", None) or "")) == folder:
+            del sys.modules[name]
 
 
 def _run_stage(name: str, overrides: Sequence[str]) -> None:
