@@ -8,8 +8,12 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT, run_command
 from tests.unit.test_docs_commands import DOCS, doc_pages
+
+pytestmark = pytest.mark.slow
 
 # Material prints a notice about MkDocs 2.0 on every run unless this is set.
 QUIET = {"NO_MKDOCS_2_WARNING": "true"}
