@@ -2,6 +2,8 @@
 # make test  : create .venv if missing, install lmforge with its test extras, lint (ruff), run the whole suite
 # make test-fast : the unit tier only (tests/unit)
 # make ui    : the MLflow UI on http://127.0.0.1:5000 over mlflow.db
+# make docs  : build the documentation site (docs/, mkdocs.yml) into site/, strict and offline
+# make docs-serve : the site on http://127.0.0.1:8001, rebuilt as docs/ changes
 
 VENV   ?= .venv
 PYTHON ?= python3
@@ -20,7 +22,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: install install-test run test test-fast ui serve bench clean
+.PHONY: install install-test install-docs run test test-fast docs docs-serve ui serve bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,8 +38,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install --quiet --find-links "$(WHEELS)" --only-binary llama-cpp-python -e ".[test]"
 	touch $@
 
+$(VENV)/.installed-docs: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[docs]"
+	touch $@
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+install-docs: $(VENV)/.installed-docs
 
 run: install
 	dvc repro
@@ -51,6 +58,13 @@ test-fast: install-test
 	ruff check src tests pipelines benchmarks
 	python -m pytest -q tests/unit
 
+# Material for MkDocs prints a notice about MkDocs 2.0 on every run; NO_MKDOCS_2_WARNING silences it.
+docs: install-docs
+	NO_MKDOCS_2_WARNING=true mkdocs build --strict
+
+docs-serve: install-docs
+	NO_MKDOCS_2_WARNING=true mkdocs serve --strict --dev-addr 127.0.0.1:8001
+
 ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db --workers 1 --host 127.0.0.1 --port 5000
 
@@ -62,4 +76,4 @@ bench: install-test
 	python benchmarks/train_throughput.py
 
 clean:
-	rm -rf data models reports mlflow.db mlartifacts
+	rm -rf data models reports mlflow.db mlartifacts site

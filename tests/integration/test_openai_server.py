@@ -306,15 +306,15 @@ def test_a_client_that_leaves_frees_its_slots(server):
         assert httpx.get(f"{server}/health").json()["active_samples"] == 0
 
 
-# --- The README's examples ----------------------------------------------------------------------
+# --- The docs' examples ------------------------------------------------------------------------
 
 
 def readme_serving_blocks() -> dict[str, list[str]]:
-    """The code blocks of README.md's "Serving" section, by language."""
+    """The code blocks of docs/serving.md's section on `lmforge serve`, by language."""
     from tests.helpers import ROOT
 
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = text[text.index("\n## Serving\n"):text.index("\n## Serving (MLflow)\n")]
+    text = (ROOT / "docs/serving.md").read_text(encoding="utf-8")
+    section = text[text.index("\n## The OpenAI API: `lmforge serve`\n"):text.index("\n## MLflow model serving\n")]
     blocks: dict[str, list[str]] = {}
     for part in section.split("```")[1::2]:
         language, _, body = part.partition("\n")
