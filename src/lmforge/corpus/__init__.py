@@ -6,8 +6,10 @@ The journey of the text, one module each:
 - ``reading``: documents out of plain text, JSONL and Parquet files, gzip/bz2/xz/zstd or not;
 - ``cleaning``: LF line ends, no control characters, Unicode normal form;
 - ``documents``: a file's documents through those rules, short and duplicate ones dropped (both engines);
-- ``stage``: ``prepare(cfg)``, which runs them (locally or on Ray) and writes the splits;
-- ``prepared``: the split files on disk and how later stages stream them back.
+- ``stage``: ``prepare_stage(cfg)``, which runs them (locally or on Ray) and writes the splits.
+
+The split files are read back, in chunks, by ``lmforge.tokenization.chunks``; their names are
+``lmforge.config.paths``'.
 
 Output (``paths.prepared``): ``train.txt`` and ``val.txt``; the counts go to
 ``reports/prepare.json`` (DVC metrics). Split rules (``data.split``):
