@@ -209,7 +209,8 @@ def test_char_and_word_vocabularies_are_refused_with_the_reason(tmp_path, capsys
 
         tokenizer = build_tokenizer({"kind": "word", "vocab_size": 40}, [TRAIN_TEXT])
         save_tokenizer(tokenizer, tmp_path / "word.json")
-        model = load_model_dir(model_dir).model
+        model = load_model_dir(make_model_dir(tmp_path / "model", mlp="gelu_tanh",
+                                              vocab_size=tokenizer.get_vocab_size())).model
         model_dir = save_model_dir(tmp_path / "model", model, tmp_path / "word.json",
                                    {"kind": "word", "eot_token": "<eos>", "eot_id": tokenizer.token_to_id("<eos>")})
     code, out, err = run_cli(["export", "--model", model_dir, "--format", "gguf", tmp_path / "out.gguf"], capsys)
@@ -224,13 +225,14 @@ def char_vocabulary_as_gguf(path: Path, tokenizer, tokenizer_model: str) -> Path
     byte-level string, multi-byte characters merged) or ``llama`` (SentencePiece) tokenizer."""
     from tokenizers import pre_tokenizers
 
-    from lmforge.interop.gguf import _write_hyperparameters, to_gguf_tensors
+    from lmforge.interop.gguf import write_hyperparameters
+    from lmforge.interop.weights import GGUF, export_weights
 
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     special = {"<|endoftext|>", "<unk>"}
     config = GPTConfig(vocab_size=len(by_id), block_size=BLOCK, n_layer=1, n_head=2, n_embd=32, **LLAMA_STYLE)
     writer = gguf.GGUFWriter(str(path), "llama")
-    _write_hyperparameters(writer, gguf, config, "llama", "char", "f32")
+    write_hyperparameters(writer, gguf, config, "llama", "char", "f32")
     if tokenizer_model == "gpt2":
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         tokens = [t if t in special else byte_level.pre_tokenize_str(t)[0][0]
@@ -247,8 +249,8 @@ def char_vocabulary_as_gguf(path: Path, tokenizer, tokenizer_model: str) -> Path
     writer.add_token_types([3 if t in special else 1 for t in map(by_id.get, range(len(by_id)))])
     writer.add_unk_token_id(tokenizer.token_to_id("<unk>"))
     writer.add_add_bos_token(False)
-    for name, array in to_gguf_tensors(GPT(config), "llama").items():
-        writer.add_tensor(name, array)
+    for name, tensor in export_weights(GPT(config), "llama", GGUF).items():
+        writer.add_tensor(name, tensor.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
