@@ -182,6 +182,7 @@ def import_weights(tensors: Mapping[str, Tensor], config: GPTConfig, family: str
         for param in ("weight", "bias"):
             key = f"{name}.{param}"
             if key not in expected:
+                _zero_biases(tensors, formats[fmt], param, row, source, used)
                 continue
             if name == OUTPUT and config.tie_embeddings:
                 state[key] = state[f"{EMBEDDING}.weight"]
@@ -193,6 +194,14 @@ def import_weights(tensors: Mapping[str, Tensor], config: GPTConfig, family: str
         raise LmforgeError(f"{source} has the tensor '{unused[0]}', which lmforge's {family} model does not have "
                            "(it would be dropped), so lmforge cannot reproduce this model exactly.")
     return state
+
+
+def _zero_biases(tensors: Mapping[str, Tensor], targets: tuple[str, ...], param: str, row: Row, source: Path,
+                 used: set[str]) -> None:
+    """Accept the biases a GPT-2 file always carries where our model has none, if they are zeros."""
+    for name in (f"{t}.{param}" for t in targets if param == "bias" and row.biased):
+        if name in tensors and torch.count_nonzero(tensors[name]) == 0:
+            used.add(name)
 
 
 def _gather(tensors: Mapping[str, Tensor], row: Row, targets: tuple[str, ...], param: str, config: GPTConfig,
