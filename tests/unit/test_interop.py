@@ -211,3 +211,16 @@ def test_missing_extras_name_the_pip_install(monkeypatch):
         from omegaconf import OmegaConf
 
         RayRun(OmegaConf.create({"engine": "ray", "ray_address": None, "workers": 1}))
+
+
+def test_a_misshapen_weight_is_one_sentence_not_a_traceback():
+    model = random_model(**dict(LLAMA_STYLE, tie_embeddings=False))
+    for fmt, name in ((GGUF, "blk.0.attn_k.weight"), (HF, "model.layers.1.mlp.gate_proj.weight")):
+        tensors = export_weights(model, LLAMA, fmt)
+        tensors[name] = tensors[name][:, :-1]  # a column short: the pieces no longer concatenate
+        with pytest.raises(LmforgeError, match=r"does not give the \(\d+, 32\) its configuration needs"):
+            import_weights(tensors, model.config, LLAMA, fmt, Path("m"))
+    tensors = export_weights(model, LLAMA, GGUF)
+    tensors["blk.1.attn_q.weight"] = tensors["blk.1.attn_q.weight"][:-1]  # rows no longer split into heads
+    with pytest.raises(LmforgeError, match=r"^m: 'blk.1.attn_q.weight' \(3 piece\(s\) of shape"):
+        import_weights(tensors, model.config, LLAMA, GGUF, Path("m"))

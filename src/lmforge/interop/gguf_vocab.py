@@ -254,7 +254,9 @@ def tokenizer_from_gguf(fields: dict[str, Any], source: Path):
     pre = str(fields.get("tokenizer.ggml.pre", "default"))
     if pre not in PRE_TOKENIZERS:
         raise LmforgeError(f"{source}: tokenizer.ggml.pre={pre!r} is a pre-tokenizer lmforge does not implement, so "
-                           f"its token ids would differ from llama.cpp's; lmforge imports {', '.join(PRE_TOKENIZERS)}.")
+                           f"its token ids would differ from llama.cpp's; lmforge implements {len(PRE_TOKENIZERS)} of "
+                           "llama.cpp's names (gpt-2, llama-bpe, qwen2, smollm, deepseek-v3, gpt-4o, ...: see the "
+                           "HF and GGUF page of the docs).")
     tokens = list(fields["tokenizer.ggml.tokens"])
     types = list(fields.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]

@@ -182,7 +182,7 @@ def import_weights(tensors: Mapping[str, Tensor], config: GPTConfig, family: str
         for param in ("weight", "bias"):
             key = f"{name}.{param}"
             if key not in expected:
-                _zero_biases(tensors, formats[fmt], param, row, source, used)
+                _zero_biases(tensors, formats[fmt], param, row, used)
                 continue
             if name == OUTPUT and config.tie_embeddings:
                 state[key] = state[f"{EMBEDDING}.weight"]
@@ -196,7 +196,7 @@ def import_weights(tensors: Mapping[str, Tensor], config: GPTConfig, family: str
     return state
 
 
-def _zero_biases(tensors: Mapping[str, Tensor], targets: tuple[str, ...], param: str, row: Row, source: Path,
+def _zero_biases(tensors: Mapping[str, Tensor], targets: tuple[str, ...], param: str, row: Row,
                  used: set[str]) -> None:
     """Accept the biases a GPT-2 file always carries where our model has none, if they are zeros."""
     for name in (f"{t}.{param}" for t in targets if param == "bias" and row.biased):
@@ -217,14 +217,17 @@ def _gather(tensors: Mapping[str, Tensor], row: Row, targets: tuple[str, ...], p
                 continue
             raise LmforgeError(f"{source} has no weight '{name}'; the file does not match its own configuration.")
         used.add(name)
-        piece = tensors[name].float()
+        pieces.append(tensors[name].float())
+    try:
         if fmt == HF and row.conv1d and param == "weight":
-            piece = piece.t()
-        if fmt == GGUF and row.rope and row.rope[k]:
-            piece = rope_unpermute(piece, _heads(config, k))
-        pieces.append(piece)
-    value = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-    if value.shape != shape:
-        raise LmforgeError(f"{source}: '{targets[0]}.{param}' has shape {tuple(value.shape)} where the file's "
-                           f"configuration needs {tuple(shape)}; the file is inconsistent.")
+            pieces = [piece.t() for piece in pieces]
+        if fmt == GGUF and row.rope:
+            pieces = [rope_unpermute(p, _heads(config, k)) if row.rope[k] else p for k, p in enumerate(pieces)]
+        value = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    except RuntimeError:  # pieces whose shapes do not fit together or the heads
+        value = None
+    if value is None or value.shape != shape:
+        shapes = ", ".join(str(tuple(p.shape)) for p in pieces)
+        raise LmforgeError(f"{source}: '{targets[0]}.{param}' ({len(pieces)} piece(s) of shape {shapes}) does not "
+                           f"give the {tuple(shape)} its configuration needs; the file is inconsistent.")
     return value.contiguous()
