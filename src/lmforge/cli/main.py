@@ -7,8 +7,8 @@
     lmforge evaluate --model DIR|URI --data FILE... [--mlflow]      score any text
     lmforge export --model DIR|URI --format hf OUT                 a transformers directory
     lmforge export --model DIR|URI --format gguf OUT.gguf [--dtype f32|f16|q8_0]   llama.cpp & co.
-    lmforge import --format hf DIR OUT                             a transformers directory in
-    lmforge import --format gguf FILE.gguf OUT                     a GGUF file in
+    lmforge import --format hf DIR OUT [--force]                   a transformers directory in
+    lmforge import --format gguf FILE.gguf OUT [--force]           a GGUF file in
     lmforge runs list | runs show [RUN_ID]                         tracked runs and their lineage
     lmforge info [--json] [--probe-seconds S]                      this machine: CPU, bf16, versions, a probe
 
