@@ -37,6 +37,7 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
     os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
     try:
         yield tmp
+        _honour_umask(tmp)
         if directory:
             _replace_directory(tmp, path)
         else:
@@ -44,6 +45,20 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _honour_umask(root: Path) -> None:
+    """Widen what a writer made private inside an output (safetensors writes 0600) to what the
+    umask allows, as for any file the user creates; never grant more, never take bits away."""
+    mask = _umask()
+    inside = [Path(d) / n for d, dirs, files in os.walk(root) for n in dirs + files] if root.is_dir() else []
+    for entry in [root, *inside]:
+        if entry.is_symlink():
+            continue
+        mode = entry.stat().st_mode & 0o777
+        wanted = (0o777 if entry.is_dir() or mode & 0o111 else 0o666) & ~mask
+        if mode != wanted and mode & ~wanted == 0:
+            os.chmod(entry, wanted)
 
 
 def _umask() -> int:

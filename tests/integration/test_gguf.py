@@ -8,6 +8,7 @@ import itertools
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 import torch
 
@@ -209,7 +210,8 @@ def test_char_and_word_vocabularies_are_refused_with_the_reason(tmp_path, capsys
 
         tokenizer = build_tokenizer({"kind": "word", "vocab_size": 40}, [TRAIN_TEXT])
         save_tokenizer(tokenizer, tmp_path / "word.json")
-        model = load_model_dir(model_dir).model
+        model = load_model_dir(make_model_dir(tmp_path / "model", mlp="gelu_tanh",
+                                              vocab_size=tokenizer.get_vocab_size())).model
         model_dir = save_model_dir(tmp_path / "model", model, tmp_path / "word.json",
                                    {"kind": "word", "eot_token": "<eos>", "eot_id": tokenizer.token_to_id("<eos>")})
     code, out, err = run_cli(["export", "--model", model_dir, "--format", "gguf", tmp_path / "out.gguf"], capsys)
@@ -224,13 +226,14 @@ def char_vocabulary_as_gguf(path: Path, tokenizer, tokenizer_model: str) -> Path
     byte-level string, multi-byte characters merged) or ``llama`` (SentencePiece) tokenizer."""
     from tokenizers import pre_tokenizers
 
-    from lmforge.interop.gguf import _write_hyperparameters, to_gguf_tensors
+    from lmforge.interop.gguf import write_hyperparameters
+    from lmforge.interop.weights import GGUF, export_weights
 
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     special = {"<|endoftext|>", "<unk>"}
     config = GPTConfig(vocab_size=len(by_id), block_size=BLOCK, n_layer=1, n_head=2, n_embd=32, **LLAMA_STYLE)
     writer = gguf.GGUFWriter(str(path), "llama")
-    _write_hyperparameters(writer, gguf, config, "llama", "char", "f32")
+    write_hyperparameters(writer, gguf, config, "llama", "char", "f32")
     if tokenizer_model == "gpt2":
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         tokens = [t if t in special else byte_level.pre_tokenize_str(t)[0][0]
@@ -247,8 +250,8 @@ def char_vocabulary_as_gguf(path: Path, tokenizer, tokenizer_model: str) -> Path
     writer.add_token_types([3 if t in special else 1 for t in map(by_id.get, range(len(by_id)))])
     writer.add_unk_token_id(tokenizer.token_to_id("<unk>"))
     writer.add_add_bos_token(False)
-    for name, array in to_gguf_tensors(GPT(config), "llama").items():
-        writer.add_tensor(name, array)
+    for name, tensor in export_weights(GPT(config), "llama", GGUF).items():
+        writer.add_tensor(name, tensor.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -357,3 +360,129 @@ def test_lineage_keys_travel_in_the_file_and_back(tmp_path):
     assert fields["tokenizer.ggml.pre"] == "gpt-2" and fields["gpt2.context_length"] == BLOCK
     imported = load_model_dir(import_gguf(path, tmp_path / "back"))
     assert imported.config["imported_from"]["lineage"]["mlflow.run_id"] == run.info.run_id
+
+
+# ---------------------------------------------------------------------------------------------
+# As llama.cpp's converter writes a file (issue 20: items 11, 14, 16, 17)
+# ---------------------------------------------------------------------------------------------
+
+
+def gguf_fields_and_tensors(path: Path) -> tuple[dict, dict]:
+    reader = gguf.GGUFReader(str(path))
+    return ({name: field.contents() for name, field in reader.fields.items()},
+            {t.name: t for t in reader.tensors})
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_a_tied_gpt2_file_carries_output_weight_as_llama_cpp_converter_writes_it(tmp_path, dtype):
+    """llama.cpp's converter writes GPT-2's output matrix as a copy of token_embd; llama.cpp builds
+    of early 2025 (and the Ollama and LM Studio of that age) refuse a gpt2 file without it."""
+    model_dir = bpe_model_dir(tmp_path / "model", **GPT2_STYLE)
+    assert load_model_dir(model_dir).model.config.tie_embeddings
+    path = export_gguf(model_dir, tmp_path / "m.gguf", dtype)
+    _, tensors = gguf_fields_and_tensors(path)
+    output, embedding = tensors["output.weight"], tensors["token_embd.weight"]
+    assert output.tensor_type == embedding.tensor_type and bytes(output.data) == bytes(embedding.data)
+    back = load_model_dir(import_gguf(path, tmp_path / "back"))
+    assert back.model.config.tie_embeddings  # the copy is recognised as the tie it is
+    ours = load_model_dir(model_dir)
+    prompt = ours.tokenizer.encode("ROMEO: Good night").ids
+    if dtype == "f32":
+        assert llama_cpp_greedy(path, prompt, 20) == our_greedy(ours.model, prompt, 20)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_the_metadata_hubs_and_guis_read(tmp_path, family, dtype):
+    model_dir = bpe_model_dir(tmp_path / "model", **FAMILIES[family])
+    config = load_model_dir(model_dir).model.config
+    fields, tensors = gguf_fields_and_tensors(export_gguf(model_dir, tmp_path / "m.gguf", dtype))
+    assert fields["general.type"] == "model"
+    assert fields["general.quantization_version"] == gguf.GGML_QUANT_VERSION
+    n_params = sum(int(np.prod(t.shape)) for t in tensors.values())
+    assert fields["general.size_label"] == gguf.size_label(n_params, n_params, 0, 0) and n_params > 0
+    assert fields["general.size_label"].endswith("K")  # a tiny model: thousands of parameters
+    if family == "llama":
+        assert fields["llama.attention.key_length"] == fields["llama.attention.value_length"] == config.head_dim
+    else:
+        assert "gpt2.attention.key_length" not in fields  # written only where config.json has head_dim
+
+
+def test_tensor_types_follow_llama_cpp_converter(tmp_path):
+    """convert_hf_to_gguf.py (ModelBase.prepare_tensors): vectors, norms, biases and GPT-2's position
+    embedding stay F32; matrices take the file's type; rows q8_0 cannot take fall back to F16."""
+    types = gguf.GGMLQuantizationType
+    # n_embd=48: rows of 48 values are not whole 32-value blocks; the MLP's 192-wide rows are.
+    model_dir = bpe_model_dir(tmp_path / "model", n_embd=48, n_head=4, **GPT2_STYLE)
+    _, tensors = gguf_fields_and_tensors(export_gguf(model_dir, tmp_path / "m.gguf", "q8_0"))
+    kinds = {name: t.tensor_type for name, t in tensors.items()}
+    assert kinds["position_embd.weight"] == types.F32
+    assert kinds["blk.0.attn_norm.weight"] == kinds["blk.0.attn_qkv.bias"] == kinds["output_norm.bias"] == types.F32
+    assert kinds["token_embd.weight"] == kinds["blk.0.attn_qkv.weight"] == types.F16  # 48-wide rows
+    assert kinds["blk.0.ffn_down.weight"] == types.Q8_0  # 192-wide rows
+    _, tensors = gguf_fields_and_tensors(export_gguf(model_dir, tmp_path / "f16.gguf", "f16"))
+    assert tensors["position_embd.weight"].tensor_type == types.F32
+    assert tensors["blk.1.ffn_up.weight"].tensor_type == types.F16
+    llm = llama_cpp().Llama(str(tmp_path / "m.gguf"), n_ctx=BLOCK, n_threads=1, verbose=False)
+    assert len(list(itertools.islice(llm.generate([1, 2, 3], temp=0.0, top_k=1), 5))) == 5
+
+
+def test_a_shared_file_carries_no_local_path(tmp_path):
+    from lmforge.model.directory import write_run_info
+    from lmforge.tracking.runs import quiet_mlflow_env
+
+    quiet_mlflow_env()
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("gguf", artifact_location=str(tmp_path / "artifacts"))
+    run = client.create_run(experiment, tags={"lmforge.corpus.md5": "abc.dir", "lmforge.corpus.path": "data/prepared",
+                                              "lmforge.tokens.path": str(tmp_path / "data" / "tokens")})
+    model_dir = bpe_model_dir(tmp_path / "model", **GPT2_STYLE)
+    write_run_info(model_dir, {"tracking_uri": uri, "experiment_id": experiment, "run_id": run.info.run_id})
+    fields, _ = gguf_fields_and_tensors(export_gguf(model_dir, tmp_path / "m.gguf"))
+    lineage = {k: v for k, v in fields.items() if k.startswith("lmforge.")}
+    assert lineage["lmforge.mlflow.run_id"] == run.info.run_id and lineage["lmforge.corpus.md5"] == "abc.dir"
+    assert lineage["lmforge.corpus.path"] == "data/prepared"  # a path inside the project says nothing local
+    assert "lmforge.mlflow.tracking_uri" not in lineage and "lmforge.tokens.path" not in lineage
+    texts = [v for v in fields.values() if isinstance(v, str)]
+    assert not any(str(tmp_path) in v or "sqlite:" in v for v in texts), texts
+    assert tmp_path.name.encode() not in (tmp_path / "m.gguf").read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "hf"])
+def test_import_into_an_existing_model_directory_needs_force(tmp_path, capsys, fmt):
+    model_dir = bpe_model_dir(tmp_path / "model", **GPT2_STYLE)
+    if fmt == "gguf":
+        source = export_gguf(model_dir, tmp_path / "m.gguf")
+    else:
+        from lmforge.interop.hf import export_hf
+
+        source = export_hf(model_dir, tmp_path / "hf")
+    target = bpe_model_dir(tmp_path / "trained", **LLAMA_STYLE)
+    (target / "run.json").write_text('{"run_id": "abc"}\n')
+    (target / "curves").mkdir()
+    before = sorted(p.name for p in target.iterdir())
+    code, out, err = run_cli(["import", "--format", fmt, source, target], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert err == f"error: {target} already exists; choose another output directory, or give --force to replace it.\n"
+    assert sorted(p.name for p in target.iterdir()) == before  # untouched
+    code, out, err = run_cli(["import", "--format", fmt, source, target, "--force"], capsys)
+    assert code == 0 and not (target / "run.json").exists()
+    assert load_model_dir(target).model.config.positions == "learned"  # the imported GPT-2, whole
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_gguf_commands_without_the_gguf_package_name_the_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    model_dir = bpe_model_dir(tmp_path / "model", **GPT2_STYLE)
+    path = export_gguf(model_dir, tmp_path / "m.gguf")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # what `import gguf` meets where it is not installed
+    code, out, err = run_cli(["export", "--model", model_dir, "--format", "gguf", tmp_path / "x.gguf"], capsys)
+    assert (code, err) == (1, "error: lmforge export --format gguf needs the `gguf` extra: "
+                              "pip install 'lmforge[gguf]'\n")
+    code, out, err = run_cli(["import", "--format", "gguf", path, tmp_path / "back"], capsys)
+    assert (code, err) == (1, "error: lmforge import --format gguf needs the `gguf` extra: "
+                              "pip install 'lmforge[gguf]'\n")

@@ -268,3 +268,78 @@ def test_shards_inside_the_directory_are_read(tmp_path):
     weight_map = {"a": "model-00001.safetensors", "b": "model-00002.safetensors"}
     (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     assert sorted(_read_weights(hf_dir)) == ["a", "b"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 20: items 13 and 18, and the hf extra named where the command is shown
+# ---------------------------------------------------------------------------------------------
+
+
+def wide_tokenizer_file(path, n_tokens: int):
+    """A byte-level BPE tokenizer.json of exactly ``n_tokens`` tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from tests.helpers import write_corpus
+
+    corpus = write_corpus(path.parent / "corpus", n_docs=40, words=800)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    trainer = trainers.BpeTrainer(vocab_size=n_tokens, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer.train_from_iterator((p.read_text() for p in sorted(corpus.iterdir())), trainer)
+    assert tokenizer.get_vocab_size() == n_tokens
+    tokenizer.save(str(path))
+    return path
+
+
+def test_import_refuses_a_tokenizer_larger_than_the_embedding_table(tmp_path, capsys):
+    """3000 tokens over 2000 embedding rows imported "fine", then evaluate ended in IndexError."""
+    tokenizer = wide_tokenizer_file(tmp_path / "tokenizer.json", 3000)
+    save_transformers_model(tmp_path / "hf", "gpt2", 2000, tokenizer)
+    capsys.readouterr()  # transformers' own progress lines
+    code, out, err = run_cli(["import", "--format", "hf", tmp_path / "hf", tmp_path / "imported"], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith(f"error: {tmp_path / 'hf' / 'tokenizer.json'} has 3000 tokens (ids up to 2999) but the "
+                          f"embedding table ({tmp_path / 'hf' / 'config.json'} vocab_size) has only 2000 rows")
+    assert not (tmp_path / "imported").exists()
+
+    # A model directory put together by hand meets the same guard on every load.
+    save_transformers_model(tmp_path / "hf", "gpt2", 3000, tokenizer)
+    imported = import_hf(tmp_path / "hf", tmp_path / "imported")
+    small = make_model_dir(tmp_path / "small")  # 26 rows
+    (small / "tokenizer.json").write_bytes((imported / "tokenizer.json").read_bytes())
+    (tmp_path / "text.txt").write_text("the king speaks\n")
+    capsys.readouterr()
+    for command in (["generate", "--model", small, "--prompt", "the"],
+                    ["evaluate", "--model", small, "--data", tmp_path / "text.txt"]):
+        code, out, err = run_cli(command, capsys)
+        assert code == 1 and err.count("\n") == 1 and "has only 26 rows" in err, command
+
+
+def test_gpt2_export_writes_n_ctx_as_well_as_n_positions(tmp_path):
+    """llama.cpp's converter reads GPT-2's context length from n_ctx (a KeyError without it)."""
+    out = export_hf(make_model_dir(tmp_path / "model"), tmp_path / "hf")
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_ctx"] == config["n_positions"] == load_model_dir(tmp_path / "model").model.config.block_size
+    assert transformers.AutoConfig.from_pretrained(out).n_positions == config["n_positions"]
+
+
+def test_export_says_which_extra_loads_the_result(tmp_path, capsys):
+    code, out, err = run_cli(["export", "--model", make_model_dir(tmp_path / "model"), "--format", "hf",
+                              tmp_path / "hf"], capsys)
+    assert code == 0 and "pip install 'lmforge[hf]'" in out
+
+
+def test_import_refuses_a_weight_the_table_does_not_know(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    reference = make_model_dir(tmp_path / "reference")
+    vocab_size = load_model_dir(reference).tokenizer.get_vocab_size()
+    save_transformers_model(tmp_path / "hf", "llama", vocab_size, reference / "tokenizer.json")
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    save_file({**weights, "model.layers.0.self_attn.q_norm.weight": torch.ones(8)},
+              tmp_path / "hf" / "model.safetensors")
+    capsys.readouterr()  # transformers' own progress lines
+    code, out, err = run_cli(["import", "--format", "hf", tmp_path / "hf", tmp_path / "imported"], capsys)
+    assert code == 1 and err.count("\n") == 1
+    assert "has the tensor 'model.layers.0.self_attn.q_norm.weight', which lmforge's llama model does not have" in err

@@ -200,5 +200,6 @@ def test_the_ray_engine_without_ray_installed_is_one_sentence(tmp_path, monkeypa
 
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where Ray is not installed
     with pytest.raises(LmforgeError,
-                       match=r"data.engine=ray needs Ray, which is not installed; pip install 'lmforge\[ray\]'"):
+                       match=r"^data.engine=ray needs the `ray` extra: pip install 'lmforge\[ray\]' "
+                             r"\(or set data.engine=local\)$"):
         RayRun(_cfg(tmp_path, []).data)

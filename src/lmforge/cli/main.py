@@ -7,8 +7,8 @@
     lmforge evaluate --model DIR|URI --data FILE... [--mlflow]      score any text
     lmforge export --model DIR|URI --format hf OUT                 a transformers directory
     lmforge export --model DIR|URI --format gguf OUT.gguf [--dtype f32|f16|q8_0]   llama.cpp & co.
-    lmforge import --format hf DIR OUT                             a transformers directory in
-    lmforge import --format gguf FILE.gguf OUT                     a GGUF file in
+    lmforge import --format hf DIR OUT [--force]                   a transformers directory in
+    lmforge import --format gguf FILE.gguf OUT [--force]           a GGUF file in
     lmforge runs list | runs show [RUN_ID]                         tracked runs and their lineage
     lmforge info [--json] [--probe-seconds S]                      this machine: CPU, bf16, versions, a probe
 
@@ -134,7 +134,8 @@ def _export(args: argparse.Namespace) -> None:
         raise LmforgeError(f"--dtype {args.dtype} applies to --format gguf only; --format hf writes float32.")
     out = export_hf(fetch_model_dir(args.model, args.tracking_uri), args.out)
     architecture = json.loads((out / "config.json").read_text())["architectures"][0]
-    print(f"wrote {out} ({architecture}; load it with transformers.AutoModelForCausalLM.from_pretrained)")
+    print(f"wrote {out} ({architecture}; load it with transformers.AutoModelForCausalLM.from_pretrained, "
+          "which pip install 'lmforge[hf]' installs)")
 
 
 def _import(args: argparse.Namespace) -> None:
@@ -144,9 +145,9 @@ def _import(args: argparse.Namespace) -> None:
     if args.format == "gguf":
         from lmforge.interop.gguf import import_gguf
 
-        out = import_gguf(args.hf_dir, args.out)
+        out = import_gguf(args.hf_dir, args.out, force=args.force)
     else:
-        out = import_hf(args.hf_dir, args.out)
+        out = import_hf(args.hf_dir, args.out, force=args.force)
     config = load_model_dir(out).model.config.to_dict()
     settings = " ".join(f"model.{k}={'null' if v is None else str(v).lower() if isinstance(v, bool) else v}"
                         for k, v in config.items() if k != "vocab_size")
@@ -256,15 +257,18 @@ def _add_export_import_parsers(sub) -> None:
     e = sub.add_parser("export", help="write a model directory as a transformers directory or a GGUF file")
     _add_model_arguments(e)
     e.add_argument("--format", required=True, choices=["hf", "gguf"],
-                   help="hf: GPT2LMHeadModel or LlamaForCausalLM; gguf: one file for llama.cpp, Ollama, Candle, ...")
+                   help="hf: GPT2LMHeadModel or LlamaForCausalLM (loading it needs transformers: the `hf` extra); "
+                   "gguf: one file for llama.cpp, Ollama, Candle, ... (needs the `gguf` extra)")
     e.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF weight type (default f32)")
     e.add_argument("out", help="the directory (hf) or .gguf file (gguf) to write")
     i = sub.add_parser("import",
                        help="turn a local transformers GPT-2/Llama directory or a GGUF file into a model directory")
-    i.add_argument("--format", required=True, choices=["hf", "gguf"])
+    i.add_argument("--format", required=True, choices=["hf", "gguf"], help="gguf needs the `gguf` extra")
     i.add_argument("hf_dir", metavar="SOURCE", help="a transformers directory (config.json, safetensors weights, "
                    "tokenizer.json), or a gpt2/llama .gguf file")
     i.add_argument("out", help="the model directory to write")
+    i.add_argument("--force", action="store_true",
+                   help="replace OUT if it exists (atomically: the old directory stays until the new one is complete)")
 
 
 def _add_serve_parser(sub) -> None:

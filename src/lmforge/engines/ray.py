@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, missing_extra
 
 ENGINES = ("local", "ray")
 # Source files are handed out in batches of about this many bytes (a larger file goes alone).
@@ -65,8 +65,7 @@ class RayRun:
         try:
             import ray
         except ImportError:
-            raise LmforgeError("data.engine=ray needs Ray, which is not installed; pip install 'lmforge[ray]' "
-                               "(or set data.engine=local).") from None
+            raise missing_extra("data.engine=ray", "ray", "or set data.engine=local") from None
         self.ray = ray
         self.started = False
         address = data_cfg.get("ray_address")

@@ -1,6 +1,7 @@
 """Other tools' formats: HuggingFace ``transformers`` directories and GGUF files (llama.cpp), both ways.
 
-- ``hf_config``: which HF family (GPT-2 or Llama) a model is, and its ``config.json``;
+- ``hf_config``: which family (GPT-2 or Llama) a model is, and its ``config.json``;
+- ``weights``: the one weight-name table per family that every export and import below reads;
 - ``hf``: export to and import from a ``transformers`` directory;
-- ``gguf_tensors`` and ``gguf``: GGUF tensor names and layout, then the file's metadata and tokenizer.
+- ``gguf_vocab`` and ``gguf``: GGUF's tokenizer and llama.cpp's pre-tokenizers, then the file itself.
 """

@@ -6,47 +6,44 @@ The families are ``lmforge.interop.hf_config``'s, under llama.cpp's names:
 * ``gpt2``: learned positions, LayerNorm, fused qkv, tanh-approximate GELU. llama.cpp and
   transformers compute a gpt2 GGUF model's GELU with the tanh approximation, so only
   ``model.mlp=gelu_tanh`` exports; the exact-GELU ``gelu`` would come out a different function.
-* ``llama``: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases. llama.cpp rotates
-  adjacent pairs (2i, 2i+1) where we rotate halves (i, i + head_dim/2), so the q and k rows are
-  permuted on the way out and back on the way in, exactly as llama.cpp's own converter does.
+* ``llama``: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases.
 
-Weights keep our (out, in) Linear layout, which is GGUF's; a tied output layer is not stored
-(both readers reuse ``token_embd``). Norms and biases stay float32 at every ``--dtype``; a matrix
-whose rows are not whole Q8_0 blocks (32 values) stays float32 in a q8_0 file.
-
-The tokenizer must be byte-level BPE: it is GGUF's ``gpt2`` tokenizer model with llama.cpp's
-``gpt-2`` pre-tokenizer (GPT-2's split regex, which ours uses). Character and word vocabularies
-have no faithful GGUF encoding and are refused (see ``_refuse_tokenizer``; the test that shows
-why is in tests/test_gguf.py).
+The tensor names and layouts are ``lmforge.interop.weights``' table, the tokenizer and its
+pre-tokenizer ``lmforge.interop.gguf_vocab``'s. The file is written as llama.cpp's converter
+(convert_hf_to_gguf.py) writes one: the same metadata keys that hubs and GUIs read
+(``general.type``, ``general.size_label``, ``general.quantization_version``, a Llama's
+``attention.key_length``/``value_length``), the same choice of type per tensor (``tensor_type``)
+and GPT-2's tied output matrix stored as its own tensor. Lineage keys (``lmforge.*``) name the
+MLflow run and the data hashes, never a path on the machine that wrote the file.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
+import torch
 
-from lmforge.errors import LmforgeError
-from lmforge.interop.gguf_tensors import from_gguf_tensors, tensor_dtype, to_gguf_tensors
-from lmforge.interop.hf import PAD_TOKENS
+from lmforge.errors import LmforgeError, missing_extra
+from lmforge.interop.gguf_vocab import pre_tokenizer_name, tokenizer_from_gguf, write_tokenizer
 from lmforge.interop.hf_config import GPT2, LLAMA, hf_family
+from lmforge.interop.weights import GGUF, export_weights, import_weights
 from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.outputs import atomic_path
-from lmforge.tokenization.tokenizer import UNK_TOKEN
 
 DTYPES = ("f32", "f16", "q8_0")
-# GGUF token types (llama.cpp's llama_token_type).
-NORMAL, CONTROL, UNUSED = 1, 3, 5
 LINEAGE_PREFIX = "lmforge."
 
 
-def _gguf():
+def _gguf(command: str):
     try:
-        import gguf
+        import gguf  # the optional `gguf` extra
     except ImportError:
-        raise LmforgeError("the gguf package is not installed; run `pip install 'lmforge[gguf]'`.") from None
+        raise missing_extra(command, "gguf") from None
     return gguf
 
 
@@ -79,26 +76,19 @@ def gguf_family(config: GPTConfig) -> str:
     return family
 
 
-def _refuse_tokenizer(kind: str, tokenizer_json: dict) -> None:
-    """Raise unless the tokenizer is byte-level BPE, which GGUF's ``gpt2`` tokenizer reproduces."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    byte_level = (
-        tokenizer_json.get("model", {}).get("type") == "BPE"
-        and tokenizer_json.get("normalizer") is None
-        and pre.get("type") == "ByteLevel"
-        and not pre.get("add_prefix_space", False)
-        and pre.get("use_regex", True)
-    )
-    if byte_level:
-        return
+def gguf_pre_tokenizer(kind: str, tokenizer_json: dict) -> str:
+    """The ``tokenizer.ggml.pre`` name of the model's tokenizer; LmforgeError when GGUF has none."""
+    pre = pre_tokenizer_name(tokenizer_json)
+    if pre is not None:
+        return pre
     why = {
-        # Measured with llama.cpp 0.3.36 (tests/test_gguf.py): as GGUF's byte-level BPE, characters
-        # outside the vocabulary vanish; as SentencePiece, tokenizing them aborts the process.
+        # Measured with llama.cpp 0.3.36 (tests/integration/test_gguf.py): as GGUF's byte-level BPE,
+        # characters outside the vocabulary vanish; as SentencePiece, tokenizing them aborts the process.
         "char": "llama.cpp drops characters outside the vocabulary (byte-level BPE) or aborts on them "
                 "(SentencePiece) where lmforge gives <unk>",
         "word": "no GGUF tokenizer drops the spaces between words and splits off punctuation as lmforge's "
                 "word tokenizer does",
-    }.get(kind, "GGUF's tokenizers reproduce byte-level BPE only")
+    }.get(kind, "GGUF's tokenizers reproduce byte-level BPE with one of llama.cpp's named pre-tokenizers only")
     raise LmforgeError(
         f"a tokenizer.kind={kind} vocabulary has no faithful GGUF encoding: {why}; "
         "train with tokenizer=bpe to export to GGUF."
@@ -114,34 +104,31 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> P
     """Write the model directory ``model_dir`` as the GGUF file ``out`` (``dtype``: f32, f16, q8_0).
 
     The file holds the hyperparameters, the tokenizer and the lineage keys (``lmforge.*``) that
-    llama.cpp and ``transformers`` need and nothing else. Written atomically: a refusal or an
-    error leaves no file. Returns ``out``; LmforgeError for what has no GGUF counterpart.
+    llama.cpp and ``transformers`` need, and the metadata hubs show. Written atomically: a
+    refusal or an error leaves no file. Returns ``out``; LmforgeError for what has no GGUF counterpart.
     """
     from lmforge.model.directory import load_model_dir
 
     if dtype not in DTYPES:
         raise LmforgeError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}.")
+    gguf = _gguf("lmforge export --format gguf")
     loaded = load_model_dir(model_dir)
     config = loaded.model.config
     family = gguf_family(config)
     tokenizer_json = json.loads(loaded.tokenizer.to_str())
-    _refuse_tokenizer(loaded.config["tokenizer"].get("kind", "unknown"), tokenizer_json)
-    gguf = _gguf()
-    tensors = to_gguf_tensors(loaded.model, family)
+    pre = gguf_pre_tokenizer(loaded.config["tokenizer"].get("kind", "unknown"), tokenizer_json)
+    tensors = {k: v.numpy() for k, v in export_weights(loaded.model, family, GGUF).items()}
     out = Path(out)
     with atomic_path(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), family)
-        _write_hyperparameters(writer, gguf, config, family, loaded.path.name, dtype)
-        _write_tokenizer(writer, tokenizer_json, config.vocab_size, loaded.eot_id)
+        write_hyperparameters(writer, gguf, config, family, loaded.path.name, dtype)
+        write_tokenizer(writer, tokenizer_json, pre, config.vocab_size, loaded.eot_id)
         for key, value in lineage(loaded).items():
             writer.add_string(LINEAGE_PREFIX + key, value)
         for name, array in tensors.items():
-            qtype = tensor_dtype(gguf, array, dtype)
-            if qtype == gguf.GGMLQuantizationType.Q8_0:
-                writer.add_tensor(name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-            else:
-                float_type = np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32
-                writer.add_tensor(name, array.astype(float_type))
+            data, qtype = quantize(gguf, name, array, dtype)
+            writer.add_tensor(name, data, raw_dtype=qtype)
+        writer.add_size_label(gguf.size_label(*writer.get_total_parameter_count()))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -149,13 +136,14 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> P
     return out
 
 
-def _write_hyperparameters(writer, gguf, config: GPTConfig, family: str, name: str, dtype: str) -> None:
+def write_hyperparameters(writer, gguf, config: GPTConfig, family: str, name: str, dtype: str) -> None:
+    """The ``general.*`` and ``<family>.*`` keys llama.cpp's converter writes for this model."""
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_file_type(file_type)
-    if dtype == "q8_0":
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(config.vocab_size)
     writer.add_context_length(config.block_size)
     writer.add_embedding_length(config.n_embd)
@@ -167,43 +155,35 @@ def _write_hyperparameters(writer, gguf, config: GPTConfig, family: str, name: s
         writer.add_layer_norm_eps(config.norm_eps)
     else:
         writer.add_layer_norm_rms_eps(config.norm_eps)
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
         writer.add_rope_dimension_count(config.head_dim)
         writer.add_rope_freq_base(config.rope_theta)
 
 
-def _write_tokenizer(writer, tokenizer_json: dict, vocab_size: int, eot_id: int) -> None:
-    """GGUF's ``gpt2`` tokenizer: tokens by id, merges, token types and the special ids."""
-    vocab = dict(tokenizer_json["model"]["vocab"])
-    special = {t["content"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")}
-    for added in tokenizer_json.get("added_tokens", []):
-        vocab.setdefault(added["content"], added["id"])
-    by_id = {i: token for token, i in vocab.items()}
-    if max(by_id) >= vocab_size:
-        raise LmforgeError(f"the tokenizer has ids up to {max(by_id)} but model.vocab_size={vocab_size}; "
-                           "the model directory is inconsistent (retrain or re-import it).")
-    # Ids the tokenizer never produces (a model wider than its vocabulary) are named as llama.cpp names them.
-    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
-    types = [UNUSED if i not in by_id else CONTROL if by_id[i] in special else NORMAL for i in range(vocab_size)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer_json["model"].get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, which our ByteLevel pre-tokenizer uses
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_bos_token_id(eot_id)
-    writer.add_eos_token_id(eot_id)
-    writer.add_add_bos_token(False)  # our models were trained on documents without a leading token
-    writer.add_add_eos_token(False)
-    if UNK_TOKEN in vocab:
-        writer.add_unk_token_id(vocab[UNK_TOKEN])
-    pad = next((t for t in PAD_TOKENS if t in vocab), None)
-    if pad is not None:
-        writer.add_pad_token_id(vocab[pad])
+def quantize(gguf, name: str, array: np.ndarray, dtype: str) -> tuple[np.ndarray, Any]:
+    """(stored data, GGML type) of the tensor ``name`` in a ``dtype`` file, by the rules of llama.cpp's
+    converter (convert_hf_to_gguf.py, ``ModelBase.prepare_tensors``): vectors, norms, biases and
+    the position embedding stay F32; other matrices take the file's type, and a matrix whose rows
+    q8_0 cannot take (not whole 32-value blocks) falls back to F16."""
+    types = gguf.GGMLQuantizationType
+    if array.ndim <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") \
+            or name == "position_embd.weight":
+        qtype = types.F32
+    else:
+        qtype = {"f32": types.F32, "f16": types.F16, "q8_0": types.Q8_0}[dtype]
+    try:
+        return gguf.quants.quantize(array, qtype), qtype
+    except gguf.QuantError:
+        return gguf.quants.quantize(array, types.F16), types.F16
 
 
 def lineage(loaded) -> dict[str, str]:
     """The model's lineage as GGUF string values: its MLflow run (``run.json``) and, where that
     run's store is a local SQLite file, the run's commit and data hashes (``lmforge runs show``).
+
+    A file meant to be shared carries no local paths: a local store's URI (``sqlite:``, ``file:``,
+    a path) and absolute paths are left out, a server's URI loses any user name and password.
     """
     run = loaded.run()
     if not run:
@@ -212,7 +192,21 @@ def lineage(loaded) -> dict[str, str]:
     uri = str(run.get("tracking_uri", ""))
     if uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]).is_file():
         keys.update(_run_tags(uri, run["run_id"]))
-    return keys
+    shared = {key: shareable(value) for key, value in keys.items()}
+    return {key: value for key, value in shared.items() if value is not None}
+
+
+def shareable(value: str) -> str | None:
+    """``value`` as it may travel in a shared file: None for a local path or a local store's URI,
+    a server URI without its credentials, anything else unchanged."""
+    parts = urlsplit(value)
+    if parts.scheme in ("http", "https", "databricks"):
+        return urlunsplit(parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")))
+    if parts.scheme and not re.fullmatch(r"[A-Za-z]", parts.scheme):  # sqlite:, file:, postgresql://user:pw@, ...
+        return None
+    if value.startswith(("/", "~", "\\")) or re.match(r"[A-Za-z]:[\\/]", value):  # an absolute path
+        return None
+    return value
 
 
 def _run_tags(uri: str, run_id: str) -> dict[str, str]:
@@ -237,22 +231,24 @@ def _run_tags(uri: str, run_id: str) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def import_gguf(path: str | Path, out: str | Path) -> Path:
+def import_gguf(path: str | Path, out: str | Path, force: bool = False) -> Path:
     """Turn a GGUF file of the ``gpt2`` or ``llama`` family into the model directory ``out``.
 
     f32 and f16 tensors load as they are; quantized ones (q8_0, ...) are dequantized to float32.
-    The tokenizer must be GGUF's ``gpt2`` (byte-level BPE) model. Returns ``out``; LmforgeError
-    with one sentence naming the file for anything truncated, missing or unsupported.
+    The tokenizer must be GGUF's ``gpt2`` (byte-level BPE) model with a pre-tokenizer lmforge
+    implements. An existing ``out`` is replaced only with ``force`` (atomically). Returns ``out``;
+    LmforgeError with one sentence naming the file for anything truncated, missing or unsupported.
     """
     import tempfile
 
-    from lmforge.model.directory import save_model_dir
+    from lmforge.model.directory import check_tokenizer_fits, refuse_existing, save_model_dir
     from lmforge.tokenization.tokenizer import save_tokenizer
 
-    gguf = _gguf()
+    gguf = _gguf("lmforge import --format gguf")
     path = Path(path)
     if not path.is_file():
         raise LmforgeError(f"{path} does not exist; give a .gguf file.")
+    refuse_existing(out, force)
     try:
         reader = gguf.GGUFReader(str(path))
         fields = {name: field.contents() for name, field in reader.fields.items()}
@@ -262,13 +258,11 @@ def import_gguf(path: str | Path, out: str | Path) -> Path:
                            "re-export or re-download it.") from None
     family, config = config_from_gguf(fields, tensors, path)
     tokenizer, eot_id = tokenizer_from_gguf(fields, path)
-    state = from_gguf_tensors(tensors, config, family, path)
+    check_tokenizer_fits(tokenizer, config.vocab_size, f"{path}'s tokenizer.ggml.tokens",
+                         "its token_embd.weight")
     model = GPT(config)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if "\n" in str(err) else str(err)
-        raise LmforgeError(f"{path}: the tensors do not fit the file's own hyperparameters ({first}).") from None
+    weights = {name: torch.from_numpy(np.array(array)) for name, array in tensors.items()}  # writable copies
+    model.load_state_dict(import_weights(weights, config, family, GGUF, path), strict=True)
     meta = {"kind": "bpe", "eot_token": tokenizer.id_to_token(eot_id), "eot_id": eot_id}
     lineage_keys = {k[len(LINEAGE_PREFIX):]: v for k, v in fields.items() if k.startswith(LINEAGE_PREFIX)}
     imported_from = {"path": str(path.resolve()), "architecture": f"gguf:{family}",
@@ -294,61 +288,46 @@ def config_from_gguf(fields: dict[str, Any], tensors: dict[str, np.ndarray], sou
     if "token_embd.weight" not in tensors:
         raise LmforgeError(f"{source} has no tensor 'token_embd.weight'; the file is not a complete {family} model.")
     n_embd, n_head = int(need("embedding_length")), int(need("attention.head_count"))
+    # A GPT-2 file stores its tied output as a copy (llama.cpp's converter does): equal means tied.
+    tied = "output.weight" not in tensors or np.array_equal(tensors["output.weight"], tensors["token_embd.weight"])
     settings = dict(vocab_size=tensors["token_embd.weight"].shape[0], block_size=int(need("context_length")),
-                    n_layer=int(need("block_count")), n_head=n_head, n_embd=n_embd,
-                    tie_embeddings="output.weight" not in tensors)
+                    n_layer=int(need("block_count")), n_head=n_head, n_embd=n_embd, tie_embeddings=bool(tied))
     if family == GPT2:
         settings.update(positions="learned", norm="layernorm", mlp="gelu_tanh", bias=True,
                         norm_eps=_float32(need("attention.layer_norm_epsilon")))
         if int(need("feed_forward_length")) != 4 * n_embd:
             settings["mlp_hidden"] = int(need("feed_forward_length"))
     else:
-        if fields.get("llama.rope.scaling.type", "none") != "none":
-            raise LmforgeError(f"{source}: llama.rope.scaling.type={fields['llama.rope.scaling.type']!r} "
-                               "is not plain RoPE, "
-                               "so lmforge cannot reproduce this model exactly.")
-        if any(name.endswith(".bias") for name in tensors):
-            raise LmforgeError(f"{source} has bias tensors, which lmforge's llama family (model.bias=false) lacks.")
-        rope_dims = int(fields.get("llama.rope.dimension_count", n_embd // n_head))
-        if rope_dims != n_embd // n_head:
-            raise LmforgeError(f"{source}: llama.rope.dimension_count={rope_dims} rotates part of each head; "
-                               f"lmforge rotates all {n_embd // n_head} dimensions.")
-        kv = int(fields.get("llama.attention.head_count_kv", n_head))
-        hidden = int(need("feed_forward_length"))
-        default_hidden = GPTConfig(vocab_size=1, n_embd=n_embd, n_head=n_head, mlp="swiglu").mlp_hidden_size
-        settings.update(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False,
-                        n_kv_head=None if kv == n_head else kv, mlp_hidden=None if hidden == default_hidden else hidden,
-                        norm_eps=_float32(need("attention.layer_norm_rms_epsilon")),
-                        rope_theta=_float32(fields.get("llama.rope.freq_base", 10000.0)))
+        settings.update(_llama_settings(fields, tensors, source, n_embd, n_head, need))
     try:
         return family, GPTConfig.from_dict(settings)
     except ValueError as err:
         raise LmforgeError(f"{source}: {err}") from None
 
 
+def _llama_settings(fields: dict[str, Any], tensors: dict[str, np.ndarray], source: Path, n_embd: int, n_head: int,
+                    need) -> dict:
+    if fields.get("llama.rope.scaling.type", "none") != "none":
+        raise LmforgeError(f"{source}: llama.rope.scaling.type={fields['llama.rope.scaling.type']!r} "
+                           "is not plain RoPE, so lmforge cannot reproduce this model exactly.")
+    if any(name.endswith(".bias") for name in tensors):
+        raise LmforgeError(f"{source} has bias tensors, which lmforge's llama family (model.bias=false) lacks.")
+    head_dim = n_embd // n_head
+    for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
+        value = int(fields.get(f"llama.{key}", head_dim))
+        if value != head_dim:
+            raise LmforgeError(f"{source}: llama.{key}={value} differs from embedding_length / head_count = "
+                               f"{head_dim}, which lmforge's attention assumes.")
+    kv = int(fields.get("llama.attention.head_count_kv", n_head))
+    hidden = int(need("feed_forward_length"))
+    default_hidden = GPTConfig(vocab_size=1, n_embd=n_embd, n_head=n_head, mlp="swiglu").mlp_hidden_size
+    return dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                n_kv_head=None if kv == n_head else kv, mlp_hidden=None if hidden == default_hidden else hidden,
+                norm_eps=_float32(need("attention.layer_norm_rms_epsilon")),
+                rope_theta=_float32(fields.get("llama.rope.freq_base", 10000.0)))
+
+
 def _float32(value) -> float:
     # GGUF stores these as float32: 1e-5 comes back 9.99999974e-06. The shortest decimal that
     # rounds to the same float32 is the value that was written, so a round trip keeps the config.
     return float(str(np.float32(value)))
-
-
-def tokenizer_from_gguf(fields: dict[str, Any], source: Path):
-    """(HuggingFace byte-level BPE Tokenizer, end-of-text id) from GGUF's ``gpt2`` tokenizer metadata."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    kind = fields.get("tokenizer.ggml.model")
-    if kind != "gpt2" or "tokenizer.ggml.tokens" not in fields:
-        raise LmforgeError(f"{source}: tokenizer.ggml.model={kind!r} is not supported; lmforge imports GGUF's 'gpt2' "
-                           "(byte-level BPE) tokenizer only.")
-    tokens = list(fields["tokenizer.ggml.tokens"])
-    types = list(fields.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in fields.get("tokenizer.ggml.merges", [])]
-    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([t for t, kind in zip(tokens, types) if kind == CONTROL])
-    eot_id = fields.get("tokenizer.ggml.eos_token_id")
-    if eot_id is None or not 0 <= int(eot_id) < len(tokens):
-        raise LmforgeError(f"{source} names no valid end-of-text token (tokenizer.ggml.eos_token_id); "
-                           "add one and import again.")
-    return tokenizer, int(eot_id)

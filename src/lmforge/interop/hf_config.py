@@ -71,6 +71,7 @@ def to_hf_config(config: GPTConfig, family: str, eot_id: int) -> dict:
         return {
             **common,
             "n_positions": config.block_size,
+            "n_ctx": config.block_size,  # what llama.cpp's converter reads as the context length
             "n_embd": config.n_embd,
             "n_layer": config.n_layer,
             "n_head": config.n_head,

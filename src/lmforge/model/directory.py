@@ -129,7 +129,26 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Mode
         )
     model.to(device).eval()
     tokenizer = load_tokenizer(path / TOKENIZER)
+    check_tokenizer_fits(tokenizer, gpt_config.vocab_size, path / TOKENIZER, f"the embedding table ({path / CONFIG})")
     return ModelDir(path=path, model=model, tokenizer=tokenizer, config=config)
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, tokenizer_path: str | Path, table: str) -> None:
+    """Raise LmforgeError unless every id of ``tokenizer`` has a row in an embedding ``table`` of
+    ``vocab_size`` rows: a larger id would end in an IndexError mid-evaluation or mid-generation."""
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    top = max(ids, default=-1)
+    if top >= vocab_size:
+        raise LmforgeError(f"{tokenizer_path} has {len(ids)} tokens (ids up to {top}) but {table} has only "
+                           f"{vocab_size} rows, so ids from {vocab_size} on have no embedding; "
+                           "use the tokenizer the model was trained with.")
+
+
+def refuse_existing(out: str | Path, force: bool) -> None:
+    """Raise LmforgeError if ``out`` exists and ``force`` is false: a model directory holds a
+    run's record (run.json, train_config.yaml, curves) that a replacement would lose."""
+    if not force and (Path(out).exists() or Path(out).is_symlink()):
+        raise LmforgeError(f"{out} already exists; choose another output directory, or give --force to replace it.")
 
 
 # --- Naming a model by an MLflow URI ---
