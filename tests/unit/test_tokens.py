@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from lmforge.config.paths import DOC_SEPARATOR
 from lmforge.corpus.stage import prepare_stage
+from lmforge.engines.local import ProcessPool
 from lmforge.errors import LmforgeError
 from lmforge.tokenization import encode as tokens
 from lmforge.tokenization import pretokenize
@@ -234,8 +235,8 @@ def test_worker_processes_write_the_same_tokens(prepared_cfg, monkeypatch):
               for s in ("train", "val")}
     monkeypatch.setattr(tokens, "_PARALLEL_MIN_BYTES", 0)
     through_workers = []
-    in_order = tokens._in_order
-    monkeypatch.setattr(tokens, "_in_order", lambda *args, **kw: through_workers.append(1) or in_order(*args, **kw))
+    pool_map = ProcessPool.map
+    monkeypatch.setattr(ProcessPool, "map", lambda self, items: through_workers.append(1) or pool_map(self, items))
     prepared_cfg.data.workers = 2
     prepared_cfg.data.shard_size = 2000  # bytes: several shards, written in order across workers
     two = tokenize_stage(prepared_cfg)
