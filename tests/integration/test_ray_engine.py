@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -72,6 +73,32 @@ def test_ray_writes_the_local_engines_bytes_on_a_mixed_corpus(local_ray, tmp_pat
     shards = _tree(tmp_path / "local/tokens")
     assert len(shards) > 3  # several shards: the cut points are compared too
     assert _tree(tmp_path / "ray/tokens") == shards
+
+
+class CountCalls:
+    """A function that counts its calls on itself: each worker's count runs 1, 2, 3, ... only if the
+    worker kept the one copy it fetched, rather than unpickling the function per task."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, item: int) -> tuple[int, int, int]:
+        self.calls += 1
+        return item, os.getpid(), self.calls
+
+
+def test_the_ray_engine_installs_the_function_once_per_worker_and_keeps_the_order(local_ray, tmp_path):
+    from lmforge.engines.choice import open_engine
+    from lmforge.engines.ray import RayEngine
+
+    with open_engine(_cfg(tmp_path, [], "data.engine=ray", "data.workers=2").data, CountCalls(), "count") as engine:
+        assert isinstance(engine, RayEngine) and not engine.started  # the session's Ray, used as it is
+        results = list(engine.map(range(80)))
+    assert [item for item, _, _ in results] == list(range(80))
+    per_worker = Counter(pid for _, pid, _ in results)
+    assert os.getpid() not in per_worker
+    for pid, count in per_worker.items():
+        assert sorted(calls for _, p, calls in results if p == pid) == list(range(1, count + 1))
 
 
 def test_a_task_reads_a_long_document_in_pieces_as_the_local_engine_does(tmp_path, monkeypatch):
