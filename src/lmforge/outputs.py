@@ -82,9 +82,10 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
         else:
             os.replace(tmp, path)
     except OSError as err:
+        refused = _write_error(path, err, tmp) if _is_write_error(err, path, tmp) else None
         _remove(tmp)
-        if _is_write_error(err, path, tmp):
-            raise _write_error(path, err) from None
+        if refused is not None:
+            raise refused from None
         raise
     except BaseException:
         _remove(tmp)
@@ -105,12 +106,21 @@ def _is_write_error(err: OSError, path: Path, tmp: Path) -> bool:
     return False
 
 
-def _write_error(path: Path, err: OSError) -> LmforgeError:
-    """One sentence for a write the system refused: the path, why, and what to do."""
-    where = os.fsdecode(err.filename) if err.filename is not None else str(path)
-    reason = err.strerror or type(err).__name__
-    return LmforgeError(f"cannot write {path} ({reason}: {where}); make {path.parent} a folder you can write, "
-                        "with space free, and rerun (nothing was replaced).")
+def _write_error(path: Path, err: OSError, tmp: Path | None = None) -> LmforgeError:
+    """One sentence for a write the system refused: the path, why, and what to do. A place inside the
+    temporary ``tmp`` (about to be removed) is named as the place it would have had in ``path``."""
+    where = Path(os.fsdecode(err.filename)) if err.filename is not None else path
+    in_the_way = next((p for p in [where, *where.parents] if p.exists() and not p.is_dir()), None)
+
+    def shown(place: Path) -> Path:
+        return path / place.relative_to(tmp) if tmp is not None and (place == tmp or tmp in place.parents) else place
+
+    if err.errno in (errno.ENOTDIR, errno.EEXIST) and in_the_way is not None:
+        problem = f"{shown(in_the_way)} is a file, not a folder"
+    else:
+        problem = f"{err.strerror or type(err).__name__} ({shown(where)})"
+    return LmforgeError(f"cannot write {path}: {problem}; make {path.parent} a folder you can write, with space "
+                        "free, and rerun (nothing was replaced).")
 
 
 def _umask() -> int:
