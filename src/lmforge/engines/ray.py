@@ -107,7 +107,7 @@ _worker = WorkerSide()
 def _run_task(key: str, function_ref: list, item: Any) -> Any:
     """(A Ray task.) The engine's function applied to ``item``; the function is fetched on a worker's first task."""
     if _worker.key != key:
-        import ray  # in a Ray worker, where Ray is imported already
+        import ray  # the optional lmforge[ray] extra (in a Ray worker, imported already)
 
         _worker.install(key, ray.get(function_ref[0]))
     return _worker.run(item)
