@@ -324,7 +324,9 @@ def machine() -> str:
     """The CPU model and the cores this process may use, e.g. for the results' header."""
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
-    return f"{model}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
+    from lmforge.engines.workers import default_workers
+
+    return f"{model}, {default_workers()} cores"
 
 
 def main() -> None:

@@ -1,12 +1,15 @@
 """What lmforge writes: files, so that nothing half-written is ever left behind, and progress for a person.
 
-Every stage writes to a temporary sibling and renames it into place only once it is complete;
-a failure removes the temporary copy and leaves any previous output untouched.
+Every stage first checks that it can write each of its outputs (``check_writable``), then writes each
+to a temporary sibling and renames it into place only once it is complete; a failure removes the
+temporary copy and leaves any previous output untouched, and a write the system refuses (permission,
+read-only or full disk) ends in one sentence naming the path, not a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -15,6 +18,40 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from lmforge.errors import LmforgeError
+
+# Errors that only a write can meet: whatever file they name, they are the output's.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def check_writable(*outputs: tuple[str, str | os.PathLike]) -> None:
+    """Check, before a stage does any work, that it can write each of its ``outputs``.
+
+    Each output is a pair: the config key that places it (``paths.reports``) and the output itself
+    (``reports/prepare.json``). An output is written by creating a temporary sibling and renaming it
+    (``atomic_path``), so what must be writable is the folder it goes in or, where that does not exist
+    yet, the nearest folder above it that does (a probe file is created there and removed at once).
+    Raises LmforgeError naming the output, the folder, the key and the fix for the first output
+    that cannot be written.
+    """
+    for key, output in outputs:
+        target = Path(output)
+        folder = target.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            problem = f"{folder} is a file, not a folder"
+        else:
+            try:
+                fd, probe = tempfile.mkstemp(prefix=f".{target.name}.probe-", dir=folder)
+                os.close(fd)
+                os.unlink(probe)
+                continue
+            except OSError as err:
+                problem = f"{folder} is not writable ({err.strerror or err})"
+        raise LmforgeError(f"cannot write {target}: {problem}; make {folder} a folder you can write, or set {key} "
+                           "to one, and rerun (nothing was written).")
 
 
 @contextlib.contextmanager
@@ -25,16 +62,19 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
     directory at ``path`` is replaced only after the new one is complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.tmp-"
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
-        os.close(fd)
-        tmp = Path(name)
-    # mkstemp/mkdtemp create private (0600/0700) entries; outputs get the usual permissions.
-    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+            os.close(fd)
+            tmp = Path(name)
+        # mkstemp/mkdtemp create private (0600/0700) entries; outputs get the usual permissions.
+        os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
+    except OSError as err:
+        raise _write_error(path, err) from None
     try:
         yield tmp
         _honour_umask(tmp)
@@ -42,6 +82,12 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
             _replace_directory(tmp, path)
         else:
             os.replace(tmp, path)
+    except OSError as err:
+        refused = _write_error(path, err, tmp) if _is_write_error(err, path, tmp) else None
+        _remove(tmp)
+        if refused is not None:
+            raise refused from None
+        raise
     except BaseException:
         _remove(tmp)
         raise
@@ -61,6 +107,37 @@ def _honour_umask(root: Path) -> None:
             os.chmod(entry, wanted)
 
 
+def _is_write_error(err: OSError, path: Path, tmp: Path) -> bool:
+    """Whether ``err`` is the writing of ``path`` failing (not, say, the reading of an input)."""
+    if err.errno in _WRITE_ERRNOS:
+        return True
+    for name in (err.filename, err.filename2):
+        if name is None:
+            continue
+        name = Path(os.fsdecode(name))
+        if name == path or name == tmp or tmp in name.parents or (
+                name.parent == path.parent and name.name.startswith(f".{path.name}.")):
+            return True
+    return False
+
+
+def _write_error(path: Path, err: OSError, tmp: Path | None = None) -> LmforgeError:
+    """One sentence for a write the system refused: the path, why, and what to do. A place inside the
+    temporary ``tmp`` (about to be removed) is named as the place it would have had in ``path``."""
+    where = Path(os.fsdecode(err.filename)) if err.filename is not None else path
+    in_the_way = next((p for p in [where, *where.parents] if p.exists() and not p.is_dir()), None)
+
+    def shown(place: Path) -> Path:
+        return path / place.relative_to(tmp) if tmp is not None and (place == tmp or tmp in place.parents) else place
+
+    if err.errno in (errno.ENOTDIR, errno.EEXIST) and in_the_way is not None:
+        problem = f"{shown(in_the_way)} is a file, not a folder"
+    else:
+        problem = f"{err.strerror or type(err).__name__} ({shown(where)})"
+    return LmforgeError(f"cannot write {path}: {problem}; make {path.parent} a folder you can write, with space "
+                        "free, and rerun (nothing was replaced).")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -74,7 +151,12 @@ def _replace_directory(new: Path, target: Path) -> None:
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         _remove(old)
         os.replace(target, old)
-    os.replace(new, target)
+    try:
+        os.replace(new, target)
+    except OSError:
+        if old is not None:
+            os.replace(old, target)  # the previous output back where it was
+        raise
     if old is not None:
         _remove(old)
 

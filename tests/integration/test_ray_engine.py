@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -74,16 +75,42 @@ def test_ray_writes_the_local_engines_bytes_on_a_mixed_corpus(local_ray, tmp_pat
     assert _tree(tmp_path / "ray/tokens") == shards
 
 
+class CountCalls:
+    """A function that counts its calls on itself: each worker's count runs 1, 2, 3, ... only if the
+    worker kept the one copy it fetched, rather than unpickling the function per task."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, item: int) -> tuple[int, int, int]:
+        self.calls += 1
+        return item, os.getpid(), self.calls
+
+
+def test_the_ray_engine_installs_the_function_once_per_worker_and_keeps_the_order(local_ray, tmp_path):
+    from lmforge.engines.choice import open_engine
+    from lmforge.engines.ray import RayEngine
+
+    with open_engine(_cfg(tmp_path, [], "data.engine=ray", "data.workers=2").data, CountCalls(), "count") as engine:
+        assert isinstance(engine, RayEngine) and not engine.started  # the session's Ray, used as it is
+        results = list(engine.map(range(80)))
+    assert [item for item, _, _ in results] == list(range(80))
+    per_worker = Counter(pid for _, pid, _ in results)
+    assert os.getpid() not in per_worker
+    for pid, count in per_worker.items():
+        assert sorted(calls for _, p, calls in results if p == pid) == list(range(1, count + 1))
+
+
 def test_a_task_reads_a_long_document_in_pieces_as_the_local_engine_does(tmp_path, monkeypatch):
     from lmforge.corpus import reading
-    from lmforge.engines.ray import _read_files
+    from lmforge.corpus.batches import read_batch
 
     monkeypatch.setattr(reading, "BLOCK_BYTES", 64)  # (in this process: the task function runs here)
     text = "Line one\r\nline two café\x07\n" * 40
     path = tmp_path / "long.txt"
     path.write_bytes(text.encode("utf-8"))
     keys = {"decode_errors": "strict", "text_field": "text", "column": "text", "skip_bad_files": False}
-    [(kept, documents_in, bytes_in, short, bad, warnings)] = _read_files([(path, "text", None)], keys, "NFC", 1)
+    [(kept, documents_in, bytes_in, short, bad, warnings)] = read_batch(keys, "NFC", 1, [(path, "text", None)])
     cleaned, data, _ = clean(text, None, "NFC")
     assert (documents_in, bytes_in, short, bad, warnings) == (1, len(text.encode()), 0, None, [])
     assert kept == [(len(cleaned), data, hashlib.blake2b(data, digest_size=16).digest())]
@@ -118,7 +145,7 @@ def test_a_killed_worker_is_retried_and_the_tokens_stay_the_same(local_ray, tmp_
         while not done.is_set() and not killed:
             for proc in psutil.Process().children(recursive=True):
                 try:
-                    if proc.cmdline()[:1] == ["ray::_encode"]:
+                    if proc.cmdline()[:1] == ["ray::tokenize"]:  # a task, named after its stage
                         os.kill(proc.pid, signal.SIGKILL)
                         killed.append(proc.pid)
                         return
@@ -189,17 +216,26 @@ def test_an_unknown_engine_is_one_sentence(tmp_path):
     assert result.stderr.strip().splitlines() == ["error: data.engine='spark' is not one of local, ray."], result.stderr
 
 
-def test_ray_is_imported_only_when_the_ray_engine_runs():
-    code = "import sys, lmforge.corpus, lmforge.tokens, lmforge.ray_engine; print('ray' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
-    assert result.stdout.strip() == "False"
+def test_ray_is_imported_only_when_the_ray_engine_runs(tmp_path):
+    # Every module of the data stages and of the engines imported, and the stages run locally: no Ray.
+    corpus = write_mixed_corpus(tmp_path / "corpus")
+    overrides = [f"data.sources=[{corpus}]", "data.min_chars=2", "tokenizer=char",
+                 *(f"paths.{key}={tmp_path / key}" for key in ("prepared", "vocab", "tokens", "reports"))]
+    code = ("import sys, lmforge.corpus.stage, lmforge.corpus.batches, lmforge.tokenization.encode, "
+            "lmforge.engines.choice, lmforge.engines.ray; from lmforge.stages.runner import run_stage; "
+            f"[run_stage(stage, {overrides!r}) for stage in ('prepare', 'vocab', 'tokenize')]; "
+            "print('ray' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                            cwd=ROOT)
+    assert result.stdout.strip().splitlines()[-1] == "False"
+    assert (tmp_path / "tokens/index.json").is_file()
 
 
 def test_the_ray_engine_without_ray_installed_is_one_sentence(tmp_path, monkeypatch):
-    from lmforge.engines.ray import RayRun
+    from lmforge.engines.choice import open_engine
 
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets where Ray is not installed
     with pytest.raises(LmforgeError,
                        match=r"^data.engine=ray needs the `ray` extra: pip install 'lmforge\[ray\]' "
                              r"\(or set data.engine=local\)$"):
-        RayRun(_cfg(tmp_path, []).data)
+        open_engine(_cfg(tmp_path, [], "data.engine=ray").data, len, "prepare")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from functools import cache
 from pathlib import Path
 
@@ -14,11 +15,12 @@ from omegaconf import OmegaConf
 
 from lmforge.config.paths import DOC_SEPARATOR
 from lmforge.corpus.stage import prepare_stage
+from lmforge.engines.local import ProcessPool
 from lmforge.errors import LmforgeError
 from lmforge.tokenization import encode as tokens
 from lmforge.tokenization import pretokenize
 from lmforge.tokenization.chunks import is_safe_cut, iter_chunks
-from lmforge.tokenization.encode import encode_chunk, tokenize_stage
+from lmforge.tokenization.encode import ChunkEncoder, encode_chunk, tokenize_stage
 from lmforge.tokenization.shards import TokenStream, token_dtype
 from lmforge.tokenization.tokenizer import Encoder, load_tokenizer, tokenizer_sha256
 from lmforge.tokenization.vocab import build_tokenizer, vocab_stage
@@ -152,6 +154,20 @@ def test_encode_chunk_puts_eot_between_documents():
     assert ids.tolist() == [a, b, 0, b, a, 0]
 
 
+def test_the_worker_encoder_pickles_without_its_encoder_and_gives_the_chunks_ids():
+    # One worker encoder for every engine: sent to a worker once (pickled without what it built), it
+    # builds its Encoder there on its first chunk and keeps it for the next ones.
+    tok = tokenizer("bpe")
+    chunk = f"Speak, speak.{DOC_SEPARATOR}Café 東京\n"
+    worker = ChunkEncoder(tok.to_str(), eot_id=0, dtype=np.uint16)
+    expected = encode_chunk(Encoder(tok), chunk, 0).astype(np.uint16).tobytes()
+    assert worker(chunk) == expected
+    built = worker._encoder
+    assert worker(chunk) == expected and worker._encoder is built  # built once, not per chunk
+    sent = pickle.loads(pickle.dumps(worker))
+    assert sent._encoder is None and sent(chunk) == expected
+
+
 def test_token_dtype_by_vocabulary_size():
     assert token_dtype(65_536) == np.uint16
     assert token_dtype(65_537) == np.uint32
@@ -169,12 +185,15 @@ def test_chunks_join_to_the_file_and_cut_only_at_safe_places(tmp_path_factory, t
     chunks = list(iter_chunks(path, chunk_chars))
     assert "".join(chunks) == text
     assert all(chunks)
-    for chunk, following in zip(chunks, chunks[1:]):
-        safe = chunk.endswith(DOC_SEPARATOR) or (chunk.endswith("\n") and not following[0].isspace())
-        has_safe_cut = DOC_SEPARATOR in chunk[:-1] or any(
-            chunk[i] == "\n" and not chunk[i + 1].isspace() for i in range(len(chunk) - 1))
-        # A forced cut only where the whole chunk offers no safe place.
+    start = 0
+    for chunk in chunks[:-1]:
+        end = start + len(chunk)
+        safe = chunk.endswith(DOC_SEPARATOR) or is_safe_cut(text, end)
+        has_safe_cut = DOC_SEPARATOR in chunk[:-1] or any(is_safe_cut(text, p) for p in range(start + 1, end))
+        # A forced cut only where the whole chunk offers no safe place (by the rule tokenizers need:
+        # is_safe_cut, whose own test is above).
         assert safe or not has_safe_cut or len(chunk) == chunk_chars
+        start = end
 
 
 def test_encoding_chunk_by_chunk_equals_encoding_documents_whole(tmp_path):
@@ -234,8 +253,8 @@ def test_worker_processes_write_the_same_tokens(prepared_cfg, monkeypatch):
               for s in ("train", "val")}
     monkeypatch.setattr(tokens, "_PARALLEL_MIN_BYTES", 0)
     through_workers = []
-    in_order = tokens._in_order
-    monkeypatch.setattr(tokens, "_in_order", lambda *args, **kw: through_workers.append(1) or in_order(*args, **kw))
+    pool_map = ProcessPool.map
+    monkeypatch.setattr(ProcessPool, "map", lambda self, items: through_workers.append(1) or pool_map(self, items))
     prepared_cfg.data.workers = 2
     prepared_cfg.data.shard_size = 2000  # bytes: several shards, written in order across workers
     two = tokenize_stage(prepared_cfg)

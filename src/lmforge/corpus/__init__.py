@@ -6,7 +6,8 @@ The journey of the text, one module each:
 - ``reading``: documents out of plain text, JSONL and Parquet files, gzip/bz2/xz/zstd or not;
 - ``cleaning``: LF line ends, no control characters, Unicode normal form;
 - ``documents``: a file's documents through those rules, short and duplicate ones dropped (both engines);
-- ``stage``: ``prepare_stage(cfg)``, which runs them (locally or on Ray) and writes the splits.
+- ``batches``: the same reading handed to an engine's workers in batches of files (``data.engine=ray``);
+- ``stage``: ``prepare_stage(cfg)``, which runs them (in this process or on Ray) and writes the splits.
 
 The split files are read back, in chunks, by ``lmforge.tokenization.chunks``; their names are
 ``lmforge.config.paths``'.

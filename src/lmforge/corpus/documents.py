@@ -3,8 +3,8 @@
 ``Documents`` applies the rules and passes each kept document to a split writer (``add``, or
 ``begin``/``write``/``commit``/``abort`` for a long one in pieces); ``read_file`` feeds it one source
 file, ``read_sources`` all of them (the loop ``lmforge evaluate --data`` shares). Both engines use
-them: the local one in the stage's process, the Ray one (``lmforge.engines.ray``)
-inside its tasks, where the deduplication is left to the stage's process.
+them: the local one in the stage's process, the Ray one inside its tasks (``lmforge.corpus.batches``),
+where the deduplication is left to the stage's process.
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 It streams: documents go to the split files as they are read, and what stays in memory is one
 document (a long one only a piece at a time), the 16-byte digests of the documents kept (for
-deduplication) and a few counters.
+deduplication) and a few counters. With ``data.engine=ray`` the files are read on Ray workers in
+batches (``lmforge.corpus.batches``) and their documents split here in the same order, so the
+bytes written are the same.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lmforge.config.paths import DOC_SEPARATOR, SPLITS
+from lmforge.corpus.batches import read_function, read_on_engine
 from lmforge.corpus.cleaning import check_normal_form
 from lmforge.corpus.documents import CorpusStats, Documents, read_sources, warn
 from lmforge.corpus.reading import ReadOptions
 from lmforge.corpus.sources import file_format, resolve_sources
-from lmforge.engines.ray import engine_of, prepare_on_ray  # Ray itself is imported only when used
+from lmforge.engines.choice import engine_of, open_engine
 from lmforge.errors import LmforgeError
-from lmforge.outputs import atomic_path, progress_bar, write_json
+from lmforge.outputs import atomic_path, check_writable, progress_bar, write_json
 
 # A long document is held in memory up to this size, then spooled to a temporary file until it
 # is known whether (and to which split) it goes.
@@ -39,6 +42,8 @@ def prepare_stage(cfg) -> CorpusStats:
     ``paths.prepared`` and the counts into ``paths.reports/prepare.json``. On any error nothing
     is written and the previous output stays as it was.
     """
+    report = Path(cfg.paths.reports) / "prepare.json"
+    check_writable(("paths.prepared", cfg.paths.prepared), ("paths.reports", report))
     data = cfg.data
     val_fraction = float(data.val_fraction)
     if not 0.0 < val_fraction < 1.0:
@@ -61,10 +66,13 @@ def prepare_stage(cfg) -> CorpusStats:
             splits = DocumentSplit(out_dir, val_fraction)
         try:
             documents = Documents(splits, stats, form, min_chars, bool(data.dedupe))
-            if engine_of(data) == "ray":
-                prepare_on_ray(data, files, formats, documents, bar.update)
-            else:
-                read_sources(documents, files, formats, options, stats, bar.update)
+            # Read here, streaming, unless the engine is Ray (corpus.batches): a task holds whole documents,
+            # where this process streams a long one in pieces, so the local engine reads here, not in a pool.
+            with open_engine(data, read_function(data), "prepare", pool=False) as engine:
+                if engine.in_process:
+                    read_sources(documents, files, formats, options, stats, bar.update)
+                else:
+                    read_on_engine(engine, data, files, formats, documents, bar.update)
             if stats.documents_out == 0:
                 raise LmforgeError(
                     f"the corpus is empty after cleaning ({stats.documents_in} documents read from {len(files)} "
@@ -74,7 +82,7 @@ def prepare_stage(cfg) -> CorpusStats:
             splits.finish(stats)
         finally:
             splits.close()
-    write_json(Path(cfg.paths.reports) / "prepare.json", asdict(stats))
+    write_json(report, asdict(stats))
     print(f"prepare: {stats.documents_in:,} documents in ({stats.bytes_in / 1e6:,.1f} MB), "
           f"{stats.duplicates:,} duplicates, {stats.dropped_short:,} too short; "
           f"train {stats.train_chars:,} chars, val {stats.val_chars:,} chars")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.metrics import score_tokens, summarise
-from lmforge.outputs import atomic_path, write_json, write_text
+from lmforge.outputs import atomic_path, check_writable, write_json, write_text
 
 
 def write_plots(curves_dir: Path, plots_dir: Path) -> Path:
@@ -73,6 +73,8 @@ def evaluate_stage(cfg) -> dict:
     from lmforge.tokenization.shards import TokenStream
     from lmforge.tracking import runs as tracking
 
+    check_writable(("paths.reports", Path(cfg.paths.reports) / "metrics.json"),
+                   ("paths.reports", Path(cfg.paths.reports) / "plots" / "loss.png"))
     loaded = load_model_dir(cfg.paths.model)
     ev = cfg.evaluate
     block_size = loaded.model.config.block_size

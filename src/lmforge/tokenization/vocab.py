@@ -358,9 +358,11 @@ def vocab_stage(cfg: Any) -> dict:
 
     Returns the vocabulary metrics, also written to ``reports/vocab.json`` (DVC metrics).
     """
-    from lmforge.outputs import write_json
+    from lmforge.outputs import check_writable, write_json
     from lmforge.tokenization.chunks import iter_pieces
 
+    check_writable(("paths.vocab", Path(cfg.paths.vocab) / "tokenizer.json"),
+                   ("paths.reports", Path(cfg.paths.reports) / "vocab.json"))
     prepared = Path(cfg.paths.prepared)
     if not (prepared / "train.txt").is_file():
         raise LmforgeError(f"{prepared / 'train.txt'} not found; run the prepare stage first (dvc repro prepare).")

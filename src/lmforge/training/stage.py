@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT, Block, GPTConfig
-from lmforge.outputs import watched
+from lmforge.outputs import check_writable, watched
 from lmforge.tokenization.shards import read_index
 from lmforge.tracking.runs import TrainingRun
 from lmforge.training.callbacks import (
@@ -50,6 +50,8 @@ def train_stage(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
     """
     from lmforge.training.data import TokenDataModule
 
+    check_writable(("paths.model", cfg.paths.model),
+                   ("paths.checkpoints", Path(cfg.paths.checkpoints) / LAST_CHECKPOINT))
     choices = _set_up_torch(cfg)
     index = read_index(cfg.paths.tokens)
     t = cfg.train
