@@ -1,7 +1,7 @@
 """Every check of a composed configuration that needs no data and no accelerator.
 
 ``lmforge check [overrides]`` composes ``conf/`` as ``dvc exp run -S`` does and runs them all;
-every stage runs them on the config it reads (``lmforge.cli.main.run_stage``), so a mistake stops the
+every stage runs them on the config it reads (``lmforge.stages.runner.run_stage``), so a mistake stops the
 pipeline before its first stage does any work. A check is a function that raises LmforgeError
 with one sentence; ``problems`` runs each and collects the sentences, so one call names them all.
 What a check cannot know without the machine (``trainer.devices=auto``) is checked again when

@@ -134,7 +134,8 @@ def compose_config(overrides: Iterable[str] = (), conf_dir: str | Path = CONF_DI
         with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
             cfg = compose(config_name="config", overrides=overrides)
     except HydraException as err:
-        raise LmforgeError(f"cannot compose {conf_dir} with {' '.join(overrides)}: {one_line(str(err))}") from None
+        given = f" with {' '.join(overrides)}" if overrides else ""
+        raise LmforgeError(f"cannot compose {conf_dir}{given}: {one_line(str(err))}") from None
     return one_or_many(cfg)
 
 

@@ -78,19 +78,22 @@ class Rule:
             value = OmegaConf.to_container(value, resolve=True)
         if value is None and self.null or isinstance(value, str) and value in self.words:
             return None
-        items = value if self.kind == "numbers" and is_list(value) else [value]
-        if self.kind == "numbers" and (not is_list(value) or len(value) != self.length):
+        if self.kind == "numbers" and not (is_list(value) and len(value) == self.length):
             return f"{key}={value!r} must be {self.requirement()}."
-        for item in items:
-            if not (is_int(item) if self.kind == "int" else is_number(item)):
-                return f"{key}={value!r} must be {self.requirement()}."
-            if self.kind == "int" and abs(item) > INT64_MAX:
-                return f"{key}={value!r} does not fit in 64 bits; it must be {self.requirement()}."
-            if not _finite(item):
-                return f"{key}={value!r} is not a finite number; it must be {self.requirement()}."
-            if not self._within(item):
-                return f"{key}={value!r} must be {self.requirement()}."
+        for item in value if self.kind == "numbers" else [value]:
+            why = self._why_not(item)
+            if why:
+                return f"{key}={value!r} {why} {self.requirement()}."
         return None
+
+    def _why_not(self, x: Any) -> str | None:
+        if not (is_int(x) if self.kind == "int" else is_number(x)):
+            return "must be"
+        if self.kind == "int" and abs(x) > INT64_MAX:
+            return "does not fit in 64 bits; it must be"
+        if not _finite(x):
+            return "is not a finite number; it must be"
+        return None if self._within(x) else "must be"
 
     def _within(self, x: float) -> bool:
         if self.low is not None and (x < self.low or self.low_open and x == self.low):
@@ -150,7 +153,7 @@ RULES: dict[str, Rule] = {
     "tokenizer.vocab_size": integer(null=True, note="null means the alphabet, for tokenizer=char only"),
     "tokenizer.min_frequency": integer(0),
     "tokenizer.train_bytes": integer(null=True, note="null means the whole train split"),
-    "model.vocab_size": integer(note="not set in conf/: the tokenizer's size, in a model directory"),
+    "model.vocab_size": integer(note="the tokenizer's vocabulary size"),  # not in conf/: a model directory's
     "model.block_size": integer(),
     "model.n_layer": integer(),
     "model.n_head": integer(),
