@@ -28,7 +28,8 @@ def test_the_default_config_passes_with_a_one_line_summary(capsys):
     "overrides, words",
     [
         (["+optimizer.lrr=0.5"], ["'optimizer.lrr'", "did you mean optimizer.lr"]),
-        (["train.batch_size=0.5"], ["train.batch_size=0.5", "wrong type"]),
+        (["train.batch_size=0.5"], ["train.batch_size=0.5 must be a positive integer"]),
+        (["tracking.log_model=1"], ["tracking.log_model=1", "wrong type", "bool"]),
         (["model=gpt2-small", "train.global_batch_tokens=524288"], ["12 * 1024 * 1 = 12288"]),
         (["model=llama-small", "trainer=fsdp", "trainer.devices=8"], ["optimizer=muon", "fsdp"]),
         (["model=tiny", "trainer.devices=8", "trainer.num_nodes=4", "train.global_batch_tokens=1048576"],

@@ -195,7 +195,7 @@ def test_the_model_directory_honours_the_umask(tmp_path, mask, file_mode, dir_mo
 
 
 def test_missing_extras_name_the_pip_install(monkeypatch):
-    from lmforge.engines.ray import RayRun
+    from lmforge.engines.ray import RayEngine
     from lmforge.interop.gguf import export_gguf, import_gguf
 
     monkeypatch.setitem(sys.modules, "gguf", None)  # what `import gguf` meets where it is not installed
@@ -210,7 +210,7 @@ def test_missing_extras_name_the_pip_install(monkeypatch):
                                            r"\(or set data.engine=local\)$"):
         from omegaconf import OmegaConf
 
-        RayRun(OmegaConf.create({"engine": "ray", "ray_address": None, "workers": 1}))
+        RayEngine(len, OmegaConf.create({"engine": "ray", "ray_address": None, "workers": 1}), "prepare")
 
 
 def test_a_misshapen_weight_is_one_sentence_not_a_traceback():

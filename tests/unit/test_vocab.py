@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 from functools import cache
 from types import SimpleNamespace
 
@@ -122,14 +121,16 @@ def test_char_round_trips_any_string_over_the_training_alphabet(text):
     assert roundtrip(char_tokenizer(), text) == text
 
 
-def test_char_encodes_a_megabyte_quickly():
+def test_char_encodes_a_megabyte_in_one_pass_of_the_library():
+    # What keeps it fast (about 0.5 s a megabyte on 2 cores): a BPE model with no merges and nothing
+    # before it, so the Rust library splits the text into characters itself; a pre-tokenizer or a
+    # normalizer would add a regex or a Python pass. Asserted instead of the wall time, which a busy
+    # machine stretches.
+    saved = json.loads(char_tokenizer().to_str())
+    assert saved["model"]["type"] == "BPE" and saved["model"]["merges"] == []
+    assert saved["pre_tokenizer"] is None and saved["normalizer"] is None
     text = CHAR_TEXT * (1_000_000 // len(CHAR_TEXT))
-    start = time.perf_counter()
-    ids = char_tokenizer().encode(text).ids
-    elapsed = time.perf_counter() - start
-    assert len(ids) == len(text)
-    # About 0.5 s on a 2-core machine; a per-character Python or regex path would take far longer.
-    assert elapsed < 5.0
+    assert len(char_tokenizer().encode(text).ids) == len(text)
 
 
 # --- bpe ---------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Every check of a composed configuration that needs no data and no accelerator.
 
 ``lmforge check [overrides]`` composes ``conf/`` as ``dvc exp run -S`` does and runs them all;
-every stage runs them on the config it reads (``lmforge.cli.main.run_stage``), so a mistake stops the
+every stage runs them on the config it reads (``lmforge.stages.runner.run_stage``), so a mistake stops the
 pipeline before its first stage does any work. A check is a function that raises LmforgeError
 with one sentence; ``problems`` runs each and collects the sentences, so one call names them all.
 What a check cannot know without the machine (``trainer.devices=auto``) is checked again when
@@ -14,10 +14,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from lmforge.config.compose import check_known_keys, flat_keys
+from lmforge.config.compose import check_known_keys, conf_files, flat_items, flat_params
 from lmforge.config.paths import DVC_OUTPUTS
+from lmforge.config.rules import RULES, problem
+from lmforge.config.values import is_mapping, kind_name, same_kind
 from lmforge.errors import LmforgeError
 
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed", "bf16-true")  # Lightning's, and auto: hardware.resolve_precision
@@ -26,57 +28,35 @@ CPU_PRECISIONS = ("auto", "32", "bf16-mixed", "bf16-true")
 # What a tokenizer kind reads of its settings (vocab.py): anything else set away from its default
 # would do nothing, silently.
 TOKENIZER_SETTINGS = {"char": (), "word": ("lowercase", "min_frequency"), "bpe": ("min_frequency",)}
-# List keys that also take a single string (``data.sources=corpus/books``).
-ONE_OR_MANY = ("data.sources",)
 
 
 def check_keys(cfg: DictConfig, conf_dir: Path) -> None:
-    """Unknown keys at every level, then a value of a type no file in ``conf/`` gives that key."""
+    """Every config group there, no unknown key at any level, then a value of a type no file in
+    ``conf/`` gives that key (keys with a range rule are judged by it: ``config.rules``)."""
+    for group in sorted(p.name for p in conf_dir.iterdir() if p.is_dir()):
+        if not is_mapping(cfg.get(group)):
+            choices = ", ".join(sorted(p.stem for p in (conf_dir / group).glob("*.yaml")))
+            raise LmforgeError(f"the configuration has no '{group}' group (an override removed it); "
+                               f"choose one with {group}=CHOICE, valid choices: {choices}.")
     check_known_keys(cfg, conf_dir, source="the configuration")
     seen = conf_types(conf_dir)
-    for key in flat_keys(cfg):
-        value = OmegaConf.select(cfg, key)
-        if value is None or key not in seen or not seen[key]:
+    for key, value in flat_params(cfg).items():
+        if key in RULES or not seen.get(key):
             continue
-        if key in ONE_OR_MANY and isinstance(value, str):
-            continue
-        if not any(_same_kind(value, example) for example in seen[key]):
-            expected = " or ".join(sorted({type(e).__name__ for e in seen[key]}))
+        if not any(same_kind(value, example) for example in seen[key]):
+            expected = " or ".join(sorted({kind_name(e) for e in seen[key]}))
             raise LmforgeError(f"{key}={value!r} has the wrong type: conf/ gives it type {expected}.")
 
 
 def conf_types(conf_dir: Path) -> dict[str, list[Any]]:
     """For each dotted key, the non-null values the files of ``conf_dir`` give it (one per type)."""
-    import yaml
-
     found: dict[str, list[Any]] = {}
-
-    def add(body: Any, prefix: str) -> None:
-        cfg = OmegaConf.create(body or {})
-        for key in flat_keys(cfg):
-            value = OmegaConf.select(cfg, key)
+    for prefix, body in conf_files(conf_dir) or []:
+        for key, value in flat_items(body).items():
             examples = found.setdefault(prefix + key, [])
             if value is not None and not any(type(e) is type(value) for e in examples):
-                examples.append(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
-
-    add(yaml.safe_load((conf_dir / "config.yaml").read_text(encoding="utf-8")), "")
-    for option in conf_dir.glob("*/*.yaml"):
-        add(yaml.safe_load(option.read_text(encoding="utf-8")), option.parent.name + ".")
+                examples.append(value)
     return found
-
-
-def _same_kind(value: Any, example: Any) -> bool:
-    if isinstance(example, bool) or isinstance(value, bool):
-        return isinstance(example, bool) and isinstance(value, bool)
-    if isinstance(example, (int, float)):
-        # A float key takes an int (lr=1); an int key does not take 0.5.
-        return isinstance(value, (int, float)) and (isinstance(example, float) or float(value).is_integer())
-    if isinstance(example, (list, tuple)) or OmegaConf.is_list(example):
-        return isinstance(value, (list, tuple)) or OmegaConf.is_list(value)
-    if isinstance(example, dict):
-        return OmegaConf.is_dict(value) or isinstance(value, dict)
-    # A string key takes any scalar: Hydra reads `trainer.precision=32` as the number 32.
-    return not (OmegaConf.is_config(value) or isinstance(value, (list, dict)))
 
 
 def check_precision(cfg: DictConfig) -> None:
@@ -117,6 +97,7 @@ def vocabulary(cfg: DictConfig) -> tuple[int, str]:
     """The vocabulary size the checks assume, and why: ``tokenizer.vocab_size``, or 256 for a
     character vocabulary (its size is the training split's alphabet, known after the vocab stage).
     A pure function of the config, so the ``check`` stage depends on nothing else."""
-    if cfg.tokenizer.get("vocab_size"):
-        return int(cfg.tokenizer.vocab_size), "tokenizer.vocab_size"
+    size = cfg.tokenizer.get("vocab_size")
+    if size and problem("tokenizer.vocab_size", size) is None:  # one out of range is refused on its own
+        return int(size), "tokenizer.vocab_size"
     return 256, "assumed until the vocab stage has run"

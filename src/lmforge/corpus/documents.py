@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lmforge.corpus.cleaning import clean
-from lmforge.corpus.reading import BadSource, ReadOptions, read_documents
+from lmforge.corpus.reading import BadSource, ReadOptions, read_documents, skipped
 
 
 @dataclass
@@ -82,7 +82,7 @@ def skip_or_raise(bad: BadSource | None, path, options: ReadOptions, stats: Corp
         return
     if not options.skip_bad_files:
         raise bad
-    warn(f"skipped {path}: {bad}")
+    warn(f"skipped {path}: {skipped(bad)}")
     stats.skipped_files += 1
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -37,6 +38,12 @@ Document = Sequence[Piece] | Iterator[Piece]
 
 class BadSource(LmforgeError):
     """A source file (or one record of it) that cannot be read as configured."""
+
+
+def skipped(bad: BadSource | str) -> str:
+    """``bad``'s sentence for the warning of a file or line that ``data.skip_bad_files=true`` skipped:
+    without its advice to set what is already set."""
+    return re.sub(r",? ?\(?or (set )?data\.skip_bad_files=true to skip [^.)]*\)?", "", str(bad))
 
 
 class ReadOptions:
@@ -159,7 +166,7 @@ def _jsonl_documents(path: Path, source: _Source, block: bytes, offset: int,
         if not block and pending:
             block, pending = pending + b"\n", b""
     if bad:
-        options.warn(f"skipped {len(bad)} bad line(s) of {path}; the first: {bad[0]}")
+        options.warn(f"skipped {len(bad)} bad line(s) of {path}; the first: {skipped(bad[0])}")
 
 
 def _json_text(line: bytes, field: str, path: Path, line_number: int, offset: int, errors: str) -> str:

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lmforge.config.paths import DOC_SEPARATOR, SPLITS
+from lmforge.config.rules import checked
 from lmforge.corpus.batches import read_function, read_on_engine
 from lmforge.corpus.cleaning import check_normal_form
 from lmforge.corpus.documents import CorpusStats, Documents, read_sources, warn
@@ -45,9 +46,7 @@ def prepare_stage(cfg) -> CorpusStats:
     report = Path(cfg.paths.reports) / "prepare.json"
     check_writable(("paths.prepared", cfg.paths.prepared), ("paths.reports", report))
     data = cfg.data
-    val_fraction = float(data.val_fraction)
-    if not 0.0 < val_fraction < 1.0:
-        raise LmforgeError(f"data.val_fraction={data.val_fraction} must be between 0 and 1 (e.g. 0.1).")
+    val_fraction = float(checked(cfg, "data.val_fraction"))
     if data.split not in ("position", "document"):
         raise LmforgeError(f"data.split='{data.split}' is not one of position, document.")
     form = check_normal_form(data.normalize)

@@ -1,9 +1,9 @@
 """A GPT's settings: ``GPTConfig``, checked as it is read, and the checks settings share.
 
 ``GPTConfig`` holds the hyperparameters ``lmforge.model.gpt`` builds a GPT from (GPT-2 defaults,
-Llama-style options) and validates them; ``ConfigError`` and ``is_int``/``is_number`` serve the
-sampling settings' checks too (``lmforge.inference.generation``, ``lmforge.serving.protocol``). The model's
-layers live in ``lmforge.model.gpt``.
+Llama-style options) and validates them: the range of each number by ``lmforge.config.rules``'s
+table (the one ``lmforge check`` uses), the rules between settings here. The model's layers live in
+``lmforge.model.gpt``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
 from lmforge.config.checks import vocabulary
-from lmforge.config.values import is_int, is_number
+from lmforge.config.rules import problem
 from lmforge.errors import ConfigError, LmforgeError
 
 Positions = Literal["learned", "sinusoidal", "rope"]
@@ -92,28 +92,20 @@ class GPTConfig:
         def fail(name: str, requirement: str) -> None:
             raise ConfigError(f"model.{name}={getattr(self, name)!r} {requirement}.")
 
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                fail(name, "must be a positive integer")
-        if self.n_kv_head is not None:
-            if not is_int(self.n_kv_head) or self.n_kv_head < 1:
-                fail("n_kv_head", "must be a positive integer or null (null means n_head)")
-            if self.n_head % self.n_kv_head:
-                fail("n_kv_head", f"must divide model.n_head={self.n_head}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "dropout",
+                     "rope_theta", "norm_eps", "mlp_hidden"):
+            found = problem(f"model.{name}", getattr(self, name))  # the range table of every setting
+            if found:
+                raise ConfigError(found)
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            fail("n_kv_head", f"must divide model.n_head={self.n_head}")
         if self.n_embd % self.n_head:
             fail("n_embd", f"must be divisible by model.n_head={self.n_head}")
-        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            fail("dropout", "must be in [0, 1)")
         for name, kind in (("positions", Positions), ("norm", Norm), ("mlp", MLPKind)):
             if getattr(self, name) not in get_args(kind):
                 fail(name, f"is not one of {', '.join(get_args(kind))}")
         if self.positions == "rope" and self.head_dim % 2:
             fail("n_embd", f"must give an even head size (n_embd / n_head) for rope, not {self.head_dim}")
-        for name in ("rope_theta", "norm_eps"):
-            if not is_number(getattr(self, name)) or getattr(self, name) <= 0:
-                fail(name, "must be a positive number")
-        if self.mlp_hidden is not None and (not is_int(self.mlp_hidden) or self.mlp_hidden < 1):
-            fail("mlp_hidden", "must be a positive integer or null (null means the default width)")
         for name in ("bias", "tie_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")

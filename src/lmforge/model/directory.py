@@ -182,14 +182,17 @@ def fetch_model_dir(ref: str | Path, tracking_uri: str | None = None) -> Path:
         return Path(ref)
     from lmforge.tracking.runs import check_reachable, environment_kept, quiet_mlflow_env
 
+    ref = str(ref)
+    uri = tracking_uri or default_tracking_uri()
+    check_reachable(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():  # MLflow would create it
+        raise LmforgeError(f"there is no MLflow store at {uri} to look {ref} up in; pass --tracking-uri (or set "
+                           "MLFLOW_TRACKING_URI) to the store that holds it, or run from the project that trained it.")
     quiet_mlflow_env()
     import mlflow
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
-    ref = str(ref)
-    uri = tracking_uri or default_tracking_uri()
-    check_reachable(uri)
     key = hashlib.sha256(f"{uri}\n{ref}".encode()).hexdigest()[:16]
     dest = cache_dir() / "mlflow" / key
     with atomic_path(dest, directory=True) as tmp, environment_kept():

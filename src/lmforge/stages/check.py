@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmforge.config.checks import check_dvc_paths, check_keys, check_precision, check_tokenizer, vocabulary
 from lmforge.config.compose import CONF_DIR
+from lmforge.config.rules import names, range_problems
 from lmforge.errors import LmforgeError
 from lmforge.inference.generation import check_sampling
 from lmforge.model.config import GPTConfig, check_model
@@ -39,14 +40,28 @@ STAGE_CHECKS = {"prepare": LIGHT_CHECKS, "vocab": LIGHT_CHECKS, "tokenize": LIGH
 
 def problems(cfg: DictConfig, conf_dir: str | Path = CONF_DIR, stage: str | None = None) -> list[str]:
     """One sentence per problem of ``cfg`` (empty when every check passes); ``stage``: only the
-    checks that stage runs (``STAGE_CHECKS``; all of them for train, check or None)."""
+    checks that stage runs (``STAGE_CHECKS``; all of them for train, check or None). Keys and the
+    range of every value (``config.rules``) come first, for every stage; a later check says nothing
+    more of a value already refused."""
     found = []
-    keys = lambda c: check_keys(c, Path(conf_dir)) if (Path(conf_dir) / "config.yaml").is_file() else None  # noqa: E731
-    for check in (keys, *STAGE_CHECKS.get(stage, CHECKS)):
+    if (Path(conf_dir) / "config.yaml").is_file():
+        try:
+            check_keys(cfg, Path(conf_dir))
+        except LmforgeError as err:
+            found.append(str(err))
+    refused = range_problems(cfg)
+    found += refused
+    named = [sentence.split("=", 1)[0] for sentence in refused]  # each opens with its key
+    for check in STAGE_CHECKS.get(stage, CHECKS):
         try:
             check(cfg)
         except LmforgeError as err:
-            found.append(str(err))
+            if not any(names(str(err), key) for key in named):
+                found.append(str(err))
+        except Exception:
+            if not found:
+                raise
+            # Otherwise a consequence of a problem already named: a check read a value refused above.
     return found
 
 

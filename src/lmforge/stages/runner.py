@@ -74,12 +74,15 @@ def unshadow_standard_library() -> None:
 
 
 def _run_stage(name: str, overrides: Sequence[str]) -> None:
-    from lmforge.config.compose import load_config
+    from lmforge.config.compose import load_config, with_stale_params
     from lmforge.stages.check import check_config
 
-    cfg = load_config(overrides)
-    check_config(cfg, stage=name)  # what `lmforge check` checks, as far as this stage reads
-    result = stage_function(name)(cfg)
+    try:
+        cfg = load_config(overrides)
+        check_config(cfg, stage=name)  # what `lmforge check` checks, as far as this stage reads
+        result = stage_function(name)(cfg)
+    except LmforgeError as err:  # a value a failed `dvc exp run -S` left in params.yaml is named as such
+        raise LmforgeError(with_stale_params(str(err), overrides)) from None
     if name == "evaluate" and isinstance(result, dict):
         print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
 

@@ -27,6 +27,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmforge.config.compose import UNSET
+from lmforge.config.rules import check_setting, check_vocab_size
 from lmforge.errors import LmforgeError
 from lmforge.tokenization.pretokenize import count_byte_level_pre_tokens, word_pre_tokenizer
 from lmforge.tokenization.tokenizer import (
@@ -39,9 +40,6 @@ from lmforge.tokenization.tokenizer import (
 )
 
 KINDS = ("char", "word", "bpe")
-
-# Byte-level BPE starts from one token per byte value.
-BYTE_ALPHABET_SIZE = 256
 
 # The word decoder joins tokens with WordPiece's "prefix or space" rule; no word token can start
 # with this prefix because the pre-tokenizer isolates every punctuation character, "#" included.
@@ -168,12 +166,7 @@ def _build_char(cfg: Any, special_tokens: list[str], corpus: Iterable[str]) -> T
 def _build_word(cfg: Any, special_tokens: list[str], corpus: Iterable[str]) -> Tokenizer:
     """Word-level tokenizer: frequent words, punctuation marks and newlines."""
     vocab_size = _int_value(cfg, "vocab_size")
-    if vocab_size <= len(special_tokens):
-        raise LmforgeError(
-            f"tokenizer.vocab_size is {vocab_size} but a word vocabulary needs room for words after "
-            f"its {len(special_tokens)} special tokens; set tokenizer.vocab_size above "
-            f"{len(special_tokens)}."
-        )
+    check_vocab_size("word", vocab_size, special_tokens)
     if UNK_TOKEN not in special_tokens:
         raise LmforgeError(
             f"tokenizer.special_tokens {special_tokens} lacks {UNK_TOKEN!r}, which a word tokenizer "
@@ -210,13 +203,7 @@ def _build_word(cfg: Any, special_tokens: list[str], corpus: Iterable[str]) -> T
 def _build_bpe(cfg: Any, special_tokens: list[str], corpus: Iterable[str]) -> Tokenizer:
     """Byte-level BPE (GPT-2 style): every string round-trips."""
     vocab_size = _int_value(cfg, "vocab_size")
-    minimum = BYTE_ALPHABET_SIZE + len(special_tokens)
-    if vocab_size < minimum:
-        raise LmforgeError(
-            f"tokenizer.vocab_size is {vocab_size} but byte-level BPE needs at least {minimum} "
-            f"({BYTE_ALPHABET_SIZE} byte tokens plus {len(special_tokens)} special tokens); "
-            f"set tokenizer.vocab_size to {minimum} or more."
-        )
+    check_vocab_size("bpe", vocab_size, special_tokens)
     min_frequency = _int_value(cfg, "min_frequency", 0)
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -306,13 +293,10 @@ def _config_value(cfg: Any, key: str, default: Any = UNSET) -> Any:
 
 
 def _int_value(cfg: Any, key: str, default: Any = UNSET) -> int:
-    """Read an integer config value, rejecting bools, floats and negatives."""
+    """Read an integer config value (``default`` when unset), refused out of its range
+    (``lmforge.config.rules``, the table ``lmforge check`` uses)."""
     value = _config_value(cfg, key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise LmforgeError(
-            f"tokenizer.{key} is {value!r}; set tokenizer.{key} to a non-negative integer."
-        )
-    return value
+    return value if value is default else check_setting(f"tokenizer.{key}", value)
 
 
 def _special_tokens(cfg: Any, kind: str) -> list[str]:
@@ -369,7 +353,22 @@ def vocab_stage(cfg: Any) -> dict:
     train_bytes = _int_value(cfg.tokenizer, "train_bytes", 0)
     tokenizer = build_tokenizer(cfg.tokenizer, training_sample(prepared / "train.txt", train_bytes))
     eot_token_id(tokenizer, cfg.tokenizer.eot_token)  # fail now, not in the tokenize stage
-    metrics = {"kind": cfg.tokenizer.kind, **vocab_metrics(tokenizer, iter_pieces(prepared / "val.txt"))}
+    requested = cfg.tokenizer.get("vocab_size")
+    metrics = {"kind": cfg.tokenizer.kind, "requested_vocab_size": requested,
+               **vocab_metrics(tokenizer, iter_pieces(prepared / "val.txt"))}
     save_tokenizer(tokenizer, Path(cfg.paths.vocab) / "tokenizer.json")
     write_json(Path(cfg.paths.reports) / "vocab.json", metrics)
+    print(vocab_line(metrics))
     return metrics
+
+
+def vocab_line(metrics: dict) -> str:
+    """The vocab stage's log line; it says so when the vocabulary came out smaller than requested
+    (byte-level BPE stops merging when the text has no pair left to merge)."""
+    line = (f"vocab: {metrics['kind']}, {metrics['vocab_size']:,} tokens, "
+            f"{metrics['bytes_per_token']:.2f} bytes per token on val")
+    requested = metrics["requested_vocab_size"]
+    if requested and metrics["vocab_size"] < requested:
+        line += (f"; fewer than the {requested:,} tokenizer.vocab_size asked for: the training split has no more "
+                 "to merge (a larger corpus, or a smaller tokenizer.vocab_size, makes them equal)")
+    return line

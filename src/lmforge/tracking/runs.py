@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -26,10 +27,13 @@ ARTIFACT_DIR = "mlartifacts"
 
 
 def quiet_mlflow_env() -> None:
-    """Environment MLflow must see before it is imported: no telemetry calls to an outside host."""
+    """Environment MLflow must see before it is imported: no telemetry calls to an outside host,
+    and no download progress bars where stderr is not a terminal."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    if not sys.stderr.isatty():  # download progress bars are for a terminal, not a log file
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 # MLflow's set_tracking_uri and set_registry_uri (Lightning's logger calls the first) export these

@@ -1,4 +1,6 @@
-"""The train stage's checks of a configuration: choices, positive counts, micro-batches per step."""
+"""The train stage's checks of a configuration: choices, micro-batches per step, optimizer and strategy.
+
+The range of each number (positive counts, ...) is ``lmforge.config.rules``'s, checked before these."""
 
 from __future__ import annotations
 
@@ -11,20 +13,14 @@ from lmforge.training.resume import RESUME
 
 
 def check_training(cfg: DictConfig) -> None:
-    """The train stage's own checks, the first problem only: choices, positive counts, micro-batches
-    per step for the given devices and nodes, optimizer and strategy."""
+    """The train stage's own checks, the first problem only: choices, micro-batches per step for the
+    given devices and nodes, optimizer and strategy."""
     t, opt, trainer = cfg.train, cfg.optimizer, cfg.trainer
     choices = (("trainer.precision", str(trainer.precision), PRECISIONS), ("train.resume", t.resume, RESUME),
                ("optimizer.schedule", opt.schedule, SCHEDULES), ("optimizer.name", opt.name, OPTIMIZERS))
     for key, value, valid in choices:
         if value not in valid:
             raise LmforgeError(f"{key}='{value}' is not one of {', '.join(valid)}; set it in conf/ or override it.")
-    for key in ("max_steps", "batch_size", "eval_interval", "eval_iters", "log_every", "checkpoint_every"):
-        if not isinstance(t[key], int) or isinstance(t[key], bool) or t[key] < 1:
-            raise LmforgeError(f"train.{key}={t[key]!r} must be a positive integer.")
-    patience = t.early_stopping_patience
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
-        raise LmforgeError(f"train.early_stopping_patience={patience!r} must be a positive integer or null.")
     if isinstance(trainer.devices, int) and trainer.devices > 0:  # else checked once Lightning knows the devices
         accumulation_steps(t.global_batch_tokens, int(t.batch_size), int(cfg.model.block_size),
                            trainer.devices * int(trainer.num_nodes))
