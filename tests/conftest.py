@@ -119,3 +119,20 @@ def pytest_collection_modifyitems(config, items):
         tier = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
+
+
+_TIER_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Add each test's setup, call and teardown time to its tier's total."""
+    tier = Path(report.fspath).parts[1] if len(Path(report.fspath).parts) > 1 else ""
+    if tier in TIERS:
+        _TIER_SECONDS[tier] = _TIER_SECONDS.get(tier, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line with the wall time each tier took (what docs/architecture.md's tier table quotes)."""
+    if _TIER_SECONDS:
+        spent = ", ".join(f"{tier} {_TIER_SECONDS[tier]:.0f} s" for tier in TIERS if tier in _TIER_SECONDS)
+        terminalreporter.write_line(f"time per tier: {spent}")
