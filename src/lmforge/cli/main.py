@@ -28,13 +28,14 @@ from lmforge.stages.runner import STAGES, guarded, run_stage
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from lmforge.inference.generation import SamplingConfig
+    from lmforge.inference.sampling import sampling_config
     from lmforge.model.directory import fetch_model_dir, load_model_dir
 
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                              seed=args.seed, use_cache=not args.no_cache)
-    sampling.validate()  # before loading the model: a typo should fail at once
+    # Before loading the model: a typo should fail at once.
+    sampling = sampling_config({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                                "top_k": args.top_k, "top_p": args.top_p,
+                                "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+                                "use_cache": not args.no_cache})
     if args.num_samples < 1:
         raise LmforgeError(f"--num-samples {args.num_samples} must be at least 1.")
     if args.prompt is None and not args.interactive:

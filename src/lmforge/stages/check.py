@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmforge.config.checks import check_dvc_paths, check_keys, check_precision, check_tokenizer, vocabulary
 from lmforge.config.compose import CONF_DIR
 from lmforge.errors import LmforgeError
-from lmforge.inference.generation import check_sampling
+from lmforge.inference.sampling import check_sampling
 from lmforge.model.config import GPTConfig, check_model
 from lmforge.model.gpt import GPT
 from lmforge.outputs import write_json
