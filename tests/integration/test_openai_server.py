@@ -50,7 +50,7 @@ def server(model_dir):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--name", NAME, "--port", str(port),
-         "--max-batch", "4", "--max-prompt-tokens", "100"],
+         "--max-batch", "4", "--max-prompt-tokens", "100", "--max-tokens", "100000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -223,7 +223,7 @@ def test_chat_template_of_the_model_directory_is_rendered():
     (dict(extra_body={"top_k": 0}), "top_k"),
     (dict(extra_body={"repetition_penalty": "high"}), "repetition_penalty"),
     (dict(extra_body={"top-k": 5}), "top-k"),  # a typo is named, not ignored
-    (dict(presence_penalty=1.0), "presence_penalty"),
+    (dict(presence_penalty=3.0), "presence_penalty"),  # OpenAI's range is -2 to 2
     (dict(stop=5), "stop"),
     (dict(prompt="the king ~"), "prompt"),  # a character the model does not know
     (dict(prompt="a" * 101), "prompt"),  # past --max-prompt-tokens
