@@ -483,5 +483,5 @@ def test_a_short_load_run_of_good_bad_and_leaving_clients_passes_its_checks(tmp_
                            "--workers", "4", "--out", str(tmp_path / "load.json")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "FAIL" not in proc.stdout and proc.stdout.count("ok   ") == 4
+    assert "FAIL" not in proc.stdout and proc.stdout.count("ok   ") == 5
     assert all(json.loads((tmp_path / "load.json").read_text())["checks"].values())

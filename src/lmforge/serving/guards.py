@@ -4,9 +4,10 @@
 
 * checks the API key: with keys configured, every path but ``/health`` needs
   ``Authorization: Bearer <key>`` (compared in constant time) or answers 401 in OpenAI's shape;
-* reads the whole body before the app sees it: a ``Content-Length`` over ``max_body_bytes`` is a
-  413 before any of it is read, a body that grows past it a 413, a body not complete within
-  ``body_timeout`` seconds a 408; each closes the connection;
+* reads the whole body before the app sees it: a body over ``max_body_bytes`` is a 413 (read on
+  and dropped, so the client sees the answer rather than a reset, up to 16 times the limit; a
+  ``Content-Length`` beyond that is refused unread), a body not complete within ``body_timeout``
+  seconds a 408; each closes the connection;
 * writes one access-log line (client, method, path, status, seconds, prompt and completion tokens;
   never the prompt's text) and counts the request in the metrics.
 
@@ -30,6 +31,7 @@ from lmforge.serving.protocol import ApiError
 
 ACCESS_LOG = logging.getLogger("lmforge.access")
 OPEN_PATHS = {"/health"}
+DRAIN_FACTOR = 16  # a body over the limit is read and dropped up to this many times the limit
 
 
 class Guard:
@@ -75,25 +77,38 @@ class Guard:
     async def _read_body(self, scope, receive):
         limit = self.limits.max_body_bytes
         length = _header(scope, b"content-length")
-        if length.isdigit() and int(length) > limit:
-            raise _too_large(limit)
         if not length and not _header(scope, b"transfer-encoding"):
             return receive  # no body (a GET)
-        body = bytearray()
+        if length.isdigit() and int(length) > DRAIN_FACTOR * limit:
+            raise _too_large(limit)  # too large to read even to drop it: the connection just closes
+        too_large = length.isdigit() and int(length) > limit
+        kept, seen = bytearray(), 0
         deadline = asyncio.get_running_loop().time() + self.limits.body_timeout
         while True:
             try:
                 message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
             except asyncio.TimeoutError:
+                if too_large:
+                    raise _too_large(limit) from None
                 raise ApiError(408, f"the request body did not arrive within {self.limits.body_timeout:g} s "
                                "(lmforge serve --body-timeout).", code="request_timeout") from None
             if message["type"] == "http.disconnect":
                 return _replay(message, receive)
-            body += message.get("body", b"")
-            if len(body) > limit:
-                raise _too_large(limit)
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            too_large = too_large or seen > limit
+            # A body too large is read on and dropped (up to DRAIN_FACTOR x the limit), not kept: a
+            # client still sending when the connection closed would see a reset instead of the 413.
+            if too_large:
+                kept = bytearray()
+                if seen > DRAIN_FACTOR * limit:
+                    raise _too_large(limit)
+            else:
+                kept += chunk
             if not message.get("more_body"):
-                return _replay({"type": "http.request", "body": bytes(body), "more_body": False}, receive)
+                if too_large:
+                    raise _too_large(limit)
+                return _replay({"type": "http.request", "body": bytes(kept), "more_body": False}, receive)
 
     def _record(self, scope, status: int, started: float) -> None:
         seconds = time.perf_counter() - started
