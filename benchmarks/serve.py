@@ -58,9 +58,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, port: int, max_batch: int, threads: int | None) -> subprocess.Popen:
+def start_server(model_dir: Path, port: int, max_batch: int, threads: int | None,
+                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--name", "baby",
-           "--port", str(port), "--max-batch", str(max_batch)]
+           "--port", str(port), "--max-batch", str(max_batch), "--no-access-log", *extra]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd, start_new_session=True)

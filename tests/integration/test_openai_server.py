@@ -50,7 +50,7 @@ def server(model_dir):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "lmforge", "serve", "--model", str(model_dir), "--name", NAME, "--port", str(port),
-         "--max-batch", "4", "--max-prompt-tokens", "100"],
+         "--max-batch", "4", "--max-prompt-tokens", "100", "--max-tokens", "100000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -185,6 +185,99 @@ def test_a_prompt_past_the_block_size_is_cropped_and_says_so(client):
     assert long.usage.prompt_tokens == 60
 
 
+# --- The rest of the surface: prompt lists, token ids, echo, top logprobs, penalties, best_of -------
+
+
+def ids_of(server: str, text: str) -> list[int]:
+    """The token ids of ``text``, from the server's own tokenizer (vLLM's /tokenize)."""
+    return httpx.post(f"{server}/tokenize", json={"prompt": text}).json()["tokens"]
+
+
+def test_a_list_of_prompts_is_one_request_numbered_prompt_major(client):
+    prompts = ["the king", "fair lord", "good night"]
+    batch = complete(client, prompt=prompts, n=2, seed=5, max_tokens=12, extra_body={"ignore_eos": True})
+    assert [c.index for c in batch.choices] == list(range(6))
+    alone = [complete(client, prompt=p, n=2, seed=5, max_tokens=12, extra_body={"ignore_eos": True}) for p in prompts]
+    assert [c.text for c in batch.choices] == [c.text for a in alone for c in a.choices]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert batch.usage.completion_tokens == 6 * 12
+    texts, reasons = streamed_text(complete(client, prompt=prompts, n=2, seed=5, max_tokens=12, stream=True,
+                                            extra_body={"ignore_eos": True}))
+    assert [texts[i] for i in range(6)] == [c.text for c in batch.choices] and set(reasons.values()) == {"length"}
+
+
+def test_token_id_prompts_are_the_text_prompts(client, server, model_dir):
+    from lmforge.model.directory import load_model_dir
+
+    tokenizer = load_model_dir(model_dir).tokenizer
+    assert ids_of(server, "the king") == tokenizer.encode("the king", add_special_tokens=False).ids
+    detokenized = httpx.post(f"{server}/detokenize", json={"tokens": ids_of(server, "the king")}).json()
+    assert detokenized["prompt"] == "the king"
+    by_text = complete(client, prompt="the king", seed=3, max_tokens=10)
+    by_ids = complete(client, prompt=ids_of(server, "the king"), seed=3, max_tokens=10)
+    both = complete(client, prompt=[ids_of(server, "the king"), ids_of(server, "fair")], seed=3, max_tokens=10)
+    assert by_ids.choices[0].text == by_text.choices[0].text == both.choices[0].text
+    assert both.choices[1].text == complete(client, prompt="fair", seed=3, max_tokens=10).choices[0].text
+
+
+def test_echo_gives_the_prompt_and_its_own_logprobs(client):
+    answer = complete(client, prompt="the king", echo=True, logprobs=3, max_tokens=5, seed=1,
+                      extra_body={"ignore_eos": True})
+    choice, plain = answer.choices[0], complete(client, prompt="the king", max_tokens=5, seed=1,
+                                                extra_body={"ignore_eos": True}).choices[0]
+    assert choice.text == "the king" + plain.text
+    lp = choice.logprobs
+    assert len(lp.tokens) == 8 + 5 and "".join(lp.tokens) == choice.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and lp.text_offset[:3] == [0, 1, 2]
+    for chosen, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert 1 <= len(top) <= 3 and max(top.values()) >= chosen - 1e-6
+    only = complete(client, prompt="the king", echo=True, logprobs=1, max_tokens=0)
+    assert only.choices[0].text == "the king" and only.usage.completion_tokens == 0
+    assert only.choices[0].logprobs.token_logprobs == lp.token_logprobs[:8]
+
+
+def test_top_logprobs_of_chat_and_completions(client):
+    answer = complete(client, max_tokens=6, temperature=0, logprobs=4, extra_body={"ignore_eos": True})
+    for token, chosen, top in zip(answer.choices[0].logprobs.tokens, answer.choices[0].logprobs.token_logprobs,
+                                  answer.choices[0].logprobs.top_logprobs):
+        assert top[token] == chosen == max(top.values())  # greedy: the chosen token is the most likely
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          logprobs=True, top_logprobs=2, seed=1)
+    content = chat.choices[0].logprobs.content
+    assert len(content) >= 1 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+
+
+def test_penalties_logit_bias_user_and_models_by_id(client, server):
+    greedy = complete(client, temperature=0, max_tokens=30, extra_body={"ignore_eos": True}).choices[0].text
+    for change in (dict(frequency_penalty=2.0), dict(presence_penalty=2.0)):
+        assert complete(client, temperature=0, max_tokens=30, extra_body={"ignore_eos": True},
+                        **change).choices[0].text != greedy
+    z = str(ids_of(server, "z")[0])
+    biased = complete(client, temperature=0, max_tokens=10, logit_bias={z: 100}, extra_body={"ignore_eos": True})
+    assert biased.choices[0].text == "z" * 10
+    assert complete(client, max_tokens=3, user="someone").choices[0].finish_reason in ("stop", "length")
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_best_of_answers_the_most_likely_samples(client):
+    import statistics
+
+    def mean_logprob(c):
+        return statistics.fmean(c.logprobs.token_logprobs)
+
+    every = complete(client, n=4, seed=9, max_tokens=10, logprobs=0, extra_body={"ignore_eos": True})
+    best = complete(client, n=2, best_of=4, seed=9, max_tokens=10, logprobs=0, extra_body={"ignore_eos": True})
+    ranked = sorted(every.choices, key=mean_logprob, reverse=True)
+    assert [c.text for c in best.choices] == [c.text for c in ranked[:2]] and [c.index for c in best.choices] == [0, 1]
+    assert best.usage.completion_tokens == 40  # all four were sampled
+    with pytest.raises(openai.BadRequestError, match="best_of"):
+        complete(client, n=1, best_of=2, stream=True)
+
+
 # --- Chat --------------------------------------------------------------------------------------
 
 
@@ -223,7 +316,7 @@ def test_chat_template_of_the_model_directory_is_rendered():
     (dict(extra_body={"top_k": 0}), "top_k"),
     (dict(extra_body={"repetition_penalty": "high"}), "repetition_penalty"),
     (dict(extra_body={"top-k": 5}), "top-k"),  # a typo is named, not ignored
-    (dict(presence_penalty=1.0), "presence_penalty"),
+    (dict(presence_penalty=3.0), "presence_penalty"),  # OpenAI's range is -2 to 2
     (dict(stop=5), "stop"),
     (dict(prompt="the king ~"), "prompt"),  # a character the model does not know
     (dict(prompt="a" * 101), "prompt"),  # past --max-prompt-tokens
@@ -390,5 +483,5 @@ def test_a_short_load_run_of_good_bad_and_leaving_clients_passes_its_checks(tmp_
                            "--workers", "4", "--out", str(tmp_path / "load.json")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "FAIL" not in proc.stdout and proc.stdout.count("ok   ") == 4
+    assert "FAIL" not in proc.stdout and proc.stdout.count("ok   ") == 5
     assert all(json.loads((tmp_path / "load.json").read_text())["checks"].values())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +105,103 @@ def test_a_cancelled_job_frees_its_slots_and_others_go_on(engine):
     assert jobs[1].empty()
     endless.job.cancel()
     assert texts_of(jobs[1], 2) == reference(engine, "fair", SamplingConfig(max_new_tokens=12, seed=6), 2)
+
+
+# --- Supervision: one job's failure is that job's alone ------------------------------------------
+
+
+@pytest.fixture
+def fresh_engine(tmp_path):
+    loaded = load_model_dir(make_model_dir(tmp_path / "model"))
+    engines = []
+
+    def make(**options):
+        engines.append(Engine(loaded, **{"max_batch": 4, **options}))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def test_a_failing_job_gets_an_error_and_the_others_go_on(fresh_engine, monkeypatch):
+    engine = fresh_engine()
+    draw = engine._draw
+
+    def faulty(rows, logits):  # the fault: any draw for the job whose prompt is "love"
+        if engine.active[rows[0]].job.prompt_ids == encode_prompt(engine.loaded, "love")[0].tolist():
+            raise RuntimeError("injected fault")
+        return draw(rows, logits)
+
+    monkeypatch.setattr(engine, "_draw", faulty)
+    cfg = SamplingConfig(max_new_tokens=30, seed=1)
+    good = submit(engine, "the king", cfg, n=2, ignore_eos=True)
+    doomed = submit(engine, "love", cfg, ignore_eos=True)
+    error = doomed.get(timeout=60)
+    assert (error.kind, error.status) == ("error", 500) and "injected fault" in error.text
+    assert len(texts_of(good, 2)) == 2  # ran to its end beside the failure
+    after = submit(engine, "fair", cfg)
+    assert texts_of(after, 1) == reference(engine, "fair", cfg)
+    assert engine.alive() and engine.failed_jobs == 1 and engine.busy_slots() == 0
+
+
+def test_jobs_are_hashed_by_identity():
+    a = Job([1, 2], SamplingConfig(), print)
+    b = Job([1, 2], SamplingConfig(), print)
+    assert a != b and len({a, b}) == 2
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies on purpose
+def test_a_dead_engine_thread_is_revived_and_what_it_held_gets_a_503(fresh_engine, monkeypatch):
+    engine = fresh_engine()
+
+    class Fatal(BaseException):  # what no `except Exception` catches: the thread dies
+        pass
+
+    def die():
+        raise Fatal
+
+    monkeypatch.setattr(engine, "_step", die)
+    held = submit(engine, "the king", SamplingConfig(max_new_tokens=5, seed=1))
+    engine.thread.join(timeout=60)
+    assert not engine.alive()
+    monkeypatch.undo()
+    assert engine.revive() and engine.restarts == 1 and engine.alive()
+    event = held.get(timeout=60)
+    assert (event.kind, event.status) == ("error", 503)
+    cfg = SamplingConfig(max_new_tokens=8, seed=2)
+    assert texts_of(submit(engine, "love", cfg), 1) == reference(engine, "love", cfg)
+    assert not engine.revive()  # alive: nothing to do
+
+
+def test_a_full_queue_refuses_and_a_long_wait_ends_with_a_503(fresh_engine):
+    from lmforge.inference.batching import EngineBusy
+
+    engine = fresh_engine(max_batch=2, max_queue=1, queue_timeout=0.2)
+    hog = submit(engine, "the king", SamplingConfig(max_new_tokens=10**6, seed=1), n=2, ignore_eos=True)
+    hog.get(timeout=60)  # both slots busy
+    waiting = submit(engine, "love", SamplingConfig(max_new_tokens=5))
+    with pytest.raises(EngineBusy):
+        submit(engine, "fair", SamplingConfig(max_new_tokens=5))
+    event = waiting.get(timeout=60)
+    assert (event.kind, event.status) == ("error", 503) and "waited more than 0.2 s" in event.text
+    hog.job.cancel()
+    cfg = SamplingConfig(max_new_tokens=5, seed=3)
+    assert texts_of(submit(engine, "fair", cfg), 1) == reference(engine, "fair", cfg)
+
+
+def test_echo_gives_the_prompt_logprobs_as_evaluate_scores_them(fresh_engine):
+    from lmforge.evaluation.metrics import score_tokens
+
+    engine = fresh_engine()
+    ids = encode_prompt(engine.loaded, "the king and the queen speak of love and death")[0].tolist()
+    assert len(ids) > engine.block_size + 1  # several windows
+    events: queue.Queue = queue.Queue()
+    engine.submit(Job(ids, SamplingConfig(), events.put, echo=True, generate=False, top_logprobs=3))
+    prompt = events.get(timeout=60)
+    assert prompt.kind == "prompt" and events.get(timeout=60).kind == "done"
+    assert prompt.prompt[0] == (None, None) and len(prompt.prompt) == len(ids)
+    nats = score_tokens(engine.model, np.array(ids), engine.block_size)["nats"]
+    assert -sum(lp for lp, _ in prompt.prompt[1:]) == pytest.approx(nats, rel=1e-5)
+    for lp, top in prompt.prompt[1:]:
+        assert len(top) == 3 and top[0][1] >= lp - 1e-6 and top[0][1] >= top[1][1] >= top[2][1]

@@ -114,12 +114,16 @@ def test_repetition_penalty_lowers_repeated_tokens():
     "overrides, message",
     [
         (dict(max_new_tokens=0), "sampling.max_new_tokens=0 must be an integer >= 1"),
-        (dict(temperature=-0.5), "sampling.temperature=-0.5 must be a number >= 0"),
+        (dict(temperature=-0.5), "sampling.temperature=-0.5 must be a finite number >= 0"),
+        (dict(temperature=float("nan")), "sampling.temperature=nan must be a finite number >= 0"),
         (dict(top_k=0), "sampling.top_k=0 must be an integer >= 1"),
         (dict(top_p=0.0), "sampling.top_p=0.0 must be in (0, 1]"),
         (dict(top_p=1.5), "sampling.top_p=1.5 must be in (0, 1]"),
-        (dict(repetition_penalty=0.0), "sampling.repetition_penalty=0.0 must be a number > 0"),
-        (dict(seed="x"), "sampling.seed='x' must be an integer"),
+        (dict(repetition_penalty=0.0), "sampling.repetition_penalty=0.0 must be a number from 0.01 to 100"),
+        (dict(repetition_penalty=1e-300), "sampling.repetition_penalty=1e-300 must be a number from 0.01 to 100"),
+        (dict(seed="x"), "sampling.seed='x' must be an integer from 0 to 2**64 - 1"),
+        (dict(seed=2**64), f"sampling.seed={2**64} must be an integer from 0 to 2**64 - 1"),
+        (dict(seed=-1), "sampling.seed=-1 must be an integer from 0 to 2**64 - 1"),
     ],
 )
 def test_sampling_config_rejects_bad_values(overrides, message):
@@ -261,7 +265,8 @@ def test_interactive_loop_survives_a_bad_prompt(model_dir, capsys, monkeypatch):
     [
         (["--top-p", "1.5"], "error: sampling.top_p=1.5 must be in (0, 1] or null."),
         (["--top-p", "0"], "error: sampling.top_p=0.0 must be in (0, 1] or null."),
-        (["--temperature", "-1"], "error: sampling.temperature=-1.0 must be a number >= 0 (0 means greedy)."),
+        (["--temperature", "-1"], "error: sampling.temperature=-1.0 must be a finite number >= 0 (0 means greedy)."),
+        (["--temperature", "nan"], "error: sampling.temperature=nan must be a finite number >= 0 (0 means greedy)."),
         (["--max-new-tokens", "0"], "error: sampling.max_new_tokens=0 must be an integer >= 1."),
         (["--num-samples", "0"], "error: --num-samples 0 must be at least 1."),
         (["--prompt", "caf\u00e9 \u2603"], "error: the prompt has characters outside the model's vocabulary"),

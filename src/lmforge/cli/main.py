@@ -28,13 +28,14 @@ from lmforge.stages.runner import STAGES, guarded, run_stage
 
 
 def _generate(args: argparse.Namespace) -> None:
-    from lmforge.inference.generation import SamplingConfig
+    from lmforge.inference.sampling import sampling_config
     from lmforge.model.directory import fetch_model_dir, load_model_dir
 
-    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                              seed=args.seed, use_cache=not args.no_cache)
-    sampling.validate()  # before loading the model: a typo should fail at once
+    # Before loading the model: a typo should fail at once.
+    sampling = sampling_config({"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                                "top_k": args.top_k, "top_p": args.top_p,
+                                "repetition_penalty": args.repetition_penalty, "seed": args.seed,
+                                "use_cache": not args.no_cache})
     if args.num_samples < 1:
         raise LmforgeError(f"--num-samples {args.num_samples} must be at least 1.")
     if args.prompt is None and not args.interactive:
@@ -272,15 +273,12 @@ def _add_export_import_parsers(sub) -> None:
 
 
 def _add_serve_parser(sub) -> None:
-    """`lmforge serve`: the OpenAI-compatible HTTP server."""
+    """`lmforge serve`: the OpenAI-compatible HTTP server (its options: lmforge.serving.launch)."""
+    from lmforge.serving.launch import add_serve_arguments
+
     s = sub.add_parser("serve", help="serve a model with the OpenAI HTTP API (completions, chat, streaming, batching)")
     _add_model_arguments(s)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--name", help="the model's name in the API (default: the directory's name, or the URI)")
-    s.add_argument("--max-batch", type=int, default=32, help="samples decoded together (KV cache slots)")
-    s.add_argument("--max-prompt-tokens", type=int, help="refuse longer prompts with a 400 (default: 4 x block_size)")
-    s.add_argument("--threads", type=int, help="torch threads for the model (default: torch's choice)")
+    add_serve_arguments(s)
 
 
 def _add_runs_and_info_parsers(sub) -> None:
@@ -349,10 +347,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "runs":
         guarded(lambda: _runs(args))
     elif args.command == "serve":
-        from lmforge.serving.server import serve
+        from lmforge.serving.launch import serve
 
-        guarded(lambda: serve(args.model, args.host, args.port, args.tracking_uri, args.name, args.max_batch,
-                               args.max_prompt_tokens, args.threads))
+        guarded(lambda: serve(args))
     elif args.command == "info":
         guarded(lambda: _info(args))
 

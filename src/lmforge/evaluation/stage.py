@@ -68,7 +68,7 @@ def _sample(loaded, prompt: str, sampling) -> str:
 def evaluate_stage(cfg) -> dict:
     """Run the evaluate stage for ``cfg``: metrics.json, plots, samples, report.md; logged to the training run."""
     from lmforge.evaluation.report import write_report
-    from lmforge.inference.generation import SamplingConfig
+    from lmforge.inference.sampling import evaluate_sampling
     from lmforge.model.directory import load_model_dir
     from lmforge.tokenization.shards import TokenStream
     from lmforge.tracking import runs as tracking
@@ -94,8 +94,7 @@ def evaluate_stage(cfg) -> dict:
     if training.get("tokens_per_second"):
         metrics["train_tokens_per_second"] = training["tokens_per_second"]
 
-    sampling = SamplingConfig(max_new_tokens=int(ev.max_new_tokens), temperature=float(ev.temperature),
-                              top_k=ev.top_k, top_p=ev.top_p, seed=int(ev.seed))
+    sampling = evaluate_sampling(cfg)
     samples = [(p, _sample(loaded, p, sampling)) for p in ev.prompts]
 
     reports = Path(cfg.paths.reports)

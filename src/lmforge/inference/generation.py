@@ -1,8 +1,8 @@
 """Sampling text from a GPT, one token at a time, with a KV cache.
 
-Each step turns the last position's logits into a token: repetition penalty, temperature,
-top-k, top-p, then a draw (or argmax when temperature is 0). ``generate_tokens`` yields the
-tokens as they come, for streaming; ``generate`` collects them.
+Each step turns the last position's logits into a token with ``lmforge.inference.sampling``'s
+sampler (penalties, temperature, top-k, top-p, a draw; argmax when greedy). ``generate_tokens``
+yields the tokens as they come, for streaming; ``generate`` collects them.
 
 The context window. The model attends over at most ``block_size`` tokens, so the tokens it
 sees (the window) are a suffix of the sequence, chosen by one rule whether or not the cache is
@@ -22,61 +22,20 @@ re-encode at every step once the window is full.)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from lmforge.config.values import is_int, is_number
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.config.values import is_int
+from lmforge.errors import LmforgeError
+from lmforge.inference.sampling import SamplingConfig, sample_next
 from lmforge.model.gpt import GPT
 from lmforge.tokenization.tokenizer import UNK_TOKEN
 
-
-@dataclass
-class SamplingConfig:
-    """How to pick tokens. ``validate`` checks the ranges."""
-
-    max_new_tokens: int = 200
-    temperature: float = 1.0  # 0 means greedy (argmax)
-    top_k: int | None = None  # keep the k most likely tokens
-    top_p: float | None = None  # nucleus: keep the fewest tokens whose probability reaches top_p, in (0, 1]
-    repetition_penalty: float = 1.0  # CTRL (Keskar et al. 2019); > 1 discourages tokens already present
-    seed: int | None = None  # None: draw from torch's global generator
-    use_cache: bool = True
-
-    def validate(self) -> None:
-        """Raise ConfigError (a ValueError) with one sentence naming the first bad setting."""
-
-        def fail(name: str, requirement: str) -> None:
-            raise ConfigError(f"sampling.{name}={getattr(self, name)!r} {requirement}.")
-
-        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            fail("max_new_tokens", "must be an integer >= 1")
-        if not is_number(self.temperature) or self.temperature < 0:
-            fail("temperature", "must be a number >= 0 (0 means greedy)")
-        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
-            fail("top_k", "must be an integer >= 1 or null")
-        if self.top_p is not None and (not is_number(self.top_p) or not 0 < self.top_p <= 1):
-            fail("top_p", "must be in (0, 1] or null")
-        if not is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            fail("repetition_penalty", "must be a number > 0 (1 means no penalty)")
-        if self.seed is not None and not is_int(self.seed):
-            fail("seed", "must be an integer or null")
-        if not isinstance(self.use_cache, bool):
-            fail("use_cache", "must be true or false")
-
-
-def check_sampling(cfg) -> None:
-    """The evaluate stage's sampling settings (``evaluate.*`` of a composed config) are in range."""
-    e = cfg.evaluate
-    sampling = SamplingConfig(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_k=e.top_k,
-                              top_p=e.top_p, seed=e.seed)
-    try:
-        sampling.validate()
-    except ValueError as err:
-        raise LmforgeError(str(err).replace("sampling.", "evaluate.")) from None
+# SamplingConfig and sample_next live in lmforge.inference.sampling; imported here also for the
+# callers that take them from this module (``from lmforge.inference.generation import SamplingConfig``).
+__all__ = ["SamplingConfig", "sample_next", "generate_tokens", "generate", "encode_prompt", "TextTail",
+           "stream_samples", "complete", "complete_samples", "unescape"]
 
 
 def unescape(text: str) -> str:
@@ -84,55 +43,6 @@ def unescape(text: str) -> str:
     they name; every other character, non-ASCII included, stays as it is (``é`` stays ``é``:
     ``unicode_escape`` alone would read its UTF-8 bytes as Latin-1)."""
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
-
-
-def sample_next(
-    logits: Tensor,
-    cfg: SamplingConfig,
-    generator: torch.Generator | None = None,
-    previous: Tensor | None = None,
-) -> Tensor:
-    """Pick the next token of each sequence.
-
-    logits: (B, vocab_size) for the last position. previous: (B, T) tokens so far, used by the
-    repetition penalty. generator: the torch.Generator to draw from (None: the global one).
-    Returns (B, 1) token ids. ``logits`` is not modified.
-    """
-    logits = logits.float()
-    if cfg.repetition_penalty != 1.0 and previous is not None:
-        logits = _penalise_repeats(logits, previous, cfg.repetition_penalty)
-    if cfg.temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / cfg.temperature
-    if cfg.top_k is not None and cfg.top_k < logits.size(-1):
-        logits = _keep_top_k(logits, cfg.top_k)
-    if cfg.top_p is not None and cfg.top_p < 1.0:
-        logits = _keep_top_p(logits, cfg.top_p)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
-
-
-def _penalise_repeats(logits: Tensor, previous: Tensor, penalty: float) -> Tensor:
-    # CTRL: a token already present has its logit divided by the penalty when positive and
-    # multiplied when negative, so penalty > 1 always makes it less likely (as HF does).
-    seen = logits.gather(-1, previous)
-    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits.scatter(-1, previous, seen)
-
-
-def _keep_top_k(logits: Tensor, k: int) -> Tensor:
-    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def _keep_top_p(logits: Tensor, top_p: float) -> Tensor:
-    # Holtzman et al. 2019: keep the most likely tokens until their probability reaches top_p.
-    # A token is dropped when the tokens before it already reach top_p, so the top one stays.
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = F.softmax(sorted_logits, dim=-1)
-    before = probs.cumsum(dim=-1) - probs
-    sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
 # inference_mode rather than no_grad: no version counters or views are tracked, so each token costs less.
@@ -181,7 +91,7 @@ def generate_tokens(
         cache = model.new_kv_cache(batch) if cfg.use_cache else None
         logits = model(tokens[:, start:n], cache=cache)[0][:, -1]
         for step in range(cfg.max_new_tokens):
-            next_token = sample_next(logits, cfg, generator, tokens[:, :n])
+            next_token = sample_next(logits, cfg, generator, tokens[:, :n], tokens[:, prompt_len:n])
             tokens[:, n : n + 1] = next_token
             n += 1
             yield next_token
@@ -222,8 +132,6 @@ def encode_prompt(loaded, prompt: str) -> Tensor:
     An empty prompt starts from the end-of-text token. A character model refuses characters
     outside its training alphabet (they would silently become ``<unk>``) with a LmforgeError.
     """
-    from lmforge.errors import LmforgeError
-
     tokenizer = loaded.tokenizer
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
     unk = tokenizer.token_to_id(UNK_TOKEN)
@@ -316,8 +224,6 @@ def stream_samples(loaded, prompt: str, cfg: SamplingConfig, stop: list[str] | N
     samples of one batch differ from each other. Bad settings and unencodable prompts raise
     LmforgeError here, before anything is yielded.
     """
-    from lmforge.errors import LmforgeError
-
     if not is_int(num_samples) or num_samples < 1:
         raise LmforgeError(f"num_samples={num_samples!r} must be an integer >= 1.")
     cfg.validate()
@@ -339,15 +245,6 @@ def _stream_samples(loaded, idx: Tensor, cfg: SamplingConfig, stop: list[str]) -
     for sample, tail in enumerate(tails):
         if piece := tail.finish():
             yield sample, piece
-
-
-def stream_completion(loaded, prompt: str, cfg: SamplingConfig, stop: list[str] | None = None) -> Iterator[str]:
-    """Yield the continuation of ``prompt`` as text pieces, as soon as each is final.
-
-    Stops at ``cfg.max_new_tokens``, at the end-of-text token, or at the first of the ``stop``
-    strings (which is not yielded).
-    """
-    return (piece for _, piece in stream_samples(loaded, prompt, cfg, stop))
 
 
 def complete(loaded, prompt: str, cfg: SamplingConfig, stop: list[str] | None = None) -> str:

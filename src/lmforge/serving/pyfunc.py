@@ -9,7 +9,7 @@ registers the model under ``tracking.registered_model`` (null: not registered). 
     {"predictions": ["..."]}
 
 Input: prompts, one per row of a string column ``prompt``. Params (all optional): the fields of
-``lmforge.inference.generation.SamplingConfig`` (``max_new_tokens``, ``temperature``, ``top_k``,
+``lmforge.inference.sampling.SamplingConfig`` (``max_new_tokens``, ``temperature``, ``top_k``,
 ``top_p``, ``repetition_penalty``, ``seed``) with its defaults, and ``stop``, a list of strings.
 Output: the continuation of each prompt (without the prompt). Equal prompts in one request are
 sampled as one batch, so they give different samples. A bad value is an HTTP 400 naming it.
@@ -31,7 +31,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from lmforge.errors import LmforgeError
-from lmforge.inference.generation import SamplingConfig
+from lmforge.inference.sampling import SamplingConfig, sampling_config
 
 PYFUNC_NAME = "pyfunc"  # the logged model's name in its run (the run's model directory is "model")
 MODEL_DIR_ARTIFACT = "model_dir"
@@ -118,9 +118,7 @@ def sampling_from_params(params: dict) -> tuple[SamplingConfig, list[str]]:
             raise LmforgeError(f"parameter {name}={value!r} is not a number.") from None
         # A long param given a fraction stays a float, so validate() names it.
         values[name] = int(value) if kind == "long" and value.is_integer() else value
-    sampling = SamplingConfig(**values)
-    sampling.validate()
-    return sampling, [str(s) for s in (params.get("stop") or [])]
+    return sampling_config(values, prefix="sampling."), [str(s) for s in (params.get("stop") or [])]
 
 
 def signature():

@@ -2,44 +2,48 @@
 
     lmforge serve --model models/gpt          # or runs:/<run_id>/model, models:/<name>/<version>
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions`` and
-``POST /v1/chat/completions`` (request and answer shapes: ``lmforge.serving.protocol``;
-sampling: ``lmforge.inference.batching``). Streaming answers are Server-Sent Events in OpenAI's chunk
-format ending with ``data: [DONE]``: one chunk per token, or per sample the tokens that piled up
-while the client was being served, so a busy server sends fewer, larger chunks. A client that
-leaves (mid-stream or while waiting for a whole answer) has its job cancelled, which frees its
-batch slots at the engine's next step.
+Endpoints: ``GET /health`` (503 while the engine is down), ``GET /metrics`` (Prometheus),
+``GET /v1/models`` and ``/v1/models/{id}``, ``POST /v1/completions`` and ``/v1/chat/completions``
+(requests: ``lmforge.serving.protocol``; answers: ``answers`` and ``replies``; sampling:
+``lmforge.inference``), and vLLM's ``POST /tokenize``, ``POST /detokenize`` and ``GET
+/tokenizer_info``, with which lm-evaluation-harness's ``local-completions`` uses the server's own
+tokenizer. Keys, body limits, read timeouts and the access log: ``guards``; every limit: ``limits``.
+
+Supervision: a watchdog task checks the engine every second; if its thread died, ``/health``
+answers 503 until the watchdog (or the next request) restarts it, and every request it held ends
+with a 503 (``lmforge_engine_restarts_total`` counts the restarts).
 
 Why FastAPI + uvicorn and an engine of our own rather than LitServe: LitServe's batching groups
 the requests that arrive within a timeout and runs that batch to its end, so a request arriving
 while a batch decodes waits for the whole batch, and one request's max_tokens holds up the
 others (and its OpenAI spec covers chat only, not /v1/completions). Joining at the next step
-needs a loop that owns the KV cache slots, which is ``lmforge.inference.batching``; FastAPI and uvicorn
-(already installed with MLflow) carry the HTTP with a plain ``StreamingResponse``.
+needs a loop that owns the KV cache slots, which is ``lmforge.inference.batching``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lmforge.errors import LmforgeError
-from lmforge.inference.batching import Engine, Event, Job
-from lmforge.serving.protocol import ApiError, Ask, choice, envelope, logprobs_block, new_id, parse_ask, usage
+from lmforge.inference.batching import Engine
+from lmforge.inference.generation import encode_prompt
+from lmforge.serving.answers import TokenTexts
+from lmforge.serving.guards import Guard
+from lmforge.serving.limits import Limits
+from lmforge.serving.metrics import ServerMetrics
+from lmforge.serving.protocol import ApiError, parse_ask
+from lmforge.serving.replies import Flight, open_stream, whole
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-
-
-class _Disconnected(Exception):
-    pass
+WATCH_EVERY_S = 1.0
 
 
 def chat_template_of(loaded) -> str | None:
@@ -50,73 +54,200 @@ def chat_template_of(loaded) -> str | None:
     return loaded.config.get("chat_template")
 
 
-def create_app(loaded, name: str, max_batch: int = 32, max_prompt_tokens: int | None = None):
-    """The FastAPI app serving ``loaded`` (a ModelDir) as model ``name``; its engine is ``app.state.engine``.
+def create_app(loaded, name: str, max_batch: int = 32, limits: Limits | None = None, keys: frozenset[str] = frozenset(),
+               watch_every: float | None = WATCH_EVERY_S):
+    """The ASGI app serving ``loaded`` (a ModelDir) as model ``name``; its engine is ``app.app.state.engine``.
 
-    max_prompt_tokens: longer prompts are refused with a 400 (default: 4 x block_size); prompts
-    past the block size are cropped to their last block_size tokens, as ``generate`` does.
+    limits: ``Limits.for_model`` by default. keys: the API keys (empty: none needed). watch_every:
+    seconds between the watchdog's looks at the engine (None: no watchdog; a request still revives it).
+    Prompts past the block size are cropped to their last block_size tokens, as ``generate`` does.
     """
-    block_size = loaded.model.config.block_size
-    limit = max_prompt_tokens or 4 * block_size
-    template = chat_template_of(loaded)
+    limits = limits or Limits.for_model(loaded, max_batch)
+    # Tokenizing a long prompt takes a while: off the event loop, on at most two threads.
+    tokenizing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lmforge-tokenize")
 
     @asynccontextmanager
     async def lifespan(app):
-        app.state.engine = Engine(loaded, max_batch)
+        app.state.engine = Engine(loaded, max_batch, limits.max_queue, limits.queue_timeout)
+        watchdog = asyncio.create_task(_watch(app.state.engine, watch_every)) if watch_every else None
         yield
+        if watchdog:
+            watchdog.cancel()
         app.state.engine.close()
+        tokenizing.shutdown(wait=False)
 
     app = FastAPI(title="lmforge", lifespan=lifespan)
+    app.state.engine = None
+    metrics = ServerMetrics(lambda: app.state.engine)
     _add_error_handlers(app)
+    _add_info_routes(app, loaded, name, metrics)
+    answering = _Answering(app, loaded, name, limits, tokenizing, metrics)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await answering(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await answering(request, "chat")
+
+    _add_tokenizer_routes(app, loaded, limits, tokenizing)
+    return Guard(app, keys, limits, metrics)
+
+
+class _Answering:
+    """POST /v1/completions and /v1/chat/completions: check, tokenize (off the loop), submit, answer."""
+
+    def __init__(self, app, loaded, name: str, limits: Limits, tokenizing, metrics: ServerMetrics):
+        self.app, self.loaded, self.name, self.limits = app, loaded, name, limits
+        self.tokenizing, self.metrics = tokenizing, metrics
+        self.template, self.texts = chat_template_of(loaded), TokenTexts(loaded.tokenizer)
+
+    async def __call__(self, request: Request, kind: str):
+        loaded, engine = self.loaded, self.app.state.engine
+        engine.revive()
+        ask = parse_ask(await _json(request), kind, self.name, self.limits, self.template,
+                        loaded.model.config.vocab_size)
+        ids = await asyncio.get_running_loop().run_in_executor(self.tokenizing, _encode_all, loaded, ask, self.limits)
+        prompt_texts = [p if isinstance(p, str) else loaded.tokenizer.decode(p, skip_special_tokens=False)
+                        for p in ask.prompts] if ask.echo else []
+        block_size, longest = loaded.model.config.block_size, max(map(len, ids))
+        extra = {"lmforge": {"prompt_tokens_used": min(longest, block_size), "prompt_cropped": longest > block_size}}
+        if ask.chat_template:
+            extra["lmforge"]["chat_template"] = ask.chat_template
+        flight = Flight(engine, ask, ids, prompt_texts, self.texts, request.state.started)
+        flight.submit()
+        if ask.stream:
+            try:
+                stream = await open_stream(flight, request, self.name, extra)
+            except BaseException:
+                flight.cancel()
+                flight.record(request, self.metrics)
+                raise
+            return StreamingResponse(_recorded(stream, flight, request, self.metrics), media_type="text/event-stream")
+        try:
+            return await whole(flight, request, self.name, extra)
+        finally:
+            flight.cancel()  # a no-op once done; frees the slots when the client left or an error struck
+            flight.record(request, self.metrics)
+
+
+async def _watch(engine: Engine, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        engine.revive()
+
+
+async def _recorded(stream, flight: Flight, request, metrics):
+    try:
+        if stream is not None:
+            async for piece in stream:
+                yield piece
+    finally:
+        flight.record(request, metrics)
+
+
+async def _json(request: Request):
+    try:
+        return await request.json()
+    except ValueError:
+        raise ApiError(400, "the request body is not valid JSON.", code="invalid_json") from None
+
+
+def _encode_all(loaded, ask, limits: Limits) -> list[list[int]]:
+    """Token ids of each prompt (run off the event loop); characters are counted before tokenizing."""
+    param = "prompt" if ask.kind == "completion" else "messages"
+    out = []
+    for prompt in ask.prompts:
+        if not isinstance(prompt, str):
+            out.append(list(prompt))
+            continue
+        if len(prompt) > limits.max_prompt_chars:
+            raise _too_long(f"{len(prompt)} characters", limits.max_prompt_chars, "characters", "--max-prompt-chars",
+                            param)
+        try:
+            ids = encode_prompt(loaded, prompt)[0].tolist()
+        except LmforgeError as err:
+            raise ApiError(400, str(err), param=param, code="invalid_value") from None
+        if len(ids) > limits.max_prompt_tokens:
+            raise _too_long(f"{len(ids)} tokens", limits.max_prompt_tokens, "tokens", "--max-prompt-tokens", param)
+        out.append(ids)
+    return out
+
+
+def _too_long(size: str, limit: int, unit: str, flag: str, param: str) -> ApiError:
+    return ApiError(400, f"the prompt has {size}; this server accepts at most {limit} {unit} (lmforge serve {flag}).",
+                    param=param, code="context_length_exceeded")
+
+
+def _add_info_routes(app, loaded, name: str, metrics: ServerMetrics) -> None:
+    model_card = {"id": name, "object": "model", "created": 0, "owned_by": "lmforge"}
 
     @app.get("/health")
     async def health():
         engine = app.state.engine
-        return {"status": "ok", "model": name, "active_samples": engine.busy_slots(), "forward_passes": engine.steps}
+        body = {"status": "ok" if engine.alive() else "engine down", "model": name,
+                "active_samples": engine.busy_slots(), "queued": engine.queued(), "forward_passes": engine.steps,
+                "engine_restarts": engine.restarts}
+        return JSONResponse(body, status_code=200 if engine.alive() else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        content, media_type = metrics.render()
+        return Response(content, media_type=media_type)
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "lmforge"}]}
+        return {"object": "list", "data": [model_card]}
 
-    async def answer(request: Request, kind: str):
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "the request body is not valid JSON.", code="invalid_json") from None
-        ask = parse_ask(body, kind, name, max_batch, template)
-        ids = _encode(loaded, ask, limit)
-        extra = {"lmforge": {"prompt_tokens_used": min(len(ids), block_size), "prompt_cropped": len(ids) > block_size}}
-        if ask.chat_template:
-            extra["lmforge"]["chat_template"] = ask.chat_template
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        job = Job(ids, ask.sampling, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), ask.n, ask.stop,
-                  ask.ignore_eos)
-        app.state.engine.submit(job)
-        if ask.stream:
-            return StreamingResponse(_stream(request, loaded, ask, name, job, events, len(ids), extra),
-                                     media_type="text/event-stream")
-        try:
-            return await _whole(request, loaded, ask, name, events, len(ids), extra)
-        finally:
-            job.cancel()  # a no-op once done; frees the slots when the client left or an error struck
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != name:
+            raise ApiError(404, f"the model {model_id!r} does not exist; this server serves {name!r}.",
+                           param="model", code="model_not_found", kind="not_found_error")
+        return model_card
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await answer(request, "completion")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await answer(request, "chat")
+def _add_tokenizer_routes(app, loaded, limits: Limits, tokenizing) -> None:
+    # vLLM's tokenizer endpoints, as lm-evaluation-harness's remote tokenizer calls them.
+    tokenizer = loaded.tokenizer
 
-    return app
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        eot = tokenizer.id_to_token(loaded.eot_id)
+        return {"eos_token": eot, "bos_token": None, "pad_token": None, "chat_template": chat_template_of(loaded),
+                "model_max_length": loaded.model.config.block_size, "vocab_size": tokenizer.get_vocab_size()}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await _json(request)
+        text = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(text, str):
+            raise ApiError(400, "'prompt' must be a string.", param="prompt", code="invalid_value")
+        if len(text) > limits.max_prompt_chars:
+            raise _too_long(f"{len(text)} characters", limits.max_prompt_chars, "characters", "--max-prompt-chars",
+                            "prompt")
+        ids = await asyncio.get_running_loop().run_in_executor(
+            tokenizing, lambda: tokenizer.encode(text, add_special_tokens=False).ids)
+        return {"tokens": ids, "count": len(ids), "max_model_len": loaded.model.config.block_size}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await _json(request)
+        ids = body.get("tokens") if isinstance(body, dict) else None
+        vocab = tokenizer.get_vocab_size()
+        if not isinstance(ids, list) or len(ids) > limits.max_prompt_tokens or not all(
+                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
+            raise ApiError(400, f"'tokens' must be a list of at most {limits.max_prompt_tokens} token ids from 0 to "
+                           f"{vocab - 1}.", param="tokens", code="invalid_value")
+        return {"prompt": tokenizer.decode(ids, skip_special_tokens=False)}
 
 
 def _add_error_handlers(app) -> None:
     # Every refusal in OpenAI's error shape, unknown paths and methods included.
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, err: HTTPException):
@@ -127,142 +258,7 @@ def _add_error_handlers(app) -> None:
     async def validation_error(request, err: RequestValidationError):
         return JSONResponse(ApiError(400, f"the request is malformed: {err.errors()[:1]}").body(), status_code=400)
 
-
-def _encode(loaded, ask: Ask, limit: int) -> list[int]:
-    from lmforge.inference.generation import encode_prompt
-
-    param = "prompt" if ask.kind == "completion" else "messages"
-    try:
-        ids = encode_prompt(loaded, ask.prompt)[0].tolist()
-    except LmforgeError as err:
-        raise ApiError(400, str(err), param=param, code="invalid_value") from None
-    if len(ids) > limit:
-        raise ApiError(400, f"the prompt has {len(ids)} tokens; this server accepts at most {limit} "
-                       "(lmforge serve --max-prompt-tokens).", param=param, code="context_length_exceeded")
-    return ids
-
-
-async def _next(request, events: asyncio.Queue, last_check: list[float]) -> Event:
-    # Wait for the engine, checking every half second that the client is still there.
-    loop = asyncio.get_running_loop()
-    while True:
-        if loop.time() - last_check[0] > 0.5:
-            last_check[0] = loop.time()
-            if await request.is_disconnected():
-                raise _Disconnected
-        try:
-            event = await asyncio.wait_for(events.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            continue
-        return _checked(event)
-
-
-def _checked(event: Event) -> Event:
-    if event.kind == "error":
-        raise ApiError(500, f"the server failed while sampling: {event.text}", kind="server_error")
-    return event
-
-
-class _Samples:
-    """Text, token logprobs and finish reasons of a job's samples, gathered from its events."""
-
-    def __init__(self, loaded, ask: Ask):
-        self.loaded, self.ask = loaded, ask
-        self.text = [""] * ask.n
-        self.tokens: list[list[str]] = [[] for _ in range(ask.n)]
-        self.logprobs: list[list[float]] = [[] for _ in range(ask.n)]
-        self.finish: list[str | None] = [None] * ask.n
-        self.completion_tokens = 0
-
-    def add(self, event: Event) -> None:
-        self.completion_tokens += 1
-        self.text[event.sample] += event.text
-        self.finish[event.sample] = event.finish_reason
-        if self.ask.logprobs:
-            self.tokens[event.sample].append(self.loaded.tokenizer.decode([event.token_id], skip_special_tokens=False))
-            self.logprobs[event.sample].append(event.logprob)
-
-
-async def _whole(request, loaded, ask: Ask, name: str, events: asyncio.Queue, prompt_tokens: int, extra: dict):
-    samples = _Samples(loaded, ask)
-    checked = [asyncio.get_running_loop().time()]
-    try:
-        while (event := await _next(request, events, checked)).kind != "done":
-            samples.add(event)
-    except _Disconnected:
-        return None
-    choices = [choice(ask, i, samples.text[i], samples.finish[i],
-                      logprobs_block(ask, samples.tokens[i], samples.logprobs[i])) for i in range(ask.n)]
-    out = envelope(ask, new_id(ask.kind), name, choices, extra=extra)
-    out["usage"] = usage(prompt_tokens, samples.completion_tokens)
-    return out
-
-
-async def _stream(request, loaded, ask: Ask, name: str, job: Job, events: asyncio.Queue, prompt_tokens: int,
-                  extra: dict) -> AsyncIterator[str]:
-    answer_id = new_id(ask.kind)
-    samples = _Samples(loaded, ask)
-    sent_tokens = [0] * ask.n  # tokens whose logprobs went out already, per sample
-    sent_text = [0] * ask.n
-    checked = [asyncio.get_running_loop().time()]
-
-    def chunk(choices: list[dict], **more) -> str:
-        return f"data: {json.dumps(envelope(ask, answer_id, name, choices, chunk=True, extra={**extra, **more}))}\n\n"
-
-    try:
-        if ask.kind == "chat":  # OpenAI opens each choice with the role
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(ask.n)])
-        done = False
-        while not done:
-            batch = [await _next(request, events, checked)]
-            while not events.empty():  # the client fell behind: what piled up goes as one chunk per sample
-                batch.append(_checked(events.get_nowait()))
-            finished: dict[int, str | None] = {}
-            for event in batch:
-                if event.kind == "done":
-                    done = True
-                    continue
-                samples.add(event)
-                finished[event.sample] = event.finish_reason or finished.get(event.sample)
-            for i, reason in finished.items():
-                text = samples.text[i][sent_text[i]:]
-                if not text and reason is None:
-                    continue  # held back (a partial stop string or character): the tokens go with the next piece
-                logprobs = logprobs_block(ask, samples.tokens[i][sent_tokens[i]:], samples.logprobs[i][sent_tokens[i]:],
-                                          sent_text[i])
-                sent_tokens[i], sent_text[i] = len(samples.tokens[i]), len(samples.text[i])
-                yield chunk([choice(ask, i, text, reason, logprobs, chunk=True)])
-        if ask.include_usage:
-            yield chunk([], usage=usage(prompt_tokens, samples.completion_tokens))
-        yield "data: [DONE]\n\n"
-    except ApiError as err:
-        yield f"data: {json.dumps(err.body())}\n\n"
-    except _Disconnected:
-        pass
-    finally:  # also reached when Starlette cancels the stream because the client left
-        job.cancel()
-
-
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, tracking_uri: str | None = None,
-          name: str | None = None, max_batch: int = 32, max_prompt_tokens: int | None = None,
-          threads: int | None = None) -> None:
-    """Load ``model`` (a directory or an MLflow URI) and serve it until interrupted."""
-    import torch
-    import uvicorn
-
-    from lmforge.model.directory import fetch_model_dir, is_mlflow_uri, load_model_dir
-
-    if max_batch < 1:
-        raise LmforgeError(f"--max-batch {max_batch} must be at least 1.")
-    if max_prompt_tokens is not None and max_prompt_tokens < 1:
-        raise LmforgeError(f"--max-prompt-tokens {max_prompt_tokens} must be at least 1.")
-    if threads is not None:
-        if threads < 1:
-            raise LmforgeError(f"--threads {threads} must be at least 1.")
-        torch.set_num_threads(threads)
-    loaded = load_model_dir(fetch_model_dir(model, tracking_uri))
-    name = name or (model if is_mlflow_uri(model) else Path(model).resolve().name)
-    app = create_app(loaded, name, max_batch, max_prompt_tokens)
-    print(f"lmforge: serving {name!r} on http://{host}:{port}/v1 (OpenAI API; Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    @app.exception_handler(Exception)
+    async def bug(request, err: Exception):  # a bug: still one request's error, in OpenAI's shape
+        return JSONResponse(ApiError(500, f"the server failed on this request: {type(err).__name__}: {err}",
+                                     kind="server_error").body(), status_code=500)

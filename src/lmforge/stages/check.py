@@ -23,7 +23,7 @@ from lmforge.config.checks import check_dvc_paths, check_keys, check_precision, 
 from lmforge.config.compose import CONF_DIR
 from lmforge.config.rules import names, range_problems
 from lmforge.errors import LmforgeError
-from lmforge.inference.generation import check_sampling
+from lmforge.inference.sampling import check_sampling
 from lmforge.model.config import GPTConfig, check_model
 from lmforge.model.gpt import GPT
 from lmforge.outputs import write_json
