@@ -7,6 +7,7 @@ with a byte-order mark and CRLF line ends) and a JSONL export with its own field
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import sqlite3
@@ -105,3 +106,46 @@ def test_a_jsonl_export(project):
     assert counts["documents_out"] > 20 and counts["val_documents"] > 0
     index = json.loads((project / "data/tokens/index.json").read_text())
     assert index["splits"]["train"]["documents"] == counts["train_documents"]
+
+
+def sample_prompts(project: Path) -> list[str]:
+    """The prompts reports/samples.md continues, in order (each sample's text starts with its prompt)."""
+    samples = (project / "reports/samples.md").read_text(encoding="utf-8")
+    headings = [line for line in samples.splitlines() if line.startswith("## Prompt")]  # ## Prompt 1: `'...'`
+    prompts = [ast.literal_eval(line.split(": ", 1)[1].strip("`")) for line in headings]
+    for prompt in prompts:
+        assert f"```text\n{prompt}" in samples and "[no sample:" not in samples
+    return prompts
+
+
+def test_a_data_config_brings_its_own_prompts_and_sticks(project):
+    letters = project / "corpus" / "letters"
+    letters.mkdir(parents=True)
+    for play in plays(2):
+        (letters / f"{play.stem}.txt").write_text(play.read_text(encoding="utf-8")[:150_000], encoding="utf-8")
+    register(project, "corpus/letters")
+    # The durable way: a data config of its own (every data.* key, as conf/data/shakespeare.yaml has),
+    # with the prompts its samples start from.
+    default = (project / "conf/data/shakespeare.yaml").read_text(encoding="utf-8")
+    mine = [line for line in default.splitlines() if not line.startswith(("sources:", "prompts:"))]
+    prompts = ["Enter the", "What, my"]
+    (project / "conf/data/letters.yaml").write_text(
+        "\n".join(["sources: [corpus/letters]", f"prompts: {json.dumps(prompts)}", *mine]) + "\n", encoding="utf-8")
+    commit(project, "data: letters")
+
+    run(["dvc", "exp", "run", "-S", "data=letters", *FAST], project)
+    counts = trained(project)
+    assert counts["files"] == 2 and sample_prompts(project) == prompts
+
+    # A later `dvc exp run` without -S does not compose conf/ again: the corpus stays.
+    run(["dvc", "exp", "run"], project)
+    assert json.loads((project / "reports/prepare.json").read_text())["files"] == 2
+    assert sample_prompts(project) == prompts
+
+    # Named in conf/config.yaml's defaults it holds for any -S too (each such run composes conf/ afresh).
+    config = project / "conf/config.yaml"
+    config.write_text(config.read_text(encoding="utf-8").replace("- data: shakespeare", "- data: letters"))
+    commit(project, "letters by default")
+    run(["dvc", "exp", "run", *FAST, "-S", "train.max_steps=25"], project)
+    assert json.loads((project / "reports/prepare.json").read_text())["files"] == 2
+    assert sample_prompts(project) == prompts

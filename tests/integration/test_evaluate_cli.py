@@ -185,3 +185,74 @@ def test_a_model_without_train_config_reads_plain_utf8_without_params_yaml(tmp_p
     code, out, err = run_cli(["evaluate", "--model", model_dir, "--data", text_files], capsys)
     assert code == 0, err
     assert "2 file(s), 2 document(s)" in out
+
+
+def test_bits_per_byte_say_they_count_the_bytes_after_crlf_becomes_lf(tmp_path, capsys):
+    model_dir = make_model_dir(tmp_path / "model")
+    raw = b"\xef\xbb\xbf" + CHAR_TEXT.replace("\n", "\r\n").encode("utf-8")  # a Windows editor's file
+    (tmp_path / "crlf.txt").write_bytes(raw)
+    out = tmp_path / "metrics.json"
+    code, stdout, err = run_cli(["evaluate", "--model", model_dir, "--data", tmp_path / "crlf.txt", "--out", out],
+                                capsys)
+    assert code == 0, err
+    metrics = json.loads(out.read_text())
+    assert metrics["bytes"] == len(CHAR_TEXT.encode()) < metrics["bytes_before_cleaning"] == len(raw) - 3
+    assert metrics["file_bytes"] == len(raw)
+    nats = metrics["loss"] * (metrics["tokens"] - 1)
+    assert metrics["bits_per_byte"] == pytest.approx(nats / math.log(2) / metrics["bytes"])  # the cleaned bytes
+    assert "bits_per_byte" in stdout and "(per byte of the text after cleaning)" in stdout
+    bytes_line = next(line for line in stdout.splitlines() if line.strip().startswith("bytes"))
+    assert f"{metrics['bytes']:,} after cleaning (CRLF -> LF" in bytes_line
+    assert f"{len(raw) - 3:,} before; the files hold {len(raw):,}" in bytes_line
+
+
+def test_a_missing_data_folder_names_the_data_option_not_data_sources(tmp_path, capsys):
+    model_dir = make_model_dir(tmp_path / "model")
+    for entry in ("my_texts/", "my_texts/*.txt"):
+        code, _, err = run_cli(["evaluate", "--model", model_dir, "--data", entry], capsys)
+        assert code == 1 and err.count("\n") == 1, err
+        assert "--data" in err and "data.sources" not in err, err
+
+
+def test_max_batches_prints_the_tokens_scored_and_the_total(tmp_path, capsys):
+    model_dir = make_model_dir(tmp_path / "model")  # context 16: one batch of 2 windows scores 32 tokens
+    (tmp_path / "long.txt").write_text(CHAR_TEXT * 20, encoding="utf-8")
+    code, stdout, err = run_cli(["evaluate", "--model", model_dir, "--data", tmp_path / "long.txt",
+                                 "--max-batches", "1", "--batch-size", "2"], capsys)
+    assert code == 0, err
+    total = len(CHAR_TEXT) * 20
+    assert f"tokens          32 scored of {total:,} (--max-batches)" in stdout
+    code, stdout, err = run_cli(["evaluate", "--model", model_dir, "--data", tmp_path / "long.txt"], capsys)
+    assert f"tokens          {total:,} (all scored)" in stdout
+
+
+def test_the_stage_samples_from_the_validation_text_without_prompts_and_says_which_bytes_it_counts(tiny_cfg, tmp_path):
+    from lmforge.corpus.stage import prepare_stage
+    from lmforge.evaluation.prompts import prompts_from_text
+    from lmforge.evaluation.report import BYTES_NOTE
+    from lmforge.evaluation.stage import evaluate_stage
+    from lmforge.model.directory import save_model_dir
+    from lmforge.model.gpt import GPT, GPTConfig
+    from lmforge.tokenization.encode import tokenize_stage
+    from lmforge.tokenization.vocab import vocab_stage
+
+    tiny_cfg.data.sources = [str(write_corpus(tmp_path / "corpus", n_docs=6, words=200))]
+    tiny_cfg.data.prompts = None  # a corpus whose data config brings no prompts
+    prepare_stage(tiny_cfg)
+    vocab_stage(tiny_cfg)
+    index = tokenize_stage(tiny_cfg)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=index["vocab_size"], block_size=32, n_layer=1, n_head=2, n_embd=16))
+    meta = {"kind": "char", "eot_token": tiny_cfg.tokenizer.eot_token, "eot_id": index["eot_id"]}
+    save_model_dir(tiny_cfg.paths.model, model, f"{tiny_cfg.paths.vocab}/tokenizer.json", meta, train_cfg=tiny_cfg)
+
+    metrics = evaluate_stage(tiny_cfg)
+    val = (tmp_path / tiny_cfg.paths.prepared / "val.txt").read_text(encoding="utf-8")
+    prompts = prompts_from_text(val, cut_mid_text=True)  # the default split is by position
+    assert len(prompts) == 3 and all(p in val and "**" not in p for p in prompts)
+    samples = (tmp_path / tiny_cfg.paths.reports / "samples.md").read_text()
+    assert [line.split(": ", 1)[1] for line in samples.splitlines() if line.startswith("## Prompt")] == \
+        [f"`{p!r}`" for p in prompts]
+    assert metrics["val_tokens_scored"] <= metrics["val_tokens"]  # evaluate.max_batches=2 in tiny_cfg
+    report = (tmp_path / tiny_cfg.paths.reports / "report.md").read_text()
+    assert BYTES_NOTE in report and "validation bytes (UTF-8, after cleaning)" in report

@@ -1,6 +1,9 @@
-"""Surviving: kill -9 or Ctrl-C mid-run, run again with train.resume=auto, and the result is the
-uninterrupted run's, bit for bit: weights, the curves in the model directory, the MLflow metrics,
-in the same MLflow run. Real `python pipelines/train.py` processes in a temporary project."""
+"""Surviving: kill -9 or Ctrl-C mid-run, run again (train.resume=auto is the default), and the result
+is the uninterrupted run's, bit for bit: weights, the curves in the model directory, the MLflow
+metrics, in the same MLflow run. Real `python pipelines/train.py` processes in a temporary project,
+and real `dvc repro` / `dvc exp run` pressed Ctrl-C on as a terminal does (SIGINT to the process
+group): a plain `dvc repro` resumes, a checkpoint of another configuration is kept aside, and the
+MLflow run carries the name of the experiment that finished it and what changed between attempts."""
 
 from __future__ import annotations
 
@@ -14,17 +17,21 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, make_project
+from tests.helpers import BIN, ROOT, commit_all, copy_project, make_project, run_command, write_corpus
 
 pytestmark = pytest.mark.slow
 
-# Dropout on, so that a resumed run also needs the restored random-number state.
+# Dropout on, so that a resumed run also needs the restored random-number state. The precision is
+# pinned: `auto` is settled by a timing probe, and the uninterrupted reference run must not answer
+# otherwise than the interrupted one (a resumed run keeps its run's answer: see the test below).
 TINY = ["model=tiny", "model.dropout=0.1", "train.max_steps=400", "train.eval_interval=50", "train.eval_iters=2",
-        "train.log_every=10", "train.checkpoint_every=40", "trainer.num_threads=1", "tracking.log_model=false"]
+        "train.log_every=10", "train.checkpoint_every=40", "trainer.num_threads=1", "trainer.precision=32",
+        "tracking.log_model=false"]
 
 
 
@@ -176,3 +183,154 @@ def test_steps_logged_past_the_checkpoint_are_not_logged_again(project, referenc
 
     run_train(directory, "train.resume=auto", "train.checkpoint_every=200")
     assert_same_training(directory, reference)
+
+
+# --- Through DVC: Ctrl-C on `dvc repro` / `dvc exp run`, then a plain rerun ---
+
+# The project's settings: TINY on a small corpus of its own (composed into params.yaml, or passed to
+# `dvc exp run -S`, which composes conf/ afresh).
+DVC_TINY = [*TINY, "data.sources=[corpus]", "evaluate.max_batches=2", "evaluate.max_new_tokens=20"]
+
+
+@pytest.fixture(scope="module")
+def dvc_base(tmp_path_factory) -> Path:
+    """A git + DVC project with DVC_TINY in params.yaml and its data stages run and committed."""
+    project = copy_project(tmp_path_factory.mktemp("dvc-resume") / "project", DVC_TINY)
+    write_corpus(project / "corpus", n_docs=12, words=300)
+    run_command(["dvc", "repro", "tokenize"], project)
+    commit_all(project, "corpus and data stages")
+    return project
+
+
+@pytest.fixture(scope="module")
+def dvc_reference(dvc_base, tmp_path_factory) -> Path:
+    """The uninterrupted `dvc repro`."""
+    directory = tmp_path_factory.mktemp("dvc-reference") / "project"
+    shutil.copytree(dvc_base, directory, symlinks=True)
+    run_command(["dvc", "repro"], directory)
+    return directory
+
+
+def press_ctrl_c(cmd: list[str], project: Path, min_step: int, log: Path) -> tuple[int, str]:
+    """Run ``cmd`` in its own process group, as a terminal runs a command, and press Ctrl-C (SIGINT to
+    the whole group: DVC and the stage it runs) once last.ckpt holds step >= ``min_step``."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("DVC_")},
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with open(log, "w") as out:  # a file, not a pipe nobody reads while waiting
+        proc = subprocess.Popen(cmd, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        path, deadline = project / "models/checkpoints/last.ckpt", time.monotonic() + 300
+        while not (path.is_file() and checkpoint_step(path) >= min_step):
+            assert proc.poll() is None, f"{cmd} ended before step {min_step} was saved:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no checkpoint at step {min_step}:\n{log.read_text()[-3000:]}"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    return proc.returncode, log.read_text()
+
+
+def test_a_plain_dvc_repro_after_ctrl_c_resumes_bit_for_bit(dvc_base, dvc_reference, tmp_path):
+    directory = tmp_path / "project"
+    shutil.copytree(dvc_base, directory, symlinks=True)
+    status, out = press_ctrl_c(["dvc", "repro"], directory, 40, tmp_path / "first.log")
+    assert status != 0 and "interrupted at step" in out, out[-3000:]
+    stopped = checkpoint_step(directory / "models/checkpoints/last.ckpt")
+    assert 40 <= stopped < 400 and not (directory / "models/gpt").exists()
+    run_id = run_record(directory)["run_id"]
+    assert mlflow_run(directory, run_id)[0] == "KILLED"
+
+    out = run_command(["dvc", "repro"], directory).stdout  # no override: resuming is the default
+    assert f"resuming from models/checkpoints/last.ckpt in MLflow run {run_id}" in out
+    assert run_record(directory)["run_id"] == run_id and mlflow_run(directory, run_id)[0] == "FINISHED"
+    assert_same_training(directory, dvc_reference)
+    assert not list((directory / "models").glob("checkpoints.*"))  # nothing was kept aside
+
+
+def test_a_new_configuration_keeps_the_unfinished_checkpoints_aside(dvc_base, tmp_path):
+    directory = tmp_path / "project"
+    shutil.copytree(dvc_base, directory, symlinks=True)
+    press_ctrl_c(["dvc", "repro"], directory, 40, tmp_path / "first.log")
+    checkpoints = directory / "models/checkpoints"
+    saved = {path.name: path.read_bytes() for path in checkpoints.iterdir()}
+    stopped, record = checkpoint_step(checkpoints / "last.ckpt"), run_record(directory)
+
+    # Another configuration (max_steps is part of the trajectory), reproduced by a plain `dvc repro`.
+    run_command([str(BIN / "lmforge"), "compose", *DVC_TINY, "train.max_steps=30"], directory)
+    out = run_command(["dvc", "repro"], directory).stdout
+    backup = directory / f"models/checkpoints.gpt-char-{record['run_id'][:8]}-step{stopped}"
+    assert {path.name: path.read_bytes() for path in backup.iterdir() if path.name != "note.txt"} == saved
+    note = (backup / "note.txt").read_text()
+    assert note.count("\n") == 1 and "a run of another configuration" in note and f"step {stopped}" in note
+    assert f"train: {note}" in out
+    assert run_record(directory)["run_id"] != record["run_id"]
+    assert checkpoint_step(checkpoints / "last.ckpt") == 30  # the new run's own
+
+
+def test_dvc_exp_run_after_ctrl_c_names_the_run_after_the_experiment_that_finished_it(dvc_base, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    directory = tmp_path / "project"
+    shutil.copytree(dvc_base, directory, symlinks=True)
+    settings = [arg for setting in DVC_TINY for arg in ("-S", setting)]
+    press_ctrl_c(["dvc", "exp", "run", "-n", "first", *settings], directory, 40, tmp_path / "first.log")
+    run_id = run_record(directory)["run_id"]
+    # The reports DVC wrote are committed, as a project's are: rewriting them must not count as dirty.
+    commit_all(directory, "reports of the first attempt")
+    head = run_command(["git", "rev-parse", "HEAD"], directory).stdout.strip()
+
+    run_command(["dvc", "exp", "run", "-n", "second", *settings, "-S", "trainer.num_threads=2"], directory)
+    assert "second" in run_command(["dvc", "exp", "list", "--name-only"], directory).stdout.split()
+    run = MlflowClient(tracking_uri=f"sqlite:///{directory / 'mlflow.db'}").get_run(run_id)
+    assert run_record(directory)["run_id"] == run_id and run.info.status == "FINISHED"
+    assert run.info.run_name == "second" and run.data.tags["lmforge.dvc_experiment"] == "second"
+    assert run.data.tags["lmforge.git_dirty"] == "false"  # dvc.lock, params.yaml, reports/*.json: DVC's
+    assert run.data.tags["mlflow.source.git.commit"] == head
+    assert run.data.tags["lmforge.attempts"] == "2"
+    changed = run.data.tags["lmforge.attempt2.changed"].split("; ")
+    assert "trainer.num_threads: 1 -> 2" in changed and "lmforge.dvc_experiment: first -> second" in changed
+    assert "run name: first -> second" in changed
+    assert any(c.startswith("mlflow.source.git.commit: ") and c.endswith(f" -> {head}") for c in changed)
+    params = run.data.params
+    assert params["trainer.num_threads"] == "1" and params["attempt2/trainer.num_threads"] == "2"  # write-once
+    shown = run_command([str(BIN / "lmforge"), "runs", "show", run_id], directory).stdout
+    assert "attempts         2" in shown and "trainer.num_threads: 1 -> 2" in shown
+
+
+class StopAt(L.Callback):
+    """Presses Ctrl-C (SIGINT to this process) at the end of optimizer step ``step``; records the
+    precision each fit runs at."""
+
+    def __init__(self, step: int | None = None):
+        self.step, self.precisions = step, []
+
+    def on_train_start(self, trainer, pl_module):
+        self.precisions.append(trainer.precision)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and not pl_module.mid_step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_resumed_run_keeps_the_precision_its_run_started_with(tokens_cfg, monkeypatch):
+    # trainer.precision=auto is settled by a timing probe: a busy machine may answer otherwise on
+    # the second attempt, and that attempt must not switch precision halfway through the run.
+    from mlflow.tracking import MlflowClient
+
+    from lmforge.training import hardware
+    from lmforge.training.stage import train_stage
+
+    cfg = tokens_cfg
+    cfg.tracking.log_model, cfg.trainer.precision = False, "auto"
+    cfg.train.update({"max_steps": 12, "eval_interval": 6, "checkpoint_every": 4})
+    monkeypatch.setattr(hardware, "resolve_precision", lambda precision, accelerator: "32")
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(cfg, callbacks=[StopAt(5)])
+    record = json.loads(Path(cfg.paths.checkpoints, "run.json").read_text())
+    assert record["precision"] == "32"
+
+    monkeypatch.setattr(hardware, "resolve_precision", lambda precision, accelerator: "bf16-mixed")
+    resumed = StopAt()
+    train_stage(cfg, callbacks=[resumed])
+    assert resumed.precisions == ["32-true"]
+    tags = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(record["run_id"]).data.tags
+    assert tags["lmforge.attempts"] == "2" and "hardware.precision" not in tags["lmforge.attempt2.changed"]

@@ -241,6 +241,41 @@ def test_run_tags_name_the_commit_its_state_the_experiment_and_the_data(data_dir
     assert tags["lmforge.dvc_experiment"] == "sappy-bice" and tags["mlflow.source.git.commit"] == "0" * 40
 
 
+def test_outputs_dvc_writes_do_not_make_a_run_dirty_but_code_does(tmp_path, monkeypatch):
+    # `dvc exp run` rewrites reports/*.json (metrics, cache: false: committed with git), dvc.lock,
+    # params.yaml and the .gitignore entries of its outputs: none of it is a change to the code.
+    # The project lives in a folder of a larger repository, as `dvc init --subdir` makes it.
+    project = tmp_path / "repo" / "project"
+    (project / "reports").mkdir(parents=True)
+    (project / "data").mkdir()
+    monkeypatch.chdir(project)
+    (project / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    files = {"reports/metrics.json": "{}", "reports/check.json": "{}", "reports/plots/val_loss.csv": "step\n",
+             "params.yaml": "a: 1\n", "dvc.lock": "schema: '2.0'\n", "data/.gitignore": "/prepared\n",
+             "code.py": "print(1)\n"}
+    for name, text in files.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    run_command(["git", "init", "-q"], tmp_path / "repo")
+    run_command(["git", "add", "-A"], tmp_path / "repo")
+    run_command(["git", "commit", "-qm", "v1"], tmp_path / "repo", env=env)
+    assert lineage.git_dirty() is False
+
+    for name in ("reports/metrics.json", "reports/check.json", "reports/plots/val_loss.csv", "params.yaml", "dvc.lock"):
+        (project / name).write_text("changed by dvc\n")
+    (project / "data/.gitignore").write_text("/prepared\n/vocab\n/tokens\n")  # the entries DVC adds
+    assert lineage.git_dirty() is False
+    (project / "data/.gitignore").write_text("/prepared\n/vocab\nsecrets.txt\n")  # a person's entry
+    assert lineage.git_dirty() is True
+    (project / "data/.gitignore").write_text("/prepared\n")
+    (project / "code.py").write_text("print(2)\n")
+    assert lineage.git_dirty() is True
+    (project / "code.py").write_text("print(1)\n")
+    (project / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text() + "# edited\n")  # the pipeline is code
+    assert lineage.git_dirty() is True
+
+
 # --- lmforge runs ---
 
 @pytest.fixture(scope="module")
@@ -283,6 +318,27 @@ def test_runs_list_shows_the_dvc_experiment_and_val_loss(tracked_run, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["run", "id", "name", "dvc", "experiment", "status", "eval/val_loss"]
     assert lines[1].split() == [run_id, "sappy-bice", "sappy-bice", "FINISHED", "1.7751"]
+
+
+def test_runs_show_prints_each_attempt_and_the_settings_in_force_at_the_end(store, capsys):
+    from mlflow.tracking import MlflowClient
+
+    from lmforge.cli.main import main
+
+    client = MlflowClient(tracking_uri=store)
+    run = client.create_run(tracking.ensure_experiment(store, "attempts"), run_name="second")
+    for key, value in {"optimizer.lr": "0.0003", "train.max_steps": "400", "trainer.precision": "auto",
+                       "attempt2/trainer.precision": "32"}.items():
+        client.log_param(run.info.run_id, key, value)
+    client.set_tag(run.info.run_id, "lmforge.attempts", "2")
+    changed = "trainer.precision: auto -> 32; run name: first -> second"
+    client.set_tag(run.info.run_id, "lmforge.attempt2.changed", changed)
+    main(["runs", "show", run.info.run_id, "--tracking-uri", store])
+    out = capsys.readouterr().out
+    assert "attempts         2 (the run was continued after an interruption)" in out
+    assert "  2: changed trainer.precision: auto -> 32; run name: first -> second" in out
+    assert "params (as of the last attempt)" in out
+    assert "  trainer.precision      32" in out and "  optimizer.lr           0.0003" in out
 
 
 def test_an_unknown_run_is_one_line_and_exit_1(tracked_run, capsys):

@@ -319,7 +319,7 @@ def compose_optimizer(name: str):
     return compose_config([f"optimizer={name}"], conf_dir=Path(__file__).parents[2] / "conf").optimizer
 
 
-def test_resume_auto_continues_only_a_run_of_the_same_configuration(tokens_cfg):
+def test_resume_auto_continues_only_an_unfinished_run_of_the_same_configuration(tokens_cfg):
     from lmforge.training.stage import train_stage
 
     cfg = tokens_cfg
@@ -328,15 +328,17 @@ def test_resume_auto_continues_only_a_run_of_the_same_configuration(tokens_cfg):
     cfg.train.resume = "auto"
     train_stage(cfg)
     first = run_record(cfg)["run_id"]
-    train_stage(cfg)  # finished, same configuration: the same run, nothing more to train
-    assert run_record(cfg)["run_id"] == first and run_status(cfg, first) == "FINISHED"
-    cfg.seed = 7  # another configuration never continues these checkpoints
+    assert run_record(cfg)["finished"] and run_status(cfg, first) == "FINISHED"
+    # Finished: a rerun of the stage (the code or the hardware settings changed) trains afresh, and
+    # the finished run's checkpoints (its result is the model directory) are not kept aside.
     train_stage(cfg)
     second = run_record(cfg)["run_id"]
-    assert second != first
-    cfg.train.resume = "never"
+    assert second != first and run_status(cfg, first) == "FINISHED"
+    cfg.seed = 7  # another configuration never continues these checkpoints
     train_stage(cfg)
-    assert run_record(cfg)["run_id"] not in (first, second)
+    third = run_record(cfg)["run_id"]
+    assert third not in (first, second)
+    assert not list(Path(cfg.paths.checkpoints).parent.glob("checkpoints.*"))
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,7 @@ def _evaluate_text(args: argparse.Namespace) -> None:
     import re
     from pathlib import Path
 
-    from lmforge.evaluation.text import evaluate_text, log_text_metrics
+    from lmforge.evaluation.text import describe_metrics, evaluate_text, log_text_metrics
     from lmforge.model.directory import fetch_model_dir, load_model_dir
     from lmforge.outputs import write_json
     from lmforge.tracking.runs import quiet_mlflow_env
@@ -101,10 +101,7 @@ def _evaluate_text(args: argparse.Namespace) -> None:
     quiet_mlflow_env()
     loaded = load_model_dir(fetch_model_dir(args.model, args.tracking_uri))
     metrics = evaluate_text(loaded, args.data, batch_size=args.batch_size, max_batches=args.max_batches)
-    print(f"{args.model} on {metrics['files']} file(s), {metrics['documents']} document(s):")
-    for key in ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "unknown_tokens"):
-        value = metrics[key]
-        print(f"  {key:15} {value:.4f}" if isinstance(value, float) else f"  {key:15} {value}")
+    print(describe_metrics(args.model, metrics))
     if metrics["unknown_tokens"]:
         sys.stdout.flush()
         print(f"warning: {metrics['unknown_tokens']} tokens are <unk>: the text has characters or words outside "

@@ -21,7 +21,8 @@ def score_tokens(model, ids: np.ndarray | object, block_size: int, batch_size: i
                  max_batches: int | None = None, device: str | torch.device = "cpu") -> dict:
     """Sum the next-token loss over ``ids`` (an array or a TokenStream) in non-overlapping windows.
 
-    Returns ``{"nats": total, "predicted": tokens scored, "tokens": len(ids)}``.
+    Returns ``{"nats": total, "predicted": tokens scored, "tokens": len(ids)}``; with ``max_batches``
+    only the first ``max_batches * batch_size`` windows are scored.
     """
     n = len(ids)
     if n < 2:
@@ -51,7 +52,8 @@ def score_tokens(model, ids: np.ndarray | object, block_size: int, batch_size: i
 
 
 def summarise(score: dict, text_bytes: int) -> dict:
-    """Loss, perplexity and bits per byte from a ``score_tokens`` result and the text's byte count."""
+    """Loss, perplexity and bits per byte from a ``score_tokens`` result and the text's byte count;
+    ``tokens`` and ``bytes`` are the whole text's, ``tokens_scored`` those predicted."""
     loss = score["nats"] / score["predicted"]
     # Scale the bytes to the tokens actually predicted (all but the first, or a capped subset).
     covered_bytes = text_bytes * score["predicted"] / max(1, score["tokens"] - 1)
@@ -60,5 +62,6 @@ def summarise(score: dict, text_bytes: int) -> dict:
         "perplexity": math.exp(min(loss, 700.0)),
         "bits_per_byte": score["nats"] / math.log(2) / covered_bytes,
         "tokens": score["tokens"],
+        "tokens_scored": score["predicted"],
         "bytes": text_bytes,
     }

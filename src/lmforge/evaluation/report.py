@@ -19,9 +19,16 @@ METRIC_LABELS = {
     "val_perplexity": "validation perplexity",
     "val_bits_per_byte": "validation bits per byte",
     "val_tokens": "validation tokens",
-    "val_bytes": "validation bytes (UTF-8)",
+    "val_tokens_scored": "validation tokens scored",
+    "val_bytes": "validation bytes (UTF-8, after cleaning)",
     "train_tokens_per_second": "training tokens per second",
 }
+
+
+# Beside the figure: which bytes bits per byte count.
+BYTES_NOTE = ("Bits per byte divide by the UTF-8 bytes of the validation text after the prepare stage's cleaning "
+              "(CRLF and CR line ends become LF; byte-order marks and control characters are removed; Unicode "
+              "is normalised as data.normalize says), not by the bytes of the corpus files.")
 
 
 def render_report(model, metrics: dict, plots: Sequence[Path], samples: Sequence[tuple[str, str]],
@@ -48,6 +55,8 @@ def render_report(model, metrics: dict, plots: Sequence[Path], samples: Sequence
     lines += ["## Metrics", "", "| metric | value |", "|---|---:|"]
     lines += [f"| {METRIC_LABELS.get(key, key)} | {_number(value)} |" for key, value in metrics.items()]
     lines.append("")
+    if "val_bits_per_byte" in metrics:
+        lines += [BYTES_NOTE, ""]
 
     if plots:
         lines += ["## Curves", ""]

@@ -2,7 +2,8 @@
 
 The loss is over the whole validation split, cut into consecutive windows of ``block_size``
 tokens (each token predicted once). Bits per byte divides the total nats by ln 2 and by the
-UTF-8 bytes of the text those tokens encode, so models with different tokenizers compare.
+UTF-8 bytes of the text those tokens encode (after the prepare stage's cleaning: CRLF -> LF, ...),
+so models with different tokenizers compare. The samples start from ``evaluation.prompts``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.metrics import score_tokens, summarise
+from lmforge.evaluation.prompts import stage_prompts
 from lmforge.outputs import atomic_path, check_writable, write_json, write_text
 
 
@@ -89,13 +91,13 @@ def evaluate_stage(cfg) -> dict:
                for k, v in summarise(score, val.index["splits"]["val"]["bytes"]).items()}
     metrics = {"val_loss": metrics["val_loss"], "val_perplexity": metrics["val_perplexity"],
                "val_bits_per_byte": metrics["bits_per_byte"], "val_tokens": metrics["tokens"],
-               "val_bytes": metrics["bytes"]}
+               "val_tokens_scored": metrics["tokens_scored"], "val_bytes": metrics["bytes"]}
     training = loaded.config.get("training", {})
     if training.get("tokens_per_second"):
         metrics["train_tokens_per_second"] = training["tokens_per_second"]
 
     sampling = evaluate_sampling(cfg)
-    samples = [(p, _sample(loaded, p, sampling)) for p in ev.prompts]
+    samples = [(p, _sample(loaded, p, sampling)) for p in stage_prompts(cfg)]
 
     reports = Path(cfg.paths.reports)
     png = write_plots(loaded.path / "curves", reports / "plots")

@@ -1,7 +1,10 @@
 """``lmforge evaluate --model DIR --data FILE...``: any text scored by a model directory.
 
 The text is read and cleaned as the model's training corpus was (``lmforge.corpus``), encoded with
-the model's tokenizer, and scored as the evaluate stage scores its validation split.
+the model's tokenizer, and scored as the evaluate stage scores its validation split. Bits per byte
+divide by the UTF-8 bytes of the text after cleaning (CRLF and CR -> LF, no byte-order mark or
+control characters, Unicode normal form), which ``describe_metrics`` says beside the bytes before
+cleaning and the files' own size.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ def evaluate_text(loaded, sources: list[str], data_cfg=None, batch_size: int | N
     ``data`` settings ``data_cfg``; None takes those the model was trained with
     (``train_config.yaml``), else ``PLAIN_TEXT`` (UTF-8 text). Documents are joined with the
     end-of-text token, as the tokenize stage does, and scored by ``score_tokens`` and
-    ``summarise``, the code of the evaluate stage. Returns ``summarise``'s metrics plus
+    ``summarise``, the code of the evaluate stage. Returns ``summarise``'s metrics (``bytes``: after
+    cleaning) plus ``bytes_before_cleaning`` (the text as read), ``file_bytes`` (the files' size),
     ``files``, ``documents`` and ``unknown_tokens`` (text the tokenizer mapped to ``<unk>``).
     """
     from lmforge.corpus.cleaning import check_normal_form
@@ -33,11 +37,14 @@ def evaluate_text(loaded, sources: list[str], data_cfg=None, batch_size: int | N
     from lmforge.tokenization.tokenizer import UNK_TOKEN, Encoder
 
     data_cfg = data_cfg if data_cfg is not None else _data_settings(loaded)
-    files = resolve_sources(sources)
+    try:
+        files = resolve_sources(sources)
+    except LmforgeError as err:  # its sentences name the entries' origin data.sources: here it is --data
+        raise LmforgeError(str(err).replace("data.sources", "--data")) from None
     formats = [file_format(path, str(data_cfg.format)) for path in files]
     sink = _EncodedDocuments(Encoder(loaded.tokenizer), loaded.eot_id, check_normal_form(data_cfg.normalize))
     read_sources(sink, files, formats, ReadOptions(data_cfg, warn), CorpusStats(files=len(files)), lambda n: None)
-    arrays, counts = sink.arrays, {"documents": sink.documents, "bytes": sink.bytes}
+    arrays = sink.arrays
     ids = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
     if len(ids) < 2:
         raise LmforgeError(f"{', '.join(map(str, sources))} holds fewer than 2 tokens of text; "
@@ -46,10 +53,27 @@ def evaluate_text(loaded, sources: list[str], data_cfg=None, batch_size: int | N
     batching = {"batch_size": batch_size} if batch_size else {}
     score = score_tokens(loaded.model, ids, block_size, max_batches=max_batches, **batching)
     unk = loaded.tokenizer.token_to_id(UNK_TOKEN)
-    metrics = summarise(score, counts["bytes"])
-    metrics.update(files=len(files), documents=counts["documents"],
+    metrics = summarise(score, sink.bytes)
+    metrics.update(bytes_before_cleaning=sink.bytes_read, file_bytes=sum(path.stat().st_size for path in files),
+                   files=len(files), documents=sink.documents,
                    unknown_tokens=int((ids == unk).sum()) if unk is not None else 0)
     return metrics
+
+
+def describe_metrics(model: str, metrics: dict) -> str:
+    """``evaluate_text``'s metrics as the lines ``lmforge evaluate --data`` prints."""
+    scored, total = metrics["tokens_scored"], metrics["tokens"]
+    # Every token but the first (context only) is scored, unless --max-batches stopped earlier.
+    tokens = f"{total:,} (all scored)" if scored >= total - 1 else f"{scored:,} scored of {total:,} (--max-batches)"
+    lines = [f"{model} on {metrics['files']} file(s), {metrics['documents']} document(s):",
+             f"  {'loss':15} {metrics['loss']:.4f}",
+             f"  {'perplexity':15} {metrics['perplexity']:.4f}",
+             f"  {'bits_per_byte':15} {metrics['bits_per_byte']:.4f}  (per byte of the text after cleaning)",
+             f"  {'tokens':15} {tokens}",
+             f"  {'bytes':15} {metrics['bytes']:,} after cleaning (CRLF -> LF, no BOM or control characters, "
+             f"normal form); {metrics['bytes_before_cleaning']:,} before; the files hold {metrics['file_bytes']:,}",
+             f"  {'unknown_tokens':15} {metrics['unknown_tokens']}"]
+    return "\n".join(lines)
 
 
 class _EncodedDocuments:
@@ -62,14 +86,16 @@ class _EncodedDocuments:
         self.encoder, self.form, self.clean_pieces = encoder, form, clean_pieces
         self.eot = np.array([eot_id], dtype=np.int64)
         self.arrays: list[np.ndarray] = []
-        self.documents = self.bytes = 0
+        self.documents = self.bytes = self.bytes_read = 0
 
     def take(self, document) -> None:
-        ids, size = [], 0
-        for text, data, _ in self.clean_pieces(document, self.form):  # a long one comes in pieces cut after line ends
+        ids, size, read = [], 0, 0
+        for text, data, size_in in self.clean_pieces(document, self.form):  # a long one comes in pieces
+            read += size_in
             if text:
                 ids.append(self.encoder.encode(text))
                 size += len(data)
+        self.bytes_read += read
         if size:
             self.arrays.extend([self.eot, *ids] if self.documents else ids)
             self.documents += 1

@@ -12,6 +12,8 @@ Each run is tagged with
 so that a run in the UI leads back to the bytes that produced it: ``dvc exp apply`` or
 ``git checkout <commit> && dvc checkout`` restores them, and the hashes say whether a directory
 on disk is the same one. ``describe_run`` prints all of it (``lmforge runs show RUN_ID``).
+
+A run continued after an interruption has several attempts: ``lmforge.tracking.attempts``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +29,13 @@ from pathlib import Path
 import yaml
 
 from lmforge.errors import LmforgeError
+from lmforge.tracking.attempts import ATTEMPTS_TAG, current_params
 
 LOCK_FILE = Path("dvc.lock")
 # What each stage's output is, in the words of the tags, and where the config names it.
 DATA = {"corpus": "prepared", "tokenizer": "vocab", "tokens": "tokens"}
-# Files DVC rewrites by design during `dvc exp run`; they do not make the code differ from the commit.
+DVC_FILE = Path("dvc.yaml")
+# Files DVC rewrites by design during `dvc exp run`, besides the outputs dvc.yaml declares.
 _REWRITTEN_BY_DVC = {"params.yaml", "dvc.lock"}
 # The params `runs show` prints as the run's summary (all of them are in the UI).
 SUMMARY_PARAMS = ("seed", "tokenizer.kind", "tokenizer.vocab_size", "model.n_layer", "model.n_head", "model.n_embd",
@@ -48,11 +53,59 @@ def git_commit() -> str | None:
 
 
 def git_dirty() -> bool | None:
-    """True when tracked files (other than params.yaml and dvc.lock) differ from ``HEAD``; None outside git."""
-    changed = _git("diff", "--name-only", "HEAD")
+    """True when tracked files differ from ``HEAD``; None outside git.
+
+    What DVC rewrites by design does not count: params.yaml, dvc.lock, every output dvc.yaml
+    declares (outs, metrics, plots: ``reports/*.json`` and the like) and the entries DVC adds for
+    them to a .gitignore (``dvc_managed_paths``).
+    """
+    changed = _git("diff", "--name-only", "-z", "HEAD")
     if changed is None:
         return None
-    return bool(set(changed.splitlines()) - _REWRITTEN_BY_DVC)
+    prefix = _git("rev-parse", "--show-prefix") or ""  # the project's folder inside the repository
+    managed, ignored = dvc_managed_paths()
+    managed = {prefix + path for path in managed}
+    for path in filter(None, changed.split("\0")):
+        if path in managed or any(path.startswith(m + "/") for m in managed):
+            continue
+        entries = ignored.get(path[len(prefix):] if path.startswith(prefix) else None)
+        if entries is None or not _only_entries(path, entries):
+            return True
+    return False
+
+
+def dvc_managed_paths(dvc_file: Path = DVC_FILE) -> tuple[set[str], dict[str, set[str]]]:
+    """What DVC writes itself in a project: (paths, {.gitignore path: the entries DVC adds to it}).
+
+    The paths are params.yaml, dvc.lock and every ``outs``, ``metrics`` and ``plots`` path of
+    ``dvc_file``'s stages (relative to the project, ``wdir`` applied; templated ones are skipped).
+    """
+    paths, ignored = set(_REWRITTEN_BY_DVC), {}
+    try:
+        spec = yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return paths, ignored
+    for stage in (spec.get("stages") or {}).values() if isinstance(spec, dict) else ():
+        if not isinstance(stage, dict):
+            continue
+        for section in ("outs", "metrics", "plots"):
+            for entry in stage.get(section) or []:
+                out = entry if isinstance(entry, str) else next(iter(entry), None) if isinstance(entry, dict) else None
+                if not isinstance(out, str) or "${" in out:
+                    continue
+                path = posixpath.normpath(posixpath.join(str(stage.get("wdir") or "."), out))
+                paths.add(path)
+                folder, name = posixpath.split(path)
+                ignored.setdefault(posixpath.join(folder, ".gitignore"), set()).add(f"/{name}")
+    return paths, ignored
+
+
+def _only_entries(gitignore: str, entries: set[str]) -> bool:
+    # True when every line added to or removed from this .gitignore since HEAD is one of DVC's entries.
+    diff = _git("diff", "-U0", "HEAD", "--", f":(top){gitignore}") or ""
+    lines = [line[1:].strip() for line in diff.splitlines()
+             if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    return all(not line or line in entries for line in lines)
 
 
 def dvc_experiment() -> str | None:
@@ -113,6 +166,12 @@ def run_tags(cfg) -> dict[str, str]:
     return tags
 
 
+def lineage_tag_keys() -> tuple[str, ...]:
+    """Every tag ``run_tags`` may set (a continued run's new attempt deletes those it lacks)."""
+    return ("mlflow.source.git.commit", "lmforge.git_dirty", "lmforge.dvc_experiment", "lmforge.hashes_from",
+            *(f"lmforge.{role}.{part}" for role in DATA for part in ("path", "md5")))
+
+
 def describe_run(run_id: str, tracking_uri: str) -> str:
     """A run's lineage, summary params and final metrics, as text (``lmforge runs show``)."""
     from lmforge.tracking.runs import check_reachable, quiet_mlflow_env
@@ -146,7 +205,13 @@ def describe_run(run_id: str, tracking_uri: str) -> str:
             lines.append(f"  {role:16} (not recorded)")
     if "lmforge.hashes_from" in tags:
         lines.append(f"  hashes from      {tags['lmforge.hashes_from']}")
-    lines.append("params")
+    attempts = int(tags.get(ATTEMPTS_TAG, "1"))
+    if attempts > 1:
+        lines.append(f"attempts         {attempts} (the run was continued after an interruption)")
+        lines.extend(f"  {n}: changed {tags.get(f'lmforge.attempt{n}.changed', '(not recorded)')}"
+                     for n in range(2, attempts + 1))
+    lines.append("params" + (" (as of the last attempt)" if attempts > 1 else ""))
+    params = current_params(params)
     lines.extend(f"  {key:22} {params[key]}" for key in SUMMARY_PARAMS if key in params)
     lines.append("metrics (last value)")
     width = max((len(key) for key in metrics), default=0)

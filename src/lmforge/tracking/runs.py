@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import LmforgeError
+from lmforge.tracking.attempts import next_attempt, param_value
 
 ARTIFACT_DIR = "mlartifacts"
 
@@ -168,7 +169,7 @@ def log_to_run(run: dict, metrics: dict[str, float] | None = None, artifacts: li
     if params:
         from mlflow.entities import Param
 
-        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        client.log_batch(run_id, params=[Param(k, param_value(v)) for k, v in params.items()])
     for path in artifacts or []:
         client.log_artifact(run_id, str(path))
     for dest, path in (artifact_dirs or {}).items():
@@ -254,8 +255,33 @@ class TrainingRun:
 
     def log_start(self, params: dict[str, Any], metrics: dict[str, float]) -> None:
         """A new run's parameters and its step-0 metrics (model size, corpus counts)."""
-        self.logger.log_hyperparams(params)
+        self._log_params({key: param_value(value) for key, value in params.items()})
         self.logger.log_metrics(metrics, step=0)
+
+    def record_attempt(self, params: dict[str, Any], tags: dict[str, str | None],
+                       run_name: str) -> tuple[int, list[str]]:
+        """A continued run's new attempt (``lmforge.tracking.attempts``): the settings that changed
+        since the last one, this attempt's lineage ``tags`` (None for one it lacks) and its name.
+        Returns the attempt's number and its changes (``key: old -> new``)."""
+        from mlflow.entities import RunTag
+
+        client, run_id = self.logger.experiment, self.logger.run_id
+        logged = client.get_run(run_id)
+        attempt = next_attempt(logged.data.params, logged.data.tags, logged.info.run_name, params, tags, run_name)
+        self._log_params(attempt.params)
+        client.log_batch(run_id, tags=[RunTag(key, value) for key, value in attempt.tags.items()])
+        for key in attempt.deleted_tags:
+            client.delete_tag(run_id, key)
+        if run_name != logged.info.run_name:
+            client.update_run(run_id, name=run_name)
+        return attempt.number, attempt.changes
+
+    def _log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(key, value) for key, value in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's limit per batch
+            self.logger.experiment.log_batch(self.logger.run_id, params=items[start : start + 100])
 
     def logged_metric_steps(self) -> set[tuple[str, int]]:
         """The (metric, step) pairs the run already holds (steps past the last checkpoint may

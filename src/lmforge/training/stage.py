@@ -3,10 +3,13 @@ the MLflow run, runs Lightning's Trainer and writes the final weights as a model
 
 Surviving: ``checkpoints/last.ckpt`` is rewritten atomically every ``train.checkpoint_every``
 steps, with the optimizer, schedule, random-number and data position in it; ``train.resume=auto``
-continues from it bit for bit, in the same MLflow run (``checkpoints/run.json``). A non-finite
-loss stops the run (FAILED) before a bad checkpoint is written; Ctrl-C or SIGTERM finishes the
-step, saves a checkpoint and stops (KILLED; exit status 130 or 143). A resumed run logs no step
-that MLflow already holds.
+(the default, so a plain ``dvc repro`` does it) continues an unfinished run of the same
+configuration from it bit for bit, in the same MLflow run (``checkpoints/run.json``), which then
+carries the name of the attempt that finished it and every setting that changed
+(``TrainingRun.record_attempt``). The checkpoints of an unfinished run are never overwritten by a
+new one: they are kept aside (``training.resume``). A non-finite loss stops the run (FAILED)
+before a bad checkpoint is written; Ctrl-C or SIGTERM finishes the step, saves a checkpoint and
+stops (KILLED; exit status 130 or 143). A resumed run logs no step that MLflow already holds.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
+from lmforge.config.paths import TOKENIZER_FILE
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT, Block, GPTConfig
 from lmforge.outputs import check_writable, watched
@@ -37,7 +41,14 @@ from lmforge.training.callbacks import (
 )
 from lmforge.training.module import LitGPT, NonFiniteLoss
 from lmforge.training.optim import accumulation_steps
-from lmforge.training.resume import LAST_CHECKPOINT, RUN_FILE, clear_checkpoints, config_fingerprint, find_resume_point
+from lmforge.training.resume import (
+    LAST_CHECKPOINT,
+    RUN_FILE,
+    config_fingerprint,
+    find_resume_point,
+    mark_finished,
+    start_afresh,
+)
 
 
 def train_stage(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
@@ -62,18 +73,27 @@ def train_stage(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
     checkpoints = Path(cfg.paths.checkpoints)
     fingerprint = config_fingerprint(cfg, index)
     ckpt_path, record = find_resume_point(checkpoints, t.resume, fingerprint)
+    if record is not None and str(cfg.trainer.precision) == "auto" and record.get("precision"):
+        # auto is settled by a timing probe, which a busy machine may answer otherwise: a resumed
+        # run keeps the precision it started with, so that it stays bit-identical.
+        choices["hardware.precision"] = record["precision"]
     run = _open_run(cfg, lit, record, fingerprint, choices) if rank_zero_only.rank == 0 else None  # rank 0: MLflow
     if run is not None and record is not None:
-        print(f"resuming from {ckpt_path or 'step 0'} in MLflow run {run.info['run_id']}")
+        print(f"resuming from {ckpt_path or 'step 0'} in MLflow run {run.info['run_id']} "
+              f"(precision {choices['hardware.precision']})")
     trainer = _trainer(cfg, choices["hardware.precision"], run, [*callbacks, *_callbacks(cfg, run)])
     throughput = _steps_and_throughput(cfg, trainer)
     _compile(cfg, lit)
-    _fit(trainer, lit, datamodule, ckpt_path, run, checkpoints)
-    trainer.save_checkpoint(checkpoints / LAST_CHECKPOINT, weights_only=False)  # finished: resume=auto only exports
+    _fit(trainer, lit, datamodule, ckpt_path, run, checkpoints, str(t.resume))
+    # Until the model directory is written a rerun resumes here and only exports.
+    trainer.save_checkpoint(checkpoints / LAST_CHECKPOINT, weights_only=False)
     # The last validation may fall before the last step: score the final weights too.
     if trainer.global_step % int(t.eval_interval) != 0:
         trainer.validate(lit, datamodule=datamodule, verbose=False)
-    return _write_model_dir(cfg, trainer, lit, index, run, throughput)
+    model_dir = _write_model_dir(cfg, trainer, lit, index, run, throughput)
+    if run is not None:
+        mark_finished(checkpoints)  # a later run of this configuration trains afresh
+    return model_dir
 
 
 # --- the steps of train(), in the order it takes them ------------------------------------------
@@ -114,7 +134,7 @@ def _lightning_module(cfg, index: dict) -> LitGPT:
     if t.init_from:
         from lmforge.model.directory import init_from_model_dir
 
-        init_from_model_dir(lit.model, t.init_from, Path(cfg.paths.vocab) / "tokenizer.json")
+        init_from_model_dir(lit.model, t.init_from, Path(cfg.paths.vocab) / TOKENIZER_FILE)
     n_params, flops = lit.model.num_params(), lit.model.flops_per_token()
     rank_zero_only(print)(f"model: {n_params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOP per token (training)")
     return lit
@@ -122,7 +142,8 @@ def _lightning_module(cfg, index: dict) -> LitGPT:
 
 def _open_run(cfg, lit: LitGPT, record: dict | None, fingerprint: str, choices: dict[str, str]) -> TrainingRun:
     """Open the MLflow run (or continue ``record``'s), log a new run's parameters and step-0
-    metrics, and name it in ``checkpoints/run.json`` for a later ``train.resume=auto``."""
+    metrics or a continued run's new attempt, and name the run in ``checkpoints/run.json`` for a
+    later ``train.resume=auto``."""
     from lmforge.config.compose import flat_params
     from lmforge.outputs import write_json
     from lmforge.tracking import lineage
@@ -130,16 +151,24 @@ def _open_run(cfg, lit: LitGPT, record: dict | None, fingerprint: str, choices: 
 
     # In a sweep, the DVC experiment name is what `dvc exp show` lists: the same name in the UI.
     run_name = cfg.tracking.run_name or lineage.dvc_experiment() or f"{Path(cfg.paths.model).name}-{cfg.tokenizer.kind}"
-    run = TrainingRun.open(cfg.tracking, run_name, lineage.run_tags(cfg), record)
+    tags = lineage.run_tags(cfg)
+    run = TrainingRun.open(cfg.tracking, run_name, tags, record)
     lit.metrics_log = run.metrics
-    if not run.resumed:
-        checkpoints = Path(cfg.paths.checkpoints)
-        if record is None:
-            clear_checkpoints(checkpoints)  # before run.json names the new run: see find_resume_point
+    params = {**flat_params(cfg), **choices}
+    checkpoints = Path(cfg.paths.checkpoints)
+    if run.resumed:
+        lineage_now = {key: tags.get(key) for key in lineage.lineage_tag_keys()}
+        number, changes = run.record_attempt(params, lineage_now, run_name)
+        print(f"attempt {number} of MLflow run {run_name}; changed since the last attempt: "
+              f"{'; '.join(changes) or 'nothing'}")
+    else:
+        if record is None:  # before run.json names the new run: see find_resume_point
+            start_afresh(checkpoints, str(cfg.train.resume), fingerprint)
         # The corpus and vocabulary counts (prepare's and vocab's DVC metrics) belong on the run too.
         model = {"model/parameters": lit.model.num_params(), "model/flops_per_token": lit.model.flops_per_token()}
-        run.log_start({**flat_params(cfg), **choices}, {**model, **reported_counts(cfg.paths.reports)})
-        write_json(checkpoints / RUN_FILE, {**run.info, "fingerprint": fingerprint})
+        run.log_start(params, {**model, **reported_counts(cfg.paths.reports)})
+    write_json(checkpoints / RUN_FILE, {**run.info, "run_name": run_name, "fingerprint": fingerprint,
+                                        "precision": choices["hardware.precision"]})
     return run
 
 
@@ -211,7 +240,7 @@ def _compile(cfg, lit: LitGPT) -> None:
 
 
 def _fit(trainer: L.Trainer, lit: LitGPT, datamodule, ckpt_path: Path | None, run: TrainingRun | None,
-         checkpoints: Path) -> None:
+         checkpoints: Path, resume: str) -> None:
     """Train, turning how training ended into the run's status and one sentence for the user."""
     try:
         trainer.fit(lit, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -223,8 +252,9 @@ def _fit(trainer: L.Trainer, lit: LitGPT, datamodule, ckpt_path: Path | None, ru
     except TrainingInterrupted as err:
         if run is not None:
             run.set_status("KILLED")
-            print(f"{err}: saved {checkpoints / LAST_CHECKPOINT}; run again with train.resume=auto to continue",
-                  flush=True)
+            how = "" if resume == "auto" else " with train.resume=auto"
+            print(f"{err}: saved {checkpoints / LAST_CHECKPOINT}; run the train stage again{how} (dvc repro) "
+                  "to continue from it", flush=True)
         raise Stopped(err.signum) from None
     except (KeyboardInterrupt, SystemExit) as err:  # Lightning: Ctrl-C is sys.exit(1), a 2nd SIGTERM SIGTERMException
         if run is not None:
@@ -248,7 +278,7 @@ def _write_model_dir(cfg, trainer: L.Trainer, lit: LitGPT, index: dict, run: Tra
                       "sha256": index["tokenizer_sha256"]}
     training = {"steps": trainer.global_step, "tokens": trainer.global_step * throughput.tokens_per_step,
                 "tokens_per_second": throughput.tokens_per_second}
-    save_model_dir(out, model, Path(cfg.paths.vocab) / "tokenizer.json", tokenizer_meta, train_cfg=cfg,
+    save_model_dir(out, model, Path(cfg.paths.vocab) / TOKENIZER_FILE, tokenizer_meta, train_cfg=cfg,
                    run=run.info, extra={"training": training}, write_more=_curves_writer(lit.history))
     if cfg.tracking.log_model:
         from lmforge.serving.pyfunc import log_pyfunc_model
