@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import torch
 
+from lmforge.config.paths import TOKENIZER_FILE
 from lmforge.errors import LmforgeError, missing_extra
 from lmforge.interop.gguf_vocab import pre_tokenizer_name, tokenizer_from_gguf, write_tokenizer
 from lmforge.interop.hf_config import GPT2, LLAMA, hf_family
@@ -268,8 +269,8 @@ def import_gguf(path: str | Path, out: str | Path, force: bool = False) -> Path:
     imported_from = {"path": str(path.resolve()), "architecture": f"gguf:{family}",
                      **({"lineage": lineage_keys} if lineage_keys else {})}
     with tempfile.TemporaryDirectory() as scratch:
-        save_tokenizer(tokenizer, Path(scratch) / "tokenizer.json")
-        return save_model_dir(out, model, Path(scratch) / "tokenizer.json", meta,
+        save_tokenizer(tokenizer, Path(scratch) / TOKENIZER_FILE)
+        return save_model_dir(out, model, Path(scratch) / TOKENIZER_FILE, meta,
                               extra={"imported_from": imported_from})
 
 

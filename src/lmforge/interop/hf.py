@@ -64,7 +64,7 @@ def export_hf(model_dir: str | Path, out: str | Path) -> Path:
     with atomic_path(out, directory=True) as tmp:
         save_file(export_weights(loaded.model, family, HF), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", to_hf_config(config, family, loaded.eot_id))
-        shutil.copyfile(loaded.path / TOKENIZER, tmp / "tokenizer.json")
+        shutil.copyfile(loaded.path / TOKENIZER, tmp / TOKENIZER)
         eot_token = loaded.config["tokenizer"]["eot_token"]
         special = {"bos_token": eot_token, "eos_token": eot_token}
         if loaded.tokenizer.token_to_id(UNK_TOKEN) is not None:

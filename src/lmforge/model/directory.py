@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from lmforge.config.paths import TOKENIZER_FILE
 from lmforge.errors import LmforgeError
 from lmforge.model.config import GPTConfig
 from lmforge.model.gpt import GPT
@@ -36,7 +37,7 @@ from lmforge.tracking.runs import default_tracking_uri
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
+TOKENIZER = TOKENIZER_FILE
 TRAIN_CONFIG = "train_config.yaml"
 RUN = "run.json"
 REQUIRED = (WEIGHTS, CONFIG, TOKENIZER)

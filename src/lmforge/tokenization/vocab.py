@@ -27,6 +27,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmforge.config.compose import UNSET
+from lmforge.config.paths import TOKENIZER_FILE
 from lmforge.config.rules import check_setting, check_vocab_size
 from lmforge.errors import LmforgeError
 from lmforge.tokenization.pretokenize import count_byte_level_pre_tokens, word_pre_tokenizer
@@ -345,7 +346,7 @@ def vocab_stage(cfg: Any) -> dict:
     from lmforge.outputs import check_writable, write_json
     from lmforge.tokenization.chunks import iter_pieces
 
-    check_writable(("paths.vocab", Path(cfg.paths.vocab) / "tokenizer.json"),
+    check_writable(("paths.vocab", Path(cfg.paths.vocab) / TOKENIZER_FILE),
                    ("paths.reports", Path(cfg.paths.reports) / "vocab.json"))
     prepared = Path(cfg.paths.prepared)
     if not (prepared / "train.txt").is_file():
@@ -356,7 +357,7 @@ def vocab_stage(cfg: Any) -> dict:
     requested = cfg.tokenizer.get("vocab_size")
     metrics = {"kind": cfg.tokenizer.kind, "requested_vocab_size": requested,
                **vocab_metrics(tokenizer, iter_pieces(prepared / "val.txt"))}
-    save_tokenizer(tokenizer, Path(cfg.paths.vocab) / "tokenizer.json")
+    save_tokenizer(tokenizer, Path(cfg.paths.vocab) / TOKENIZER_FILE)
     write_json(Path(cfg.paths.reports) / "vocab.json", metrics)
     print(vocab_line(metrics))
     return metrics
