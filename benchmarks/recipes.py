@@ -37,9 +37,9 @@ NANOGPT_FINAL_LOSS = 1.78  # nanoGPT's baby recipe on these plays (../shared/NOT
 # name -> (what it is, overrides on top of conf/ with its defaults)
 RECIPES = {
     "nanogpt": ("nanoGPT's recipe: GPT-2 baby, AdamW lr 1e-3 -> 1e-4 cosine, warmup 100, wd 0.1, betas 0.9/0.99",
-                ["model=baby", "optimizer=adamw", "optimizer.lr=1e-3", "optimizer.min_lr=1e-4"]),
+                ["model=baby", "optimizer=adamw", "optimizer.lr=1e-3", "optimizer.min_lr_ratio=0.1"]),
     "nanogpt-lr": ("the same with the learning rate retuned", ["model=baby", "optimizer=adamw",
-                                                              "optimizer.lr=4e-3", "optimizer.min_lr=4e-4"]),
+                                                              "optimizer.lr=4e-3", "optimizer.min_lr_ratio=0.1"]),
     "llama-adamw": ("baby-llama (RoPE, RMSNorm, SwiGLU, GQA, no bias, untied) with AdamW",
                     ["model=baby-llama", "optimizer=adamw"]),
     "llama-muon": ("baby-llama with Muon on the hidden matrices, AdamW on the rest",

@@ -219,7 +219,7 @@ def test_training_continues_from_an_imported_model(tiny_cfg, tmp_path):
     # With a vanishing learning rate the trained weights are the imported ones.
     tiny_cfg.train.init_from = str(imported)
     tiny_cfg.train.max_steps = 2
-    tiny_cfg.optimizer.update({"lr": 1e-12, "min_lr": 1e-12, "weight_decay": 0.0})
+    tiny_cfg.optimizer.update({"lr": 1e-12, "weight_decay": 0.0})
     if "muon_lr" in tiny_cfg.optimizer:  # the default optimizer is Muon: its matrices have their own rate
         tiny_cfg.optimizer.update({"muon_lr": 1e-12, "muon_weight_decay": 0.0})
     tiny_cfg.tracking.log_model = False

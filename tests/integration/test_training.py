@@ -40,7 +40,7 @@ def test_shards_split_at_the_configured_size(tokens_cfg):
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    opt = OmegaConf.create({"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "schedule": "cosine"})
+    opt = OmegaConf.create({"lr": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": 10, "schedule": "cosine"})
     assert lr_at(0, opt, 100) == pytest.approx(1e-4)
     assert lr_at(9, opt, 100) == pytest.approx(1e-3)
     assert lr_at(100, opt, 100) == pytest.approx(1e-4)
@@ -50,7 +50,7 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_every_schedule_warms_up_and_stays_between_min_and_peak(schedule):
-    opt = OmegaConf.create({"lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 5, "schedule": schedule})
+    opt = OmegaConf.create({"lr": 2e-3, "min_lr_ratio": 0.1, "warmup_steps": 5, "schedule": schedule})
     factors = [lr_factor(s, opt, 50) for s in range(60)]
     assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     assert all(0.1 - 1e-12 <= f <= 1.0 for f in factors)

@@ -42,7 +42,7 @@ ALWAYS_NULL = sorted(key for key, values in VALUES.items() if all(v is None for 
 # Where zero is a legitimate value. Written here, apart from the table, so that a rule that starts
 # (or stops) taking 0 is a decision this test sees.
 ZERO_OK = {"seed", "evaluate.seed", "train.grad_clip", "evaluate.temperature", "data.min_chars",
-           "tokenizer.min_frequency", "model.dropout", "optimizer.min_lr", "optimizer.weight_decay",
+           "tokenizer.min_frequency", "model.dropout", "optimizer.min_lr_ratio", "optimizer.weight_decay",
            "optimizer.warmup_steps", "optimizer.betas", "optimizer.muon_momentum", "optimizer.muon_weight_decay"}
 
 
@@ -103,7 +103,7 @@ def test_every_bad_value_of_every_numeric_key_is_one_sentence_naming_it(composed
             OmegaConf.update(composed, key, value, merge=False)
             found = problems(composed, conf_dir=CONF)
             # Refused: what no numeric key takes, an int beyond 64 bits, and what the table refuses
-            # (its rule of the key, or a rule across keys such as optimizer.min_lr <= optimizer.lr).
+            # (its rule of the key, or a rule across keys such as tokenizer.vocab_size's floor).
             if text in BAD_ALWAYS or text == MAYBE[2] and rule.kind == "int" or range_problems(composed):
                 assert len(found) == 1, (key, text, found)
                 assert found[0].startswith(f"{key}=") and "\n" not in found[0], (key, text, found)
@@ -151,7 +151,7 @@ def test_the_vocabulary_floor_of_each_tokenizer_kind():
 
 @pytest.mark.parametrize("overrides, sentence", [
     (["tokenizer=bpe", "tokenizer.vocab_size=200"], "tokenizer.vocab_size=200 is too small: byte-level BPE needs"),
-    (["optimizer.min_lr=0.1"], "optimizer.min_lr=0.1 is above optimizer.lr=0.008"),
+    (["optimizer.min_lr_ratio=1.5"], "optimizer.min_lr_ratio=1.5 must be in [0, 1]"),
     (["data.val_fraction=1.5"], "data.val_fraction=1.5 must be in (0, 1)"),
 ])
 def test_the_issue_20_values_are_refused(overrides, sentence):

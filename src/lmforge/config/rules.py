@@ -164,7 +164,7 @@ RULES: dict[str, Rule] = {
     "model.norm_eps": POSITIVE,
     "model.mlp_hidden": integer(null=True, note="null means the default width"),
     "optimizer.lr": POSITIVE,
-    "optimizer.min_lr": number(0, note="at most optimizer.lr"),
+    "optimizer.min_lr_ratio": number(0, 1, note="the floor of the schedule, as a fraction of each learning rate"),
     "optimizer.weight_decay": number(0),
     "optimizer.betas": Rule("numbers", 0, 1, high_open=True, length=2),
     "optimizer.eps": POSITIVE,
@@ -245,18 +245,9 @@ def _vocab_floor(cfg: Any) -> str | None:
     return vocab_size_problem(t.kind, t.get("vocab_size"), list(specials) if is_list(specials) else [])
 
 
-def _min_lr_below_lr(cfg: Any) -> str | None:
-    opt = cfg.optimizer
-    if opt.min_lr > opt.lr:
-        return (f"optimizer.min_lr={opt.min_lr} is above optimizer.lr={opt.lr}: the schedule decays from lr down "
-                "to min_lr; set optimizer.min_lr to at most optimizer.lr.")
-    return None
-
-
 # (the keys a rule reads, the rule): a rule runs only when each of its keys is there and in range.
 CROSS_RULES: tuple[tuple[tuple[str, ...], Callable[[Any], str | None]], ...] = (
     (("tokenizer.kind", "tokenizer.vocab_size"), _vocab_floor),
-    (("optimizer.lr", "optimizer.min_lr"), _min_lr_below_lr),
 )
 
 

@@ -3,7 +3,7 @@ micro-batches make one optimizer step. Plain PyTorch: no Lightning, no MLflow.
 
 AdamW puts weight decay on matrices only; ``muon`` runs Muon on the 2-D weight matrices inside
 the transformer blocks and AdamW on the rest. Every param group follows one schedule: linear
-warmup, then constant or a linear/cosine decay to ``min_lr``.
+warmup, then constant or a linear/cosine decay to ``min_lr_ratio`` of the peak.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ def lr_factor(step: int, opt_cfg, max_steps: int) -> float:
     """The learning rate at optimizer step ``step`` (from 0) as a fraction of the peak rate.
 
     Linear warmup over ``warmup_steps``, then ``constant``, or a ``linear``/``cosine`` decay that
-    reaches ``min_lr / lr`` at ``max_steps``. Every param group (Muon's too) follows this factor.
+    reaches ``min_lr_ratio`` at ``max_steps``. Every param group (Muon's too) follows this factor.
     """
-    lr, warmup = float(opt_cfg.lr), int(opt_cfg.warmup_steps)
-    floor = float(opt_cfg.min_lr) / lr if lr > 0 else 0.0
+    warmup, floor = int(opt_cfg.warmup_steps), float(opt_cfg.min_lr_ratio)
     if step < warmup:
         return (step + 1) / warmup
     if opt_cfg.schedule == "constant":
