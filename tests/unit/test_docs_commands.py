@@ -89,7 +89,7 @@ KEYS_NOT_MODULES = {
     "lmforge.git_dirty", "lmforge.dvc_experiment", "lmforge.hashes_from", "lmforge.git_commit",
     "lmforge.corpus.md5", "lmforge.tokenizer.md5", "lmforge.tokens.md5", "lmforge.mlflow.run_id",
     "lmforge.mlflow.experiment_id",
-    "lmforge.chat_template",
+    "lmforge.chat_template", "lmforge.attempts", "lmforge.attempt",
 }
 # Paths the docs name that are outputs, not files of the repository.
 OUTPUT_PATHS = {"benchmarks/results/"}
