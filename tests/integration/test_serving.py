@@ -54,7 +54,7 @@ def test_params_become_a_validated_sampling_config():
     assert sampling_from_params({}) == (SamplingConfig(), [])
     for params, message in [
         ({"top_p": 1.5}, "sampling.top_p=1.5 must be in (0, 1]"),
-        ({"temperature": -1}, "sampling.temperature=-1.0 must be a number >= 0"),
+        ({"temperature": -1}, "sampling.temperature=-1.0 must be a finite number >= 0"),
         ({"max_new_tokens": 0}, "sampling.max_new_tokens=0 must be an integer >= 1"),
         ({"top_k": 2.5}, "sampling.top_k=2.5 must be an integer >= 1"),
         ({"temperature": "hot"}, "parameter temperature='hot' is not a number"),
@@ -157,7 +157,7 @@ def test_train_stage_registers_a_model_that_mlflow_serves(tiny_cfg, tmp_path):
         assert body["predictions"] == [complete_samples(loaded, p, cfg)[0] for p in ("The king", "Good")]
         assert any(len(text) > 5 for text in body["predictions"])
         status, body = post(url, {"inputs": {"prompt": ["The"]}, "params": {"temperature": -1.0}})
-        assert status == 400 and "sampling.temperature=-1.0 must be a number >= 0" in body["message"]
+        assert status == 400 and "sampling.temperature=-1.0 must be a finite number >= 0" in body["message"]
     finally:
         stop_process_group(server)
 

@@ -7,8 +7,10 @@ slot of the model's ``KVSlots`` (its own keys, values and length). A step is:
 1. admit waiting jobs while slots are free: prefill the prompt window less its last token into
    one slot (copied to the job's other slots), so the last prompt token is the slot's next input;
    a job that waited longer than ``queue_timeout`` ends with an error (status 503) instead;
-2. one forward pass over every active slot, each feeding its next input at its own position;
-3. per job, sample its slots' tokens with its own settings and generator, turn them into text
+2. one forward pass over every active slot, each feeding its next input at its own position
+   (``lmforge.inference.decode``: the model's own computation at a fraction of its per-call cost);
+3. per job, sample its slots' tokens with its own settings and generator (the rows of plain greedy
+   jobs share one argmax; log-probabilities only when a job wants them), turn them into text
    (stop strings, end-of-text) and hand the pieces to the job's ``emit`` callback;
 4. a job whose samples have all ended, or that was cancelled (the client left), frees its slots
    at once; the last active slot moves into each freed one, so the active slots stay first.
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.inference.decode import Decoder, prepare_weights
 from lmforge.inference.generation import TextTail
 from lmforge.inference.kv_slots import KVSlots
 from lmforge.inference.sampling import SamplingConfig, sample_next
@@ -75,12 +78,19 @@ class Job:
     top_logprobs: int = 0  # how many alternatives each token event carries
     echo: bool = False  # first emit the prompt's own logprobs (a "prompt" event)
     generate: bool = True  # False: only the prompt's logprobs (echo with max_tokens 0); no slot is taken
+    logprobs: bool = True  # each token event carries its log-probability (False: 0.0, and a step saves the work)
     cancelled: bool = False  # set by the caller when nobody waits for the answer any more
     queued_at: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         """Stop sampling this job: its slots are freed at the engine's next step."""
         self.cancelled = True
+
+
+def _plain_greedy(cfg: SamplingConfig) -> bool:
+    """Whether ``cfg`` picks the most likely token of the raw logits (greedy, nothing added or penalised)."""
+    return (cfg.greedy and not cfg.logit_bias and cfg.repetition_penalty == 1.0 and not cfg.presence_penalty
+            and not cfg.frequency_penalty)
 
 
 class _Sample:
@@ -103,7 +113,8 @@ class Engine:
     def __init__(self, loaded, max_batch: int = 32, max_queue: int | None = None,
                  queue_timeout: float | None = None):
         self.loaded = loaded
-        self.model = loaded.model.eval()
+        self.model = prepare_weights(loaded.model.eval())
+        self.decoder = Decoder(self.model)
         self.max_batch, self.max_queue, self.queue_timeout = max_batch, max_queue, queue_timeout
         self.block_size = self.model.config.block_size
         self.device = next(self.model.parameters()).device
@@ -191,25 +202,36 @@ class Engine:
         self._admit()
         if not self.active:
             return
-        inputs = torch.tensor([[s.tokens[-1]] for s in self.active], device=self.device)
-        logits = self.model(inputs, cache=self.slots)[0][:, -1].float()
+        inputs = torch.tensor([s.tokens[-1] for s in self.active], device=self.device)
+        logits = self.decoder(self.slots, inputs).float()
         self.steps += 1
         rows_of: dict[Job, list[int]] = {}
         for row, sample in enumerate(self.active):
             rows_of.setdefault(sample.job, []).append(row)
         # Each job's rows in sample order: its draws are then those of one batch of its samples.
-        groups = {job: sorted(rows, key=lambda r: self.active[r].index) for job, rows in rows_of.items()}
+        groups = {job: sorted(rows, key=lambda r: self.active[r].index) if len(rows) > 1 else rows
+                  for job, rows in rows_of.items()}
         token_ids = [0] * len(self.active)
         failed: dict[Job, Exception] = {}
+        argmax_rows = []  # of plain greedy jobs (no bias, no penalty): one argmax for all of them
         for job, rows in groups.items():
+            if _plain_greedy(job.cfg):
+                argmax_rows += rows
+                continue
             try:
                 for row, token_id in zip(rows, self._draw(rows, logits)):
                     token_ids[row] = token_id
             except Exception as err:
                 failed[job] = err
-        # One log-softmax for the whole batch rather than one per job.
-        logprobs = F.log_softmax(logits, dim=-1)
-        chosen = logprobs.gather(-1, torch.tensor(token_ids, device=self.device)[:, None])[:, 0].tolist()
+        if len(argmax_rows) == len(token_ids):
+            token_ids = logits.argmax(dim=-1).tolist()
+        elif argmax_rows:
+            for row, token_id in zip(argmax_rows, logits[argmax_rows].argmax(dim=-1).tolist()):
+                token_ids[row] = token_id
+        logprobs, chosen = None, [0.0] * len(token_ids)
+        if any(job.logprobs or job.top_logprobs for job in groups):  # one log-softmax for the whole batch
+            logprobs = F.log_softmax(logits, dim=-1)
+            chosen = logprobs.gather(-1, torch.tensor(token_ids, device=self.device)[:, None])[:, 0].tolist()
         ended = []
         for job, rows in groups.items():
             if job in failed:
