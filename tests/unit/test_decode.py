@@ -32,20 +32,25 @@ def test_decoder_computes_what_the_model_computes(options, lengths):
     model = tiny_model(**options)
     ours, theirs = filled_slots(model, lengths), filled_slots(model, lengths)
     decoder = Decoder(model)
-    for step in range(3):  # each step one token further; the slots' lengths stay apart (or together)
-        idx = torch.randint(0, 32, (len(lengths),), generator=torch.Generator().manual_seed(100 + step))
-        expected = model(idx[:, None], cache=theirs)[0][:, -1]
-        torch.testing.assert_close(decoder(ours, idx), expected, rtol=1e-12, atol=1e-12)
+    with torch.inference_mode():
+        steps(model, decoder, ours, theirs, len(lengths))
     assert ours.lengths.tolist() == theirs.lengths.tolist()
     for k_ours, k_theirs, v_ours, v_theirs in zip(ours.k, theirs.k, ours.v, theirs.v):
         torch.testing.assert_close(k_ours, k_theirs, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(v_ours, v_theirs, rtol=1e-12, atol=1e-12)
 
 
+def steps(model, decoder, ours: KVSlots, theirs: KVSlots, B: int) -> None:
+    for step in range(3):  # each step one token further; the slots' lengths stay apart (or together)
+        idx = torch.randint(0, 32, (B,), generator=torch.Generator().manual_seed(100 + step))
+        expected = model(idx[:, None], cache=theirs)[0][:, -1]
+        torch.testing.assert_close(decoder(ours, idx), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_decoder_refuses_a_full_slot():
     model = tiny_model(block_size=8)
     slots = filled_slots(model, [8])
-    with pytest.raises(ValueError, match="block_size=8 is full"):
+    with pytest.raises(ValueError, match="block_size=8 is full"), torch.inference_mode():
         Decoder(model)(slots, torch.tensor([1]))
 
 

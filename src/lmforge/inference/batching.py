@@ -183,6 +183,7 @@ class Engine:
 
     # --- the loop ---------------------------------------------------------------------------
 
+    @torch.inference_mode()  # for the thread's whole life: entering it per step costs as much as an operation
     def _loop(self) -> None:
         while True:
             with self.wake:
@@ -196,7 +197,6 @@ class Engine:
                 for job in list(dict.fromkeys(s.job for s in self.active)):
                     self._fail(job, err)
 
-    @torch.inference_mode()
     def _step(self) -> None:
         self._free([s for s in self.active if s.job.cancelled])
         self._admit()

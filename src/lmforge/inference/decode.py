@@ -63,12 +63,12 @@ class Decoder:
                         b.attn.c_proj.bias, _norm_of(b.ln_2), b.mlp.c_fc.weight, b.mlp.c_fc.bias,
                         b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in t.h]
 
-    @torch.inference_mode()
     def __call__(self, slots: KVSlots, idx: Tensor) -> Tensor:
         """Logits (B, vocab_size) of the next token of slots 0..B-1, each fed ``idx[b]`` (B,) at its own length.
 
         Appends each slot's new key and value and advances ``slots.lengths[:B]``, as
-        ``model(idx[:, None], cache=slots)`` does, whose logits these are.
+        ``model(idx[:, None], cache=slots)`` does, whose logits these are. Call it under
+        ``torch.inference_mode()`` (the engine's thread runs in it): entering it costs as much as an operation.
         """
         c = self.config
         B = idx.size(0)

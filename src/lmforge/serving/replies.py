@@ -32,7 +32,9 @@ class Mailbox:
 
     ``call_soon_threadsafe`` per event would write to the loop's wake-up pipe for each token of each
     stream; here the engine appends to one queue and wakes the loop only when no wake-up is pending,
-    so a step's events for every stream cost one.
+    so a step's events for every stream cost one. It also wakes every waiting flight each
+    ``DISCONNECT_CHECK_S`` seconds (one timer for them all, rather than a timeout per wait) so that
+    a flight waiting long for its events still notices a client that left.
     """
 
     _of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -47,6 +49,20 @@ class Mailbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.queue, self.pending = loop, deque(), False
+        self.waiting: set[Flight] = set()  # flights waiting for events, woken by the next tick
+        self.ticker: asyncio.TimerHandle | None = None
+
+    def wait(self, flight: Flight) -> None:
+        """``flight`` waits for its events: wake it at the next tick at the latest."""
+        self.waiting.add(flight)
+        if self.ticker is None:
+            self.ticker = self.loop.call_later(DISCONNECT_CHECK_S, self._tick)
+
+    def _tick(self) -> None:
+        self.ticker = None  # the next wait arms it again
+        waiting, self.waiting = self.waiting, set()
+        for flight in waiting:
+            flight.wake()
 
     def post(self, flight: Flight, prompt: int, event: Event) -> None:
         """From the engine thread: deliver ``event`` to ``flight`` on the loop."""
@@ -112,6 +128,9 @@ class Flight:
     def deliver(self, prompt: int, event: Event) -> None:
         """Take an event from the engine (on the event loop, through the mailbox)."""
         self.inbox.append((prompt, event))
+        self.wake()
+
+    def wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
@@ -137,14 +156,14 @@ class Flight:
                 self.last_check = self.loop.time()
                 if await request.is_disconnected():
                     raise Disconnected
-            if not self.inbox:
+            if not self.inbox:  # woken by an event, or by the mailbox's tick to look at the client again
                 self.waiter = self.loop.create_future()
+                self.mailbox.wait(self)
                 try:
-                    await asyncio.wait_for(self.waiter, timeout=DISCONNECT_CHECK_S)
-                except asyncio.TimeoutError:
-                    continue
+                    await self.waiter
                 finally:
                     self.waiter = None
+                continue
             prompt, event = self.inbox.popleft()
             if event.kind == "error":
                 headers = {"retry-after": "1"} if event.status == 503 else None
