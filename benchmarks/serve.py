@@ -206,9 +206,11 @@ def side_by_side(args, tmp: Path) -> dict:
             rows[clients] = {side: _greedy_row(runs[side], cpu[side]) for side in procs}
             rates = [a["tokens"] / a["wall"] / (b["tokens"] / b["wall"])
                      for a, b in zip(runs["lmforge"], runs["llama.cpp"])]
-            rows[clients]["ratio_best"] = rows[clients]["lmforge"]["tokens_per_second"] / \
-                rows[clients]["llama.cpp"]["tokens_per_second"]
-            rows[clients]["ratio_rounds"] = sorted(rates)
+            ours, theirs = rows[clients]["lmforge"], rows[clients]["llama.cpp"]
+            rows[clients]["ratio_best"] = ours["tokens_per_second"] / theirs["tokens_per_second"]
+            rows[clients]["ratio_rounds"] = sorted(rates)  # each round's pair ran back to back
+            # Tokens per CPU-second of each server: what the neighbours on a shared machine change least.
+            rows[clients]["ratio_cpu"] = theirs["server_cpu_ms_per_token"] / ours["server_cpu_ms_per_token"]
     finally:
         for proc in procs.values():
             os.killpg(proc.pid, signal.SIGTERM)
@@ -231,21 +233,27 @@ def _greedy_row(runs: list[dict], cpu: float) -> dict:
             "server_cpu_ms_per_token": 1000 * cpu / sum(r["tokens"] for r in runs)}
 
 
+def _pair(row: dict, key: str, scale: float, digits: int) -> str:
+    """``key`` of lmforge / of llama.cpp, in milliseconds."""
+    return f"{row['lmforge'][key] * scale:.{digits}f} / {row['llama.cpp'][key] * scale:.{digits}f} ms"
+
+
 def print_side_by_side(result: dict, info: str, args) -> None:
     print(f"machine: {info}; each server on {args.threads or 1} thread(s)")
     print(f"model: baby (4 layers, 4 heads, 128 embedding, block {args.block_size}), f32 GGUF export for llama.cpp; "
-          f"greedy, {args.new_tokens} tokens at most; greedy texts equal: {result['greedy_prompts_equal']} prompts")
-    print(f"{'clients':>7} {'server':>9} {'tokens/s':>9} {'median':>7} {'TTFT p50':>9} {'per token':>9} "
-          f"{'CPU/token':>9} {'lmforge/llama.cpp (best; rounds)':>34}")
+          f"greedy, {args.new_tokens} tokens at most; greedy texts equal: {result['greedy_prompts_equal']} prompts; "
+          f"{args.rounds} rounds")
+    print("| clients | tokens/s lmforge (best, median) | llama.cpp | lmforge / llama.cpp: best, rounds (min, median, "
+          "max) | TTFT p50 | per-token p50 | server CPU per token | tokens per CPU-second, lmforge / llama.cpp |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for clients, row in result["levels"].items():
-        for side in ("lmforge", "llama.cpp"):
-            r = row[side]
-            ratio = ""
-            if side == "lmforge":
-                ratio = f"{row['ratio_best']:.2f}x; " + " ".join(f"{x:.2f}" for x in row["ratio_rounds"])
-            print(f"{clients:>7} {side:>9} {r['tokens_per_second']:>9.0f} {r['tokens_per_second_median']:>7.0f} "
-                  f"{r['ttft_p50_s'] * 1000:>7.0f}ms {r['per_token_p50_ms']:>7.2f}ms "
-                  f"{r['server_cpu_ms_per_token']:>7.2f}ms {ratio:>34}")
+        ours, theirs, rounds = row["lmforge"], row["llama.cpp"], row["ratio_rounds"]
+
+        print(f"| {clients} | {ours['tokens_per_second']:.0f}, {ours['tokens_per_second_median']:.0f} | "
+              f"{theirs['tokens_per_second']:.0f}, {theirs['tokens_per_second_median']:.0f} | "
+              f"{row['ratio_best']:.2f}x; {rounds[0]:.2f}, {statistics.median(rounds):.2f}, {rounds[-1]:.2f} | "
+              f"{_pair(row, 'ttft_p50_s', 1000, 0)} | {_pair(row, 'per_token_p50_ms', 1, 2)} | "
+              f"{_pair(row, 'server_cpu_ms_per_token', 1, 2)} | {row['ratio_cpu']:.2f}x |")
 
 
 def main(argv: list[str] | None = None) -> dict:
