@@ -95,6 +95,21 @@ def test_jobs_running_together_give_the_text_of_each_alone(engine):
     assert engine.busy_slots() == 0
 
 
+def test_a_job_without_logprobs_gets_the_same_tokens_and_no_logprob_work(engine):
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0)
+    ids = encode_prompt(engine.loaded, "the king")[0].tolist()
+    boxes = [queue.Queue(), queue.Queue()]
+    # Each job's token events, then None at its end.
+    emitters = [lambda e, box=box: box.put(e if e.kind == "token" else None) for box in boxes]
+    # One after the other: a step computes the log-probabilities of all its rows once any job wants them.
+    engine.submit(Job(ids, cfg, emitters[1], logprobs=False))
+    without = list(iter(lambda: boxes[1].get(timeout=60), None))
+    engine.submit(Job(ids, cfg, emitters[0]))
+    with_logprobs = list(iter(lambda: boxes[0].get(timeout=60), None))
+    assert [e.token_id for e in with_logprobs] == [e.token_id for e in without]
+    assert all(e.logprob < 0 for e in with_logprobs) and all(e.logprob == 0.0 for e in without)
+
+
 def test_a_cancelled_job_frees_its_slots_and_others_go_on(engine):
     endless = submit(engine, "the king", SamplingConfig(max_new_tokens=10_000, seed=4), n=5, ignore_eos=True)
     endless.get(timeout=60)
