@@ -96,9 +96,9 @@ class Decoder:
             qkv = F.linear(_norm(ln_1, x), w_qkv, b_qkv).view(B, nh + 2 * nkv, hd)
             if rope is not None:
                 qk = apply_rope(qkv[:, : nh + nkv], *rope)
-                q, k = qk[:, :nh], qk[:, nh:]
+                q, k = qk[:, :nh, None], qk[:, nh:]
             else:
-                q, k = qkv[:, :nh], qkv[:, nh : nh + nkv]
+                q, k = qkv[:, :nh, None], qkv[:, nh : nh + nkv]
             v = qkv[:, nh + nkv :]
             K, V = slots.k[layer], slots.v[layer]
             if same:
@@ -107,8 +107,7 @@ class Decoder:
             else:
                 K[rows, :, at] = k
                 V[rows, :, at] = v
-            y = F.scaled_dot_product_attention(q[:, :, None], K[:B, :, :span], V[:B, :, :span], attn_mask=mask,
-                                               enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, K[:B, :, :span], V[:B, :, :span], attn_mask=mask, enable_gqa=gqa)
             x = x + F.linear(y.reshape(B, nh * hd), w_o, b_o)
             h = F.linear(_norm(ln_2, x), w_fc, b_fc)
             if self.swiglu:  # [gate | up]
