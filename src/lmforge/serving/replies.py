@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import weakref
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ DISCONNECT_CHECK_S = 0.5
 
 
 class Mailbox:
-    """Events from the engine thread to the event loop's flights, with one loop wake-up per burst.
+    """Events from the engine thread to the flights on ``loop`` (the server's), with one loop wake-up per burst.
 
     ``call_soon_threadsafe`` per event would write to the loop's wake-up pipe for each token of each
     stream; here the engine appends to one queue and wakes the loop only when no wake-up is pending,
@@ -36,16 +35,6 @@ class Mailbox:
     ``DISCONNECT_CHECK_S`` seconds (one timer for them all, rather than a timeout per wait) so that
     a flight waiting long for its events still notices a client that left.
     """
-
-    _of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    @classmethod
-    def of(cls, loop: asyncio.AbstractEventLoop) -> Mailbox:
-        """The mailbox of ``loop`` (made on first use)."""
-        box = cls._of.get(loop)
-        if box is None:
-            box = cls._of[loop] = cls(loop)
-        return box
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop, self.queue, self.pending = loop, deque(), False
@@ -102,12 +91,11 @@ class _Sample:
 class Flight:
     """A request in the engine: ``prompt_ids`` (one list per prompt) sampled as ``ask`` says."""
 
-    def __init__(self, engine, ask: Ask, prompt_ids: list[list[int]], prompt_texts: list[str], texts: TokenTexts,
-                 started: float):
+    def __init__(self, engine, mailbox: Mailbox, ask: Ask, prompt_ids: list[list[int]], prompt_texts: list[str],
+                 texts: TokenTexts, started: float):
         self.engine, self.ask, self.prompt_ids, self.prompt_texts = engine, ask, prompt_ids, prompt_texts
         self.texts, self.started = texts, started
-        self.loop = asyncio.get_running_loop()
-        self.mailbox = Mailbox.of(self.loop)
+        self.loop, self.mailbox = mailbox.loop, mailbox
         self.inbox: deque[tuple[int, Event]] = deque()  # events delivered, not yet taken
         self.waiter: asyncio.Future | None = None  # set while ``next`` waits for an event
         self.samples = [[_Sample() for _ in range(ask.samples)] for _ in prompt_ids]
