@@ -19,6 +19,22 @@ which the neighbours do not change much: batching shows as that cost falling wit
 
 The bar (issue 11): aggregate throughput at 16 clients at least 4x one client's, and p99 time to
 first token at 16 clients under 1 s. Prints a table and writes ``benchmarks/results/serve.json``.
+
+    python benchmarks/serve.py --llama-cpp [--clients 1 16 32] [--new-tokens 128] [--threads 1] [--rounds 6]
+
+Side by side with llama.cpp (issue 19): the same model exported to GGUF f32 and served by
+llama-cpp-python's OpenAI server (``pip install 'llama-cpp-python[server]'``; ``--n_threads`` and
+``--n_threads_batch`` = ``--threads``, ``--interrupt_requests False``), beside ``lmforge serve``
+on the same number of threads; both get the same greedy requests (temperature 0, llama.cpp's
+``repeat_penalty`` 1.0, at most ``--new-tokens`` tokens, no ``ignore_eos``: both stop where the
+greedy text ends), five prompts of the plays, client i sending prompt i (one client sends all five
+in turn). The greedy texts are checked equal first. Each round runs the two servers back to back
+(alternating which goes first), so the ratio of a round compares them under the same neighbours;
+the table gives the best round of each, the spread of the per-round ratios, time to first token,
+the per-token latency (a stream's last chunk minus its first, over its tokens less one) and each
+server's CPU time per token. llama-cpp-python's server answers one request at a time, so with
+many clients the others queue: that is what continuous batching is measured against. Writes
+``benchmarks/results/serve_llama_cpp.json``.
 """
 
 from __future__ import annotations
