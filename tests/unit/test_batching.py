@@ -95,6 +95,17 @@ def test_jobs_running_together_give_the_text_of_each_alone(engine):
     assert engine.busy_slots() == 0
 
 
+def test_jobs_of_one_setting_share_a_distribution_and_each_draws_its_own(engine):
+    # Six samples of three jobs with the same temperature, top-k and top-p: one distribution a step.
+    settings = dict(max_new_tokens=30, temperature=0.8, top_k=20, top_p=0.9)
+    jobs = [("the king", SamplingConfig(seed=11, **settings), 2, ()),
+            ("good night", SamplingConfig(seed=12, **settings), 1, ()),
+            ("love", SamplingConfig(seed=13, **settings), 3, ())]
+    queues = [submit(engine, *job) for job in jobs]
+    results = [texts_of(q, job[2]) for q, job in zip(queues, jobs)]
+    assert results == [reference(engine, *job) for job in jobs]
+
+
 def test_a_job_without_logprobs_gets_the_same_tokens_and_no_logprob_work(engine):
     cfg = SamplingConfig(max_new_tokens=12, temperature=0)
     ids = encode_prompt(engine.loaded, "the king")[0].tolist()
@@ -143,10 +154,10 @@ def test_a_failing_job_gets_an_error_and_the_others_go_on(fresh_engine, monkeypa
     engine = fresh_engine()
     draw = engine._draw
 
-    def faulty(rows, logits):  # the fault: any draw for the job whose prompt is "love"
+    def faulty(rows, logits, *probs):  # the fault: any draw for the job whose prompt is "love"
         if engine.active[rows[0]].job.prompt_ids == encode_prompt(engine.loaded, "love")[0].tolist():
             raise RuntimeError("injected fault")
-        return draw(rows, logits)
+        return draw(rows, logits, *probs)
 
     monkeypatch.setattr(engine, "_draw", faulty)
     cfg = SamplingConfig(max_new_tokens=30, seed=1)

@@ -10,7 +10,9 @@ slot of the model's ``KVSlots`` (its own keys, values and length). A step is:
 2. one forward pass over every active slot, each feeding its next input at its own position
    (``lmforge.inference.decode``: the model's own computation at a fraction of its per-call cost);
 3. per job, sample its slots' tokens with its own settings and generator (the rows of plain greedy
-   jobs share one argmax; log-probabilities only when a job wants them), turn them into text
+   jobs share one argmax, those of plain sampling jobs of one setting one distribution, each job
+   drawing from its rows with its own generator; log-probabilities only when a job wants them), turn
+   them into text
    (stop strings, end-of-text) and hand the pieces to the job's ``emit`` callback;
 4. a job whose samples have all ended, or that was cancelled (the client left), frees its slots
    at once; the last active slot moves into each freed one, so the active slots stay first.
@@ -42,7 +44,7 @@ from torch import Tensor
 from lmforge.inference.decode import Decoder, prepare_weights
 from lmforge.inference.generation import TextTail
 from lmforge.inference.kv_slots import KVSlots
-from lmforge.inference.sampling import SamplingConfig, sample_next
+from lmforge.inference.sampling import SamplingConfig, probabilities, sample_next
 from lmforge.inference.scoring import token_logprobs
 
 
@@ -87,10 +89,10 @@ class Job:
         self.cancelled = True
 
 
-def _plain_greedy(cfg: SamplingConfig) -> bool:
-    """Whether ``cfg`` picks the most likely token of the raw logits (greedy, nothing added or penalised)."""
-    return (cfg.greedy and not cfg.logit_bias and cfg.repetition_penalty == 1.0 and not cfg.presence_penalty
-            and not cfg.frequency_penalty)
+def _plain(cfg: SamplingConfig) -> bool:
+    """Whether ``cfg`` reads the raw logits (nothing added or penalised): its rows can share work with others'."""
+    return not cfg.logit_bias and cfg.repetition_penalty == 1.0 and not cfg.presence_penalty \
+        and not cfg.frequency_penalty
 
 
 class _Sample:
@@ -214,15 +216,21 @@ class Engine:
         token_ids = [0] * len(self.active)
         failed: dict[Job, Exception] = {}
         argmax_rows = []  # of plain greedy jobs (no bias, no penalty): one argmax for all of them
+        alike: dict[tuple, list[Job]] = {}  # plain sampling jobs by their settings: one distribution each
         for job, rows in groups.items():
-            if _plain_greedy(job.cfg):
-                argmax_rows += rows
+            if _plain(job.cfg):
+                if job.cfg.greedy:
+                    argmax_rows += rows
+                else:
+                    alike.setdefault((job.cfg.temperature, job.cfg.top_k, job.cfg.top_p), []).append(job)
                 continue
             try:
                 for row, token_id in zip(rows, self._draw(rows, logits)):
                     token_ids[row] = token_id
             except Exception as err:
                 failed[job] = err
+        for jobs in alike.values():
+            self._draw_alike(jobs, groups, logits, token_ids, failed)
         if len(argmax_rows) == len(token_ids):
             token_ids = logits.argmax(dim=-1).tolist()
         elif argmax_rows:
@@ -309,10 +317,13 @@ class Engine:
             self.model(torch.tensor([window], device=self.device), cache=self.slots.slot(row))
         self.slots.lengths[row] = len(window)
 
-    def _draw(self, rows: list[int], logits: Tensor) -> list[int]:
-        """The next token of each of one job's rows (in sample order), with the job's settings and generator."""
+    def _draw(self, rows: list[int], logits: Tensor, probs: Tensor | None = None) -> list[int]:
+        """The next token of each of one job's rows (in sample order), with the job's settings and generator
+        (``probs``: the rows' distribution, worked out already for several jobs of one setting)."""
         samples = [self.active[r] for r in rows]
         job = samples[0].job
+        if probs is not None:
+            return torch.multinomial(probs, 1, generator=self.generators[job])[:, 0].tolist()
         contiguous = rows[-1] - rows[0] == len(rows) - 1 and rows == sorted(rows)
         job_logits = logits[rows[0] : rows[-1] + 1] if contiguous else logits[rows]
         previous = generated = None
@@ -321,6 +332,27 @@ class Engine:
         if job.cfg.presence_penalty or job.cfg.frequency_penalty:
             generated = torch.tensor([s.tokens[s.prompt_len :] for s in samples], device=self.device)
         return sample_next(job_logits, job.cfg, self.generators[job], previous, generated)[:, 0].tolist()
+
+    def _draw_alike(self, jobs: list[Job], groups: dict[Job, list[int]], logits: Tensor, token_ids: list[int],
+                    failed: dict[Job, Exception]) -> None:
+        """Draw for ``jobs`` of one plain sampling setting: one distribution for all their rows, then each
+        job's draw from its own rows with its own generator (what ``sample_next`` gives each alone:
+        the distribution is computed row by row)."""
+        rows = [row for job in jobs for row in groups[job]]
+        try:
+            probs = probabilities(logits[rows], jobs[0].cfg)
+        except Exception as err:
+            failed.update(dict.fromkeys(jobs, err))
+            return
+        at = 0
+        for job in jobs:
+            mine = groups[job]
+            try:
+                for row, token_id in zip(mine, self._draw(mine, logits, probs[at : at + len(mine)])):
+                    token_ids[row] = token_id
+            except Exception as err:
+                failed[job] = err
+            at += len(mine)
 
     def _advance(self, rows: list[int], token_ids: list[int], chosen: list[float], logprobs: Tensor) -> list[_Sample]:
         """Append each row's token, emit its text; return the job's samples when they have all ended."""
