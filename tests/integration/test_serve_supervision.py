@@ -62,10 +62,10 @@ def test_a_fault_in_one_request_fails_that_request_and_the_next_is_served(loaded
         engine = engine_of(app)
         draw = engine._draw
 
-        def faulty(rows, logits):  # an injected fault for the request whose prompt is "love"
+        def faulty(rows, logits, *probs):  # an injected fault for the request whose prompt is "love"
             if engine.active[rows[0]].job.prompt_ids == [loaded.tokenizer.token_to_id(c) for c in "love"]:
                 raise RuntimeError("injected fault")
-            return draw(rows, logits)
+            return draw(rows, logits, *probs)
 
         monkeypatch.setattr(engine, "_draw", faulty)
         with http.stream("POST", "/v1/completions", json=body(max_tokens=400, ignore_eos=True, stream=True,

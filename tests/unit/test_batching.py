@@ -95,6 +95,32 @@ def test_jobs_running_together_give_the_text_of_each_alone(engine):
     assert engine.busy_slots() == 0
 
 
+def test_jobs_of_one_setting_share_a_distribution_and_each_draws_its_own(engine):
+    # Six samples of three jobs with the same temperature, top-k and top-p: one distribution a step.
+    settings = dict(max_new_tokens=30, temperature=0.8, top_k=20, top_p=0.9)
+    jobs = [("the king", SamplingConfig(seed=11, **settings), 2, ()),
+            ("good night", SamplingConfig(seed=12, **settings), 1, ()),
+            ("love", SamplingConfig(seed=13, **settings), 3, ())]
+    queues = [submit(engine, *job) for job in jobs]
+    results = [texts_of(q, job[2]) for q, job in zip(queues, jobs)]
+    assert results == [reference(engine, *job) for job in jobs]
+
+
+def test_a_job_without_logprobs_gets_the_same_tokens_and_no_logprob_work(engine):
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0)
+    ids = encode_prompt(engine.loaded, "the king")[0].tolist()
+    boxes = [queue.Queue(), queue.Queue()]
+    # Each job's token events, then None at its end.
+    emitters = [lambda e, box=box: box.put(e if e.kind == "token" else None) for box in boxes]
+    # One after the other: a step computes the log-probabilities of all its rows once any job wants them.
+    engine.submit(Job(ids, cfg, emitters[1], logprobs=False))
+    without = list(iter(lambda: boxes[1].get(timeout=60), None))
+    engine.submit(Job(ids, cfg, emitters[0]))
+    with_logprobs = list(iter(lambda: boxes[0].get(timeout=60), None))
+    assert [e.token_id for e in with_logprobs] == [e.token_id for e in without]
+    assert all(e.logprob < 0 for e in with_logprobs) and all(e.logprob == 0.0 for e in without)
+
+
 def test_a_cancelled_job_frees_its_slots_and_others_go_on(engine):
     endless = submit(engine, "the king", SamplingConfig(max_new_tokens=10_000, seed=4), n=5, ignore_eos=True)
     endless.get(timeout=60)
@@ -128,10 +154,10 @@ def test_a_failing_job_gets_an_error_and_the_others_go_on(fresh_engine, monkeypa
     engine = fresh_engine()
     draw = engine._draw
 
-    def faulty(rows, logits):  # the fault: any draw for the job whose prompt is "love"
+    def faulty(rows, logits, *probs):  # the fault: any draw for the job whose prompt is "love"
         if engine.active[rows[0]].job.prompt_ids == encode_prompt(engine.loaded, "love")[0].tolist():
             raise RuntimeError("injected fault")
-        return draw(rows, logits)
+        return draw(rows, logits, *probs)
 
     monkeypatch.setattr(engine, "_draw", faulty)
     cfg = SamplingConfig(max_new_tokens=30, seed=1)

@@ -7,8 +7,12 @@ slot of the model's ``KVSlots`` (its own keys, values and length). A step is:
 1. admit waiting jobs while slots are free: prefill the prompt window less its last token into
    one slot (copied to the job's other slots), so the last prompt token is the slot's next input;
    a job that waited longer than ``queue_timeout`` ends with an error (status 503) instead;
-2. one forward pass over every active slot, each feeding its next input at its own position;
-3. per job, sample its slots' tokens with its own settings and generator, turn them into text
+2. one forward pass over every active slot, each feeding its next input at its own position
+   (``lmforge.inference.decode``: the model's own computation at a fraction of its per-call cost);
+3. per job, sample its slots' tokens with its own settings and generator (the rows of plain greedy
+   jobs share one argmax, those of plain sampling jobs of one setting one distribution, each job
+   drawing from its rows with its own generator; log-probabilities only when a job wants them), turn
+   them into text
    (stop strings, end-of-text) and hand the pieces to the job's ``emit`` callback;
 4. a job whose samples have all ended, or that was cancelled (the client left), frees its slots
    at once; the last active slot moves into each freed one, so the active slots stay first.
@@ -37,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.inference.decode import Decoder, prepare_weights
 from lmforge.inference.generation import TextTail
 from lmforge.inference.kv_slots import KVSlots
-from lmforge.inference.sampling import SamplingConfig, sample_next
+from lmforge.inference.sampling import SamplingConfig, probabilities, sample_next
 from lmforge.inference.scoring import token_logprobs
 
 
@@ -75,12 +80,19 @@ class Job:
     top_logprobs: int = 0  # how many alternatives each token event carries
     echo: bool = False  # first emit the prompt's own logprobs (a "prompt" event)
     generate: bool = True  # False: only the prompt's logprobs (echo with max_tokens 0); no slot is taken
+    logprobs: bool = True  # each token event carries its log-probability (False: 0.0, and a step saves the work)
     cancelled: bool = False  # set by the caller when nobody waits for the answer any more
     queued_at: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
         """Stop sampling this job: its slots are freed at the engine's next step."""
         self.cancelled = True
+
+
+def _plain(cfg: SamplingConfig) -> bool:
+    """Whether ``cfg`` reads the raw logits (nothing added or penalised): its rows can share work with others'."""
+    return not cfg.logit_bias and cfg.repetition_penalty == 1.0 and not cfg.presence_penalty \
+        and not cfg.frequency_penalty
 
 
 class _Sample:
@@ -103,7 +115,8 @@ class Engine:
     def __init__(self, loaded, max_batch: int = 32, max_queue: int | None = None,
                  queue_timeout: float | None = None):
         self.loaded = loaded
-        self.model = loaded.model.eval()
+        self.model = prepare_weights(loaded.model.eval())
+        self.decoder = Decoder(self.model)
         self.max_batch, self.max_queue, self.queue_timeout = max_batch, max_queue, queue_timeout
         self.block_size = self.model.config.block_size
         self.device = next(self.model.parameters()).device
@@ -172,6 +185,7 @@ class Engine:
 
     # --- the loop ---------------------------------------------------------------------------
 
+    @torch.inference_mode()  # for the thread's whole life: entering it per step costs as much as an operation
     def _loop(self) -> None:
         while True:
             with self.wake:
@@ -185,31 +199,47 @@ class Engine:
                 for job in list(dict.fromkeys(s.job for s in self.active)):
                     self._fail(job, err)
 
-    @torch.inference_mode()
     def _step(self) -> None:
         self._free([s for s in self.active if s.job.cancelled])
         self._admit()
         if not self.active:
             return
-        inputs = torch.tensor([[s.tokens[-1]] for s in self.active], device=self.device)
-        logits = self.model(inputs, cache=self.slots)[0][:, -1].float()
+        inputs = torch.tensor([s.tokens[-1] for s in self.active], device=self.device)
+        logits = self.decoder(self.slots, inputs).float()
         self.steps += 1
         rows_of: dict[Job, list[int]] = {}
         for row, sample in enumerate(self.active):
             rows_of.setdefault(sample.job, []).append(row)
         # Each job's rows in sample order: its draws are then those of one batch of its samples.
-        groups = {job: sorted(rows, key=lambda r: self.active[r].index) for job, rows in rows_of.items()}
+        groups = {job: sorted(rows, key=lambda r: self.active[r].index) if len(rows) > 1 else rows
+                  for job, rows in rows_of.items()}
         token_ids = [0] * len(self.active)
         failed: dict[Job, Exception] = {}
+        argmax_rows = []  # of plain greedy jobs (no bias, no penalty): one argmax for all of them
+        alike: dict[tuple, list[Job]] = {}  # plain sampling jobs by their settings: one distribution each
         for job, rows in groups.items():
+            if _plain(job.cfg):
+                if job.cfg.greedy:
+                    argmax_rows += rows
+                else:
+                    alike.setdefault((job.cfg.temperature, job.cfg.top_k, job.cfg.top_p), []).append(job)
+                continue
             try:
                 for row, token_id in zip(rows, self._draw(rows, logits)):
                     token_ids[row] = token_id
             except Exception as err:
                 failed[job] = err
-        # One log-softmax for the whole batch rather than one per job.
-        logprobs = F.log_softmax(logits, dim=-1)
-        chosen = logprobs.gather(-1, torch.tensor(token_ids, device=self.device)[:, None])[:, 0].tolist()
+        for jobs in alike.values():
+            self._draw_alike(jobs, groups, logits, token_ids, failed)
+        if len(argmax_rows) == len(token_ids):
+            token_ids = logits.argmax(dim=-1).tolist()
+        elif argmax_rows:
+            for row, token_id in zip(argmax_rows, logits[argmax_rows].argmax(dim=-1).tolist()):
+                token_ids[row] = token_id
+        logprobs, chosen = None, [0.0] * len(token_ids)
+        if any(job.logprobs or job.top_logprobs for job in groups):  # one log-softmax for the whole batch
+            logprobs = F.log_softmax(logits, dim=-1)
+            chosen = logprobs.gather(-1, torch.tensor(token_ids, device=self.device)[:, None])[:, 0].tolist()
         ended = []
         for job, rows in groups.items():
             if job in failed:
@@ -287,10 +317,13 @@ class Engine:
             self.model(torch.tensor([window], device=self.device), cache=self.slots.slot(row))
         self.slots.lengths[row] = len(window)
 
-    def _draw(self, rows: list[int], logits: Tensor) -> list[int]:
-        """The next token of each of one job's rows (in sample order), with the job's settings and generator."""
+    def _draw(self, rows: list[int], logits: Tensor, probs: Tensor | None = None) -> list[int]:
+        """The next token of each of one job's rows (in sample order), with the job's settings and generator
+        (``probs``: the rows' distribution, worked out already for several jobs of one setting)."""
         samples = [self.active[r] for r in rows]
         job = samples[0].job
+        if probs is not None:
+            return torch.multinomial(probs, 1, generator=self.generators[job])[:, 0].tolist()
         contiguous = rows[-1] - rows[0] == len(rows) - 1 and rows == sorted(rows)
         job_logits = logits[rows[0] : rows[-1] + 1] if contiguous else logits[rows]
         previous = generated = None
@@ -299,6 +332,27 @@ class Engine:
         if job.cfg.presence_penalty or job.cfg.frequency_penalty:
             generated = torch.tensor([s.tokens[s.prompt_len :] for s in samples], device=self.device)
         return sample_next(job_logits, job.cfg, self.generators[job], previous, generated)[:, 0].tolist()
+
+    def _draw_alike(self, jobs: list[Job], groups: dict[Job, list[int]], logits: Tensor, token_ids: list[int],
+                    failed: dict[Job, Exception]) -> None:
+        """Draw for ``jobs`` of one plain sampling setting: one distribution for all their rows, then each
+        job's draw from its own rows with its own generator (what ``sample_next`` gives each alone:
+        the distribution is computed row by row)."""
+        rows = [row for job in jobs for row in groups[job]]
+        try:
+            probs = probabilities(logits[rows], jobs[0].cfg)
+        except Exception as err:
+            failed.update(dict.fromkeys(jobs, err))
+            return
+        at = 0
+        for job in jobs:
+            mine = groups[job]
+            try:
+                for row, token_id in zip(mine, self._draw(mine, logits, probs[at : at + len(mine)])):
+                    token_ids[row] = token_id
+            except Exception as err:
+                failed[job] = err
+            at += len(mine)
 
     def _advance(self, rows: list[int], token_ids: list[int], chosen: list[float], logprobs: Tensor) -> list[_Sample]:
         """Append each row's token, emit its text; return the job's samples when they have all ended."""

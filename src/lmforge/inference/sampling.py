@@ -139,14 +139,20 @@ def sample_next(
     logits = adjusted_logits(logits, cfg, previous, generated)
     if cfg.greedy:
         return logits.argmax(dim=-1, keepdim=True)
+    return torch.multinomial(probabilities(logits, cfg), num_samples=1, generator=generator)
+
+
+def probabilities(logits: Tensor, cfg: SamplingConfig) -> Tensor:
+    """The distribution (B, vocab_size) that ``sample_next`` draws from, given adjusted logits (B, vocab_size)
+    and a sampling (not greedy) ``cfg``: temperature, top-k, top-p. Row by row, so rows of several
+    sequences with the same settings can share one call (the serving engine's batch does)."""
     # Shifted so the largest logit is 0: a small temperature then cannot overflow to inf.
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.size(-1):
         logits = _keep_top_k(logits, cfg.top_k)
     if cfg.top_p is not None and cfg.top_p < 1.0:
         logits = _keep_top_p(logits, cfg.top_p)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    return F.softmax(logits, dim=-1)
 
 
 def adjusted_logits(logits: Tensor, cfg: SamplingConfig, previous: Tensor | None = None,

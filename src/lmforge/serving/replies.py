@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -23,6 +24,51 @@ from lmforge.serving.answers import TokenTexts, choice, envelope, logprobs_block
 from lmforge.serving.protocol import ApiError, Ask
 
 DISCONNECT_CHECK_S = 0.5
+
+
+class Mailbox:
+    """Events from the engine thread to the flights on ``loop`` (the server's), with one loop wake-up per burst.
+
+    ``call_soon_threadsafe`` per event would write to the loop's wake-up pipe for each token of each
+    stream; here the engine appends to one queue and wakes the loop only when no wake-up is pending,
+    so a step's events for every stream cost one. It also wakes every waiting flight each
+    ``DISCONNECT_CHECK_S`` seconds (one timer for them all, rather than a timeout per wait) so that
+    a flight waiting long for its events still notices a client that left.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue, self.pending = loop, deque(), False
+        self.waiting: set[Flight] = set()  # flights waiting for events, woken by the next tick
+        self.ticker: asyncio.TimerHandle | None = None
+
+    def wait(self, flight: Flight) -> None:
+        """``flight`` waits for its events: wake it at the next tick at the latest."""
+        self.waiting.add(flight)
+        if self.ticker is None:
+            self.ticker = self.loop.call_later(DISCONNECT_CHECK_S, self._tick)
+
+    def _tick(self) -> None:
+        self.ticker = None  # the next wait arms it again
+        waiting, self.waiting = self.waiting, set()
+        for flight in waiting:
+            flight.wake()
+
+    def post(self, flight: Flight, prompt: int, event: Event) -> None:
+        """From the engine thread: deliver ``event`` to ``flight`` on the loop."""
+        self.queue.append((flight, prompt, event))
+        if not self.pending:  # a drain already scheduled will find it
+            self.pending = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: nobody will drain
+                self.pending = False
+                raise
+
+    def _drain(self) -> None:
+        self.pending = False  # before draining: an event posted from now on schedules a drain of its own
+        while self.queue:
+            flight, prompt, event = self.queue.popleft()
+            flight.deliver(prompt, event)
 
 
 class Disconnected(Exception):
@@ -45,25 +91,36 @@ class _Sample:
 class Flight:
     """A request in the engine: ``prompt_ids`` (one list per prompt) sampled as ``ask`` says."""
 
-    def __init__(self, engine, ask: Ask, prompt_ids: list[list[int]], prompt_texts: list[str], texts: TokenTexts,
-                 started: float):
+    def __init__(self, engine, mailbox: Mailbox, ask: Ask, prompt_ids: list[list[int]], prompt_texts: list[str],
+                 texts: TokenTexts, started: float):
         self.engine, self.ask, self.prompt_ids, self.prompt_texts = engine, ask, prompt_ids, prompt_texts
         self.texts, self.started = texts, started
-        self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.loop, self.mailbox = mailbox.loop, mailbox
+        self.inbox: deque[tuple[int, Event]] = deque()  # events delivered, not yet taken
+        self.waiter: asyncio.Future | None = None  # set while ``next`` waits for an event
         self.samples = [[_Sample() for _ in range(ask.samples)] for _ in prompt_ids]
         self.scores: list[list | None] = [None] * len(prompt_ids)  # each prompt's own logprobs (echo)
         top = ask.top_logprobs if ask.logprobs else 0
         self.jobs = [Job(ids, ask.sampling, self._emitter(p), ask.samples, ask.stop, ask.ignore_eos, top,
-                         ask.echo and ask.logprobs, ask.generate) for p, ids in enumerate(prompt_ids)]
+                         ask.echo and ask.logprobs, ask.generate, logprobs=ask.logprobs or bool(ask.best_of))
+                     for p, ids in enumerate(prompt_ids)]
         self.open = len(self.jobs)
         self.completion_tokens = 0
         self.first_token = self.last_token = None
         self.last_check = self.loop.time()
 
     def _emitter(self, prompt: int):
-        put = self.events.put_nowait
-        return lambda event: self.loop.call_soon_threadsafe(put, (prompt, event))
+        post = self.mailbox.post
+        return lambda event: post(self, prompt, event)
+
+    def deliver(self, prompt: int, event: Event) -> None:
+        """Take an event from the engine (on the event loop, through the mailbox)."""
+        self.inbox.append((prompt, event))
+        self.wake()
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def submit(self) -> None:
         try:
@@ -87,10 +144,15 @@ class Flight:
                 self.last_check = self.loop.time()
                 if await request.is_disconnected():
                     raise Disconnected
-            try:
-                prompt, event = await asyncio.wait_for(self.events.get(), timeout=DISCONNECT_CHECK_S)
-            except asyncio.TimeoutError:
+            if not self.inbox:  # woken by an event, or by the mailbox's tick to look at the client again
+                self.waiter = self.loop.create_future()
+                self.mailbox.wait(self)
+                try:
+                    await self.waiter
+                finally:
+                    self.waiter = None
                 continue
+            prompt, event = self.inbox.popleft()
             if event.kind == "error":
                 headers = {"retry-after": "1"} if event.status == 503 else None
                 raise ApiError(event.status, f"the server could not finish this request: {event.text}",
@@ -176,10 +238,16 @@ async def open_stream(flight: Flight, request, name: str, extra: dict) -> AsyncI
 
 async def _stream(flight: Flight, request, name: str, extra: dict, first: tuple[int, Event]) -> AsyncIterator[str]:
     ask, answer_id, n = flight.ask, new_id(flight.ask.kind), flight.ask.n
+    # Every chunk is the same envelope (one ``created``, as OpenAI's) around its choices: rendered once.
+    # A '"choices": []' inside a string value would have its quotes escaped, so the split is unambiguous.
+    head, tail = json.dumps(envelope(ask.kind, answer_id, name, [], chunk=True, extra=extra)).split(
+        '"choices": []', 1)
 
     def chunk(choices: list[dict], **more) -> str:
-        body = envelope(ask.kind, answer_id, name, choices, chunk=True, extra={**extra, **more})
-        return f"data: {json.dumps(body)}\n\n"
+        if more:
+            body = envelope(ask.kind, answer_id, name, choices, chunk=True, extra={**extra, **more})
+            return f"data: {json.dumps(body)}\n\n"
+        return f'data: {head}"choices": {json.dumps(choices)}{tail}\n\n'
 
     try:
         if ask.kind == "chat":  # OpenAI opens each choice with the role
@@ -190,11 +258,11 @@ async def _stream(flight: Flight, request, name: str, extra: dict, first: tuple[
                          for p in range(len(flight.jobs)) for i in range(n)])
         batch = [first]
         while True:
-            while not flight.events.empty():  # the client fell behind: what piled up goes as one chunk per sample
-                batch.append(flight.events.get_nowait())
+            while flight.inbox:  # the client fell behind: what piled up goes as one chunk per sample
+                batch.append(flight.inbox.popleft())
             pieces = _pieces(flight, batch)
-            for piece in pieces:
-                yield chunk([piece])
+            if pieces:  # one write for them all
+                yield "".join(chunk([piece]) for piece in pieces)
             if not flight.open:
                 break
             batch = [await flight.next(request)]

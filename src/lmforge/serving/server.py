@@ -40,7 +40,7 @@ from lmforge.serving.guards import Guard
 from lmforge.serving.limits import Limits
 from lmforge.serving.metrics import ServerMetrics
 from lmforge.serving.protocol import ApiError, parse_ask
-from lmforge.serving.replies import Flight, open_stream, whole
+from lmforge.serving.replies import Flight, Mailbox, open_stream, whole
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 WATCH_EVERY_S = 1.0
@@ -69,6 +69,7 @@ def create_app(loaded, name: str, max_batch: int = 32, limits: Limits | None = N
     @asynccontextmanager
     async def lifespan(app):
         app.state.engine = Engine(loaded, max_batch, limits.max_queue, limits.queue_timeout)
+        app.state.mailbox = Mailbox(asyncio.get_running_loop())
         watchdog = asyncio.create_task(_watch(app.state.engine, watch_every)) if watch_every else None
         yield
         if watchdog:
@@ -115,7 +116,7 @@ class _Answering:
         extra = {"lmforge": {"prompt_tokens_used": min(longest, block_size), "prompt_cropped": longest > block_size}}
         if ask.chat_template:
             extra["lmforge"]["chat_template"] = ask.chat_template
-        flight = Flight(engine, ask, ids, prompt_texts, self.texts, request.state.started)
+        flight = Flight(engine, self.app.state.mailbox, ask, ids, prompt_texts, self.texts, request.state.started)
         flight.submit()
         if ask.stream:
             try:
