@@ -1,7 +1,7 @@
 """How many torch threads a CPU training run uses: ``trainer.num_threads``, and what ``auto`` measures.
 
 ``auto`` times this model's training step (forward and backward, at the run's micro-batch and
-precision) on this machine at 1, 2, 4, ... threads up to the usable cores, the counts taking turns
+precision) on this machine at 1, 2, 4, ... threads up to the cores, the counts taking turns
 so that load from other processes falls on each alike, and keeps the fewest threads within
 ``MARGIN`` of the fastest (best of ``ROUNDS``). The answer is remembered per machine, torch version,
 model, batch and precision in ``$LMFORGE_CACHE_DIR/threads.json`` (default
@@ -44,14 +44,6 @@ class ThreadChoice:
     threads: int
     reason: str
     seconds: dict[int, float] = field(default_factory=dict)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, a cgroup's cpuset), else every core."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def candidates(cores: int) -> list[int]:
@@ -125,7 +117,7 @@ def cache_file() -> Path:
 
 
 def cache_key(model_config: dict, batch_size: int, precision: str, cores: int) -> str:
-    """What an answer depends on: the CPU and its usable cores, torch and its kernels' SIMD level,
+    """What an answer depends on: the CPU and its cores, torch and its kernels' SIMD level,
     the wait policy, the model, the micro-batch and the precision."""
     from lmforge.training.hardware import cpu_capability, cpu_model
 
@@ -161,9 +153,10 @@ def measured_choice(model_config: dict, batch_size: int, precision: str,
     """``auto`` on the CPU: the remembered answer for this machine and model, else a probe
     (``measure(counts) -> best seconds per count``; by default ``time_counts`` of ``model_step``)
     whose answer is remembered."""
-    cores = usable_cores() if cores is None else cores
+    # Every core, not the affinity mask: counts a mask leaves no room for lose the probe anyway.
+    cores = (os.cpu_count() or 1) if cores is None else cores
     if cores <= 1:
-        return ThreadChoice(1, "auto: one usable core")
+        return ThreadChoice(1, "auto: one core")
     cache = cache_file() if cache is None else cache
     key = cache_key(model_config, batch_size, precision, cores)
     known = _read_cache(cache).get(key)
