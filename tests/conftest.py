@@ -29,6 +29,21 @@ def no_leaked_tracking_uri() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def own_cache(tmp_path_factory) -> Iterator[None]:
+    """``trainer.num_threads=auto`` remembers its answers per user (``LMFORGE_CACHE_DIR``): the
+    tests' answers live in the session's temporary directory, and commands they start inherit it."""
+    from lmforge.config.paths import CACHE_DIR_ENV
+
+    before = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if before is None:
+        os.environ.pop(CACHE_DIR_ENV, None)
+    else:
+        os.environ[CACHE_DIR_ENV] = before
+
+
 @pytest.fixture
 def project_root() -> Path:
     return ROOT

@@ -11,7 +11,7 @@ from lmforge.outputs import duration
 from lmforge.training.callbacks import ProgressLines
 from tests.helpers import run_record
 
-LINE = re.compile(r"^step (\d+)/20 \(\d+%\)  train loss (\S+)  val loss (\S+)  ([\d,]+) tokens/s  "
+LINE = re.compile(r"^step (\d+)/20 \(\d+%\)  train loss (\S+)  val loss (\S+)  ([\d,]+) tokens/s \((\d+) threads?\)  "
                   r"elapsed \S+  ETA \S+$")
 
 
@@ -34,6 +34,10 @@ def test_a_run_without_a_terminal_prints_progress_at_each_evaluation(tokens_cfg,
     assert params["trainer.precision"] == "auto"
     assert params["hardware.precision"] in ("32", "bf16-mixed")
     assert params["hardware.muon_dtype"] in ("float32", "bfloat16")
+    # So is the thread count trainer.num_threads=auto (the default on CPU) chose, which the lines show.
+    assert params["trainer.num_threads"] == "auto"
+    assert {m[5] for m in lines} == {params["hardware.num_threads"]} and int(params["hardware.num_threads"]) >= 1
+    assert run_record(tokens_cfg)["num_threads"] == int(params["hardware.num_threads"])
 
 
 def test_progress_lines_come_every_interval_and_never_on_a_terminal(tokens_cfg, capfd, monkeypatch):  # noqa: F811
@@ -56,3 +60,9 @@ def test_the_line_reports_rate_and_eta():
     line = progress.line(500, 1.61234, None, elapsed=50.0)
     assert line == ("step 500/2000 (25%)  train loss 1.6123  val loss -  7,680 tokens/s  elapsed 50s  ETA 2m30s")
     assert duration(3725) == "1h02m" and duration(59.6) == "1m00s"
+    on_two = ProgressLines(max_steps=2000, tokens_per_step=768, threads=2)
+    on_two._start_step = 0
+    assert "  7,680 tokens/s (2 threads)  " in on_two.line(500, 1.6, None, elapsed=50.0)
+    on_one = ProgressLines(max_steps=2000, tokens_per_step=768, threads=1)
+    on_one._start_step = 0
+    assert "  7,680 tokens/s (1 thread)  " in on_one.line(500, 1.6, None, elapsed=50.0)

@@ -334,3 +334,35 @@ def test_a_resumed_run_keeps_the_precision_its_run_started_with(tokens_cfg, monk
     assert resumed.precisions == ["32-true"]
     tags = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(record["run_id"]).data.tags
     assert tags["lmforge.attempts"] == "2" and "hardware.precision" not in tags["lmforge.attempt2.changed"]
+
+
+def test_a_resumed_run_keeps_the_thread_count_its_run_started_with(tokens_cfg, monkeypatch):
+    # trainer.num_threads=auto is settled by a timing probe, remembered per machine; a deleted cache
+    # or a busy probe may answer otherwise on the second attempt, and torch's kernels do not give the
+    # same bits at every thread count.
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from lmforge.training import threads
+    from lmforge.training.stage import train_stage
+
+    cfg = tokens_cfg
+    cfg.tracking.log_model, cfg.trainer.num_threads = False, "auto"
+    cfg.train.update({"max_steps": 12, "eval_interval": 6, "checkpoint_every": 4})
+    monkeypatch.setattr(threads, "measured_choice", lambda *a, **k: threads.ThreadChoice(1, "auto: test says 1"))
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(cfg, callbacks=[StopAt(5)])
+    record = json.loads(Path(cfg.paths.checkpoints, "run.json").read_text())
+    assert record["num_threads"] == 1
+
+    monkeypatch.setattr(threads, "measured_choice", lambda *a, **k: threads.ThreadChoice(2, "auto: test says 2"))
+    seen = []
+
+    class Threads(StopAt):
+        def on_train_start(self, trainer, pl_module):
+            seen.append(torch.get_num_threads())
+
+    train_stage(cfg, callbacks=[Threads()])
+    assert seen == [1]
+    tags = MlflowClient(tracking_uri=cfg.tracking.uri).get_run(record["run_id"]).data.tags
+    assert tags["lmforge.attempts"] == "2" and "hardware.num_threads" not in tags["lmforge.attempt2.changed"]

@@ -203,10 +203,12 @@ def _info(args: argparse.Namespace) -> None:
     import json
 
     from lmforge.training.hardware import format_info, machine_info
+    from lmforge.training.threads import auto_for_info
 
     if args.probe_seconds < 0:
         raise LmforgeError(f"--probe-seconds {args.probe_seconds} must be 0 (no probe) or more.")
     info = machine_info(probe_seconds=args.probe_seconds)
+    info["num_threads_auto"] = auto_for_info()
     print(json.dumps(info, indent=2) if args.json else format_info(info))
 
 
@@ -289,7 +291,8 @@ def _add_runs_and_info_parsers(sub) -> None:
     show.add_argument("run_id", nargs="?", help="default: the run of the current model (paths.model/run.json)")
     for each in (listing, show):
         each.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else tracking.uri of ./params.yaml")
-    n = sub.add_parser("info", help="this machine: CPU, SIMD level, native bf16, GPUs, versions, a matmul probe")
+    n = sub.add_parser("info", help="this machine: CPU, SIMD level, native bf16, GPUs, versions, "
+                       "what trainer.num_threads=auto chooses, a matmul probe")
     n.add_argument("--json", action="store_true", help="print the block as JSON (what benchmarks record)")
     n.add_argument("--probe-seconds", type=float, default=5.0, help="length of the matmul probe; 0: none")
 

@@ -18,3 +18,8 @@ DOC_SEPARATOR = "\x1e"
 
 # paths.vocab and every model directory: HuggingFace tokenizers' own format.
 TOKENIZER_FILE = "tokenizer.json"
+
+# Per-user answers of measurements that must not change between two runs on one machine
+# (``trainer.num_threads: auto``): $LMFORGE_CACHE_DIR, else $XDG_CACHE_HOME/lmforge, else ~/.cache/lmforge.
+CACHE_DIR_ENV = "LMFORGE_CACHE_DIR"
+THREADS_CACHE_FILE = "threads.json"

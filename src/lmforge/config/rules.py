@@ -174,7 +174,8 @@ RULES: dict[str, Rule] = {
     "optimizer.muon_weight_decay": number(0),
     "trainer.devices": integer(words=("auto",), note="auto means every visible device"),
     "trainer.num_nodes": integer(),
-    "trainer.num_threads": integer(null=True, note="null means torch's default"),
+    "trainer.num_threads": integer(null=True, words=("auto",),
+                                   note="auto: measured on this model's step; null: torch's default"),
 }
 
 # Keys that every file of conf/ sets to null and that take no number (a path, a name, an address):

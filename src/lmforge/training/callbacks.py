@@ -223,14 +223,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 class ProgressLines(Callback):
     """A progress line on ``stream`` (stderr) every ``every_seconds`` and after each validation:
-    step/max_steps, last train and val loss, tokens/s, elapsed time and ETA, for runs nobody watches
+    step/max_steps, last train and val loss, tokens/s (and the torch threads making them, when
+    ``threads`` is given), elapsed time and ETA, for runs nobody watches
     on a terminal (``lmforge.outputs``). The rate and ETA count wall time since training started
     (validation included). Rank 0 only."""
 
     EVERY_SECONDS = 30.0
 
-    def __init__(self, max_steps: int, tokens_per_step: int, every_seconds: float | None = None, stream=None):
+    def __init__(self, max_steps: int, tokens_per_step: int, every_seconds: float | None = None, stream=None,
+                 threads: int | None = None):
         self.max_steps = max_steps
+        self.threads = threads
         self.tokens_per_step = tokens_per_step
         self.every_seconds = self.EVERY_SECONDS if every_seconds is None else every_seconds
         self.stream = stream
@@ -257,7 +260,8 @@ class ProgressLines(Callback):
         parts = [f"step {step}/{self.max_steps} ({100 * step / self.max_steps:.0f}%)",
                  f"train loss {train_loss:.4f}" if train_loss is not None else "train loss -",
                  f"val loss {val_loss:.4f}" if val_loss is not None else "val loss -",
-                 f"{rate * self.tokens_per_step:,.0f} tokens/s",
+                 f"{rate * self.tokens_per_step:,.0f} tokens/s"
+                 + (f" ({self.threads} thread{'s' if self.threads != 1 else ''})" if self.threads else ""),
                  f"elapsed {duration(elapsed)}",
                  f"ETA {duration((self.max_steps - step) / rate)}" if rate else "ETA -"]
         return "  ".join(parts)

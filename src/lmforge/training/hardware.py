@@ -306,6 +306,10 @@ def format_info(info: dict) -> str:
            if info["cpu_autocast_speedup"] else ""),
         "muon dtype:   " + ", ".join(f"{d}: {t}" for d, t in info["muon_dtype"].items()),
     ]
+    if "num_threads_auto" in info:  # lmforge info adds it (lmforge.training.threads.auto_for_info)
+        t = info["num_threads_auto"]
+        lines.append(f"threads:      auto -> {t['threads']} for {t['for']} ({t['reason']}); "
+                     f"OpenMP wait policy {t['wait_policy']}")
     if "matmul_gflops" in info:
         m, k, n = PROBE_SHAPE
         g = info["matmul_gflops"]

@@ -63,8 +63,8 @@ def train_stage(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
 
     check_writable(("paths.model", cfg.paths.model),
                    ("paths.checkpoints", Path(cfg.paths.checkpoints) / LAST_CHECKPOINT))
-    choices = _set_up_torch(cfg)
     index = read_index(cfg.paths.tokens)
+    choices = _set_up_torch(cfg, index)
     t = cfg.train
     datamodule = TokenDataModule(cfg.paths.tokens, int(cfg.model.block_size), int(t.batch_size), int(cfg.seed),
                                  int(t.eval_iters))
@@ -77,10 +77,14 @@ def train_stage(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
         # auto is settled by a timing probe, which a busy machine may answer otherwise: a resumed
         # run keeps the precision it started with, so that it stays bit-identical.
         choices["hardware.precision"] = record["precision"]
+    if record is not None and str(cfg.trainer.num_threads) == "auto" and record.get("num_threads"):
+        # So is auto's thread count: torch's kernels do not give the same bits at every count.
+        choices["hardware.num_threads"] = str(record["num_threads"])
+        torch.set_num_threads(int(record["num_threads"]))
     run = _open_run(cfg, lit, record, fingerprint, choices) if rank_zero_only.rank == 0 else None  # rank 0: MLflow
     if run is not None and record is not None:
         print(f"resuming from {ckpt_path or 'step 0'} in MLflow run {run.info['run_id']} "
-              f"(precision {choices['hardware.precision']})")
+              f"(precision {choices['hardware.precision']}, {choices['hardware.num_threads']} threads)")
     trainer = _trainer(cfg, choices["hardware.precision"], run, [*callbacks, *_callbacks(cfg, run)])
     throughput = _steps_and_throughput(cfg, trainer)
     _compile(cfg, lit)
@@ -99,17 +103,24 @@ def train_stage(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
 # --- the steps of train(), in the order it takes them ------------------------------------------
 
 
-def _set_up_torch(cfg) -> dict[str, str]:
+def _set_up_torch(cfg, index: dict) -> dict[str, str]:
     """Threads, float32 matmul precision and every random seed, before anything is built; returns
-    what this machine resolves (``trainer.precision=auto``, Muon's dtype: ``lmforge.training.hardware``)."""
-    from lmforge.training.hardware import training_choices
+    what this machine resolves (``trainer.precision=auto``, Muon's dtype: ``lmforge.training.hardware``;
+    ``trainer.num_threads=auto``: ``lmforge.training.threads``)."""
+    from lmforge.training.hardware import device_type_for, training_choices
+    from lmforge.training.threads import resolve_threads
 
     _quiet_lightning()
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(int(cfg.trainer.num_threads))
     torch.set_float32_matmul_precision(cfg.trainer.float32_matmul_precision)
     choices = training_choices(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
-    rank_zero_only(print)(", ".join(f"{k.removeprefix('hardware.')} {v}" for k, v in choices.items()))
+    threads = resolve_threads(cfg.trainer.num_threads, device_type_for(str(cfg.trainer.accelerator)),
+                              model_config_for(cfg, index["vocab_size"]), int(cfg.train.batch_size),
+                              choices["hardware.precision"])
+    torch.set_num_threads(threads.threads)
+    choices["hardware.num_threads"] = str(threads.threads)
+    rank_zero_only(print)(", ".join(f"{k.removeprefix('hardware.')} {v}" for k, v in choices.items()
+                                    if k != "hardware.num_threads"))
+    rank_zero_only(print)(f"threads: {threads.threads} ({threads.reason})")
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     return choices
 
@@ -168,7 +179,8 @@ def _open_run(cfg, lit: LitGPT, record: dict | None, fingerprint: str, choices: 
         model = {"model/parameters": lit.model.num_params(), "model/flops_per_token": lit.model.flops_per_token()}
         run.log_start(params, {**model, **reported_counts(cfg.paths.reports)})
     write_json(checkpoints / RUN_FILE, {**run.info, "run_name": run_name, "fingerprint": fingerprint,
-                                        "precision": choices["hardware.precision"]})
+                                        "precision": choices["hardware.precision"],
+                                        "num_threads": int(choices["hardware.num_threads"])})
     return run
 
 
@@ -224,7 +236,7 @@ def _steps_and_throughput(cfg, trainer: L.Trainer) -> Throughput:
     throughput = Throughput(tokens_per_step, int(t.log_every))
     trainer.callbacks.append(throughput)
     if not watched():  # no bar: plain progress lines (make run > log, queued experiments, CI)
-        trainer.callbacks.append(ProgressLines(int(t.max_steps), tokens_per_step))
+        trainer.callbacks.append(ProgressLines(int(t.max_steps), tokens_per_step, threads=torch.get_num_threads()))
     if accumulate > 1:
         rank_zero_only(print)(f"global batch: {tokens_per_step} tokens per step "
                               f"({accumulate} micro-batches per device)")
