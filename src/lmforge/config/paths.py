@@ -18,3 +18,7 @@ DOC_SEPARATOR = "\x1e"
 
 # paths.vocab and every model directory: HuggingFace tokenizers' own format.
 TOKENIZER_FILE = "tokenizer.json"
+
+# paths.vocab and model directories of a fine-tune: the base model they come from
+# (``lmforge.interop.base``: its name, revision and file hashes).
+BASE_FILE = "base.json"

@@ -102,13 +102,25 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     eos token. An existing ``out`` is replaced only with ``force`` (atomically). Returns ``out``;
     LmforgeError naming the file for anything missing, unsupported or inconsistent.
     """
-    from lmforge.model.directory import check_tokenizer_fits, refuse_existing, save_model_dir
-    from lmforge.tokenization.tokenizer import load_tokenizer
+    from lmforge.model.directory import refuse_existing, save_model_dir
 
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise LmforgeError(f"{hf_dir} is not a directory; give a local transformers model directory.")
     refuse_existing(out, force)
+    model, tokenizer_path, eot_token, eot_id = read_hf_dir(hf_dir)
+    meta = {"kind": "imported", "eot_token": eot_token, "eot_id": eot_id}
+    return save_model_dir(out, model, tokenizer_path, meta,
+                          extra={"imported_from": {"path": str(hf_dir.resolve()),
+                                                   "architecture": ARCHITECTURES[hf_family(model.config)]}})
+
+
+def read_hf_dir(hf_dir: Path) -> tuple[GPT, Path, str, int]:
+    """The network of a local ``transformers`` directory as our GPT, its tokenizer.json, and the
+    end-of-text token and id (``import_hf`` and fine-tuning's base, ``lmforge.interop.base``)."""
+    from lmforge.model.directory import check_tokenizer_fits
+    from lmforge.tokenization.tokenizer import load_tokenizer
+
     config_path = hf_dir / "config.json"
     try:
         hf_config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -135,10 +147,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
                    for k, v in weights.items()}
     model = GPT(config)
     model.load_state_dict(import_weights(weights, config, family, HF, hf_dir), strict=True)
-    meta = {"kind": "imported", "eot_token": eot_token, "eot_id": eot_id}
-    return save_model_dir(out, model, tokenizer_path, meta,
-                          extra={"imported_from": {"path": str(hf_dir.resolve()),
-                                                   "architecture": ARCHITECTURES[family]}})
+    return model, tokenizer_path, eot_token, eot_id
 
 
 def _shard_path(hf_dir: Path, name: object, index: Path) -> Path:
