@@ -1,4 +1,4 @@
-"""The base model of a fine-tune (lmforge.interop.base): local lmforge and transformers
+"""The base model of a fine-tune (lmforge.tokenization.base, lmforge.interop.base): local lmforge and transformers
 directories, Hub ids resolved from a cache built here in the Hub's own layout (no network), and
 every way a careless user names a base that is not there."""
 
@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.interop.base import (
+from lmforge.interop.base import load_base
+from lmforge.tokenization.base import (
     HUB,
     LMFORGE,
     LOCAL,
     TRANSFORMERS,
     adopt_tokenizer,
     check_same,
-    load_base,
     read_record,
     resolve_base,
     resolve_recorded,

@@ -14,6 +14,7 @@ from pathlib import Path
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.metrics import score_tokens, summarise
 from lmforge.evaluation.prompts import stage_prompts
+from lmforge.interop.base import base_network
 from lmforge.outputs import atomic_path, check_writable, write_json, write_text
 
 
@@ -86,12 +87,19 @@ def evaluate_stage(cfg) -> dict:
             f"the validation split has {len(val)} tokens, not more than model.block_size={block_size}; "
             "lower model.block_size or raise data.val_fraction."
         )
-    score = score_tokens(loaded.model, val, block_size, int(ev.batch_size), ev.max_batches)
-    metrics = {f"val_{k}" if k in ("loss", "perplexity") else k: v
-               for k, v in summarise(score, val.index["splits"]["val"]["bytes"]).items()}
-    metrics = {"val_loss": metrics["val_loss"], "val_perplexity": metrics["val_perplexity"],
-               "val_bits_per_byte": metrics["bits_per_byte"], "val_tokens": metrics["tokens"],
-               "val_tokens_scored": metrics["tokens_scored"], "val_bytes": metrics["bytes"]}
+    def scored(model) -> dict:  # the one scoring of the validation split: the tuned model's and its base's
+        score = score_tokens(model, val, block_size, int(ev.batch_size), ev.max_batches)
+        return summarise(score, val.index["splits"]["val"]["bytes"])
+
+    summary = scored(loaded.model)
+    metrics = {"val_loss": summary["loss"], "val_perplexity": summary["perplexity"],
+               "val_bits_per_byte": summary["bits_per_byte"], "val_tokens": summary["tokens"],
+               "val_tokens_scored": summary["tokens_scored"], "val_bytes": summary["bytes"]}
+    base = base_network(loaded.path, loaded.model.config)  # a fine-tune: its base, on the same tokens beside it
+    if base is not None:
+        summary = scored(base)
+        metrics.update({"base_val_loss": summary["loss"], "base_val_perplexity": summary["perplexity"],
+                        "base_val_bits_per_byte": summary["bits_per_byte"]})
     training = loaded.config.get("training", {})
     if training.get("tokens_per_second"):
         metrics["train_tokens_per_second"] = training["tokens_per_second"]

@@ -38,7 +38,7 @@ from lmforge.interop.hf_config import ARCHITECTURES, GPT2, from_hf_config, hf_fa
 from lmforge.interop.weights import HF, export_weights, import_weights
 from lmforge.model.gpt import GPT
 from lmforge.outputs import atomic_path
-from lmforge.tokenization.tokenizer import UNK_TOKEN
+from lmforge.tokenization.tokenizer import UNK_TOKEN, hf_eos_token
 
 PAD_TOKENS = ("<pad>", "<|pad|>")
 
@@ -139,7 +139,7 @@ def read_hf_dir(hf_dir: Path) -> tuple[GPT, Path, str, int]:
     tokenizer = load_tokenizer(tokenizer_path)
     check_tokenizer_fits(tokenizer, config.vocab_size, tokenizer_path,
                          f"the embedding table ({config_path} vocab_size)")
-    eot_token, eot_id = _eos_token(hf_dir, hf_config, tokenizer)
+    eot_token, eot_id = hf_eos_token(hf_dir, hf_config, tokenizer)
 
     weights = _read_weights(hf_dir)
     if family == GPT2:  # checkpoints saved from GPT2Model have no "transformer." prefix
@@ -187,24 +187,3 @@ def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
             raise LmforgeError(f"{path} is missing, corrupt or truncated ({err}); "
                                "re-download or re-save the model.") from None
     return state
-
-
-def _eos_token(hf_dir: Path, hf_config: dict, tokenizer) -> tuple[str, int]:
-    # The tokenizer's own files name the eos token; config.json's eos_token_id is the fallback.
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = hf_dir / name
-        if path.is_file():
-            token = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
-            if isinstance(token, dict):
-                token = token.get("content")
-            if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
-                return token, tokenizer.token_to_id(token)
-    eos_id = hf_config.get("eos_token_id")
-    if isinstance(eos_id, list):
-        eos_id = eos_id[0] if eos_id else None
-    if isinstance(eos_id, int) and tokenizer.id_to_token(eos_id) is not None:
-        return tokenizer.id_to_token(eos_id), eos_id
-    raise LmforgeError(
-        f"{hf_dir} names no end-of-text token (eos_token in tokenizer_config.json or eos_token_id in "
-        "config.json); add one and import again."
-    )

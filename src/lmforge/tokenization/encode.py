@@ -23,7 +23,14 @@ from lmforge.errors import LmforgeError
 from lmforge.outputs import atomic_path, check_writable, progress_bar, write_json
 from lmforge.tokenization.chunks import iter_chunks
 from lmforge.tokenization.shards import INDEX_FILE, ShardWriter, token_dtype
-from lmforge.tokenization.tokenizer import Encoder, eot_token_id, join_ids, load_tokenizer, tokenizer_sha256
+from lmforge.tokenization.tokenizer import (
+    Encoder,
+    eot_token_id,
+    join_ids,
+    load_tokenizer,
+    tokenizer_sha256,
+    vocab_eot_token,
+)
 
 # A split smaller than this is encoded in the stage's own process: starting workers costs more.
 _PARALLEL_MIN_BYTES = 4 << 20
@@ -71,7 +78,7 @@ def tokenize_stage(cfg) -> dict:
     tokenizer_path = Path(cfg.paths.vocab) / TOKENIZER_FILE
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    eot_id = eot_token_id(tokenizer, cfg.tokenizer.eot_token)
+    eot_id = eot_token_id(tokenizer, vocab_eot_token(cfg))  # a fine-tune's: its base's
     dtype = token_dtype(vocab_size)
     files = _prepared_files(Path(cfg.paths.prepared))
     total_bytes = sum(path.stat().st_size for path in files.values())

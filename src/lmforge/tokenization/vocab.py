@@ -27,6 +27,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmforge.config.compose import UNSET
+from lmforge.config.paths import BASE_FILE
 from lmforge.config.rules import check_setting, check_vocab_size
 from lmforge.errors import LmforgeError
 from lmforge.tokenization.pretokenize import count_byte_level_pre_tokens, word_pre_tokenizer
@@ -36,6 +37,7 @@ from lmforge.tokenization.tokenizer import (
     UNK_TOKEN,
     Encoder,
     eot_token_id,
+    load_tokenizer,
     save_tokenizer,
 )
 
@@ -350,6 +352,10 @@ def vocab_stage(cfg: Any) -> dict:
     prepared = Path(cfg.paths.prepared)
     if not (prepared / "train.txt").is_file():
         raise LmforgeError(f"{prepared / 'train.txt'} not found; run the prepare stage first (dvc repro prepare).")
+    if cfg.get("finetune") is not None and cfg.finetune.get("base"):
+        return _adopt_base(cfg, prepared)
+    for stale in (BASE_FILE, "tokenizer_config.json"):  # a fine-tune's, from an earlier run by hand
+        (Path(cfg.paths.vocab) / stale).unlink(missing_ok=True)
     train_bytes = _int_value(cfg.tokenizer, "train_bytes", 0)
     tokenizer = build_tokenizer(cfg.tokenizer, training_sample(prepared / "train.txt", train_bytes))
     eot_token_id(tokenizer, cfg.tokenizer.eot_token)  # fail now, not in the tokenize stage
@@ -359,6 +365,24 @@ def vocab_stage(cfg: Any) -> dict:
     save_tokenizer(tokenizer, Path(cfg.paths.vocab) / "tokenizer.json")
     write_json(Path(cfg.paths.reports) / "vocab.json", metrics)
     print(vocab_line(metrics))
+    return metrics
+
+
+def _adopt_base(cfg: Any, prepared: Path) -> dict:
+    """The vocab stage of a fine-tune: the base's own tokenizer (``tokenizer.*`` do not apply),
+    with ``base.json`` naming the base's exact files (``lmforge.interop.base``)."""
+    from lmforge.outputs import write_json
+    from lmforge.tokenization.base import adopt_tokenizer, base_setting, resolve_base
+    from lmforge.tokenization.chunks import iter_pieces
+
+    base = resolve_base(*base_setting(cfg))
+    adopt_tokenizer(base, cfg.paths.vocab)
+    tokenizer = load_tokenizer(Path(cfg.paths.vocab) / "tokenizer.json")
+    metrics = {"kind": "base", "base": base.ref, "revision": base.revision, "requested_vocab_size": None,
+               **vocab_metrics(tokenizer, iter_pieces(prepared / "val.txt"))}
+    write_json(Path(cfg.paths.reports) / "vocab.json", metrics)
+    print(f"vocab: the tokenizer of finetune.base={base.ref}" + (f" at {base.revision}" if base.revision else "")
+          + f", {metrics['vocab_size']:,} tokens, {metrics['bytes_per_token']:.2f} bytes per token on val")
     return metrics
 
 

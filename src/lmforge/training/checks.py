@@ -35,3 +35,20 @@ def check_global_batch(cfg: DictConfig) -> None:
     t = cfg.train
     if not isinstance(cfg.trainer.devices, int):
         accumulation_steps(t.global_batch_tokens, int(t.batch_size), int(cfg.model.block_size), 1)
+
+
+def check_finetune(cfg: DictConfig) -> None:
+    """``finetune.*``: a method, embeddings setting and LoRA targets of ours; LoRA with FSDP is refused
+    (the adapters are injected into whole layers, which FSDP shards)."""
+    from lmforge.training.lora import check_lora_settings
+
+    finetune = cfg.get("finetune")
+    if finetune is None:
+        return
+    check_lora_settings(finetune)
+    if finetune.get("base") and finetune.method == "lora" and "fsdp" in str(cfg.trainer.strategy):
+        raise LmforgeError("finetune.method=lora is not supported with trainer.strategy=fsdp; use trainer=ddp "
+                           "(the frozen base is replicated, only the adapters' gradients are exchanged).")
+    if not finetune.get("base") and finetune.method == "lora":
+        raise LmforgeError("finetune.method=lora needs a base to adapt; set finetune.base (a model directory, "
+                           "a transformers directory or a Hub id), or finetune.method=full.")
