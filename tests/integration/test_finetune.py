@@ -33,16 +33,25 @@ QUICK = ["train.eval_interval=5", "train.eval_iters=2", "train.log_every=5", "ev
          "evaluate.max_new_tokens=10", "trainer.precision=32", "tracking.log_model=false"]
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory) -> Path:
-    """A tiny model trained here for 30 steps (a character vocabulary): the base of every test."""
-    root = tmp_path_factory.mktemp("base")
-    cfg = compose_config(["model=tiny", "train.max_steps=30", *QUICK, f"tracking.uri=sqlite:///{root}/mlflow.db"],
-                         conf_dir=ROOT / "conf")
+# A Llama-family tiny model (transformers' LlamaForCausalLM), beside model=tiny's GPT-2 family.
+LLAMA = ["model.positions=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false",
+         "model.tie_embeddings=false", "model.n_kv_head=1"]
+
+
+def train_base(root: Path, *overrides: str) -> Path:
+    """A tiny model trained here for 30 steps on a character vocabulary; returns its directory."""
+    cfg = compose_config(["model=tiny", "train.max_steps=30", *QUICK, f"tracking.uri=sqlite:///{root}/mlflow.db",
+                          *overrides], conf_dir=ROOT / "conf")
     for key in ("prepared", "vocab", "tokens", "model", "checkpoints", "reports"):
         cfg.paths[key] = str(root / cfg.paths[key])
     run_pipeline(cfg, write_corpus(root / "corpus", n_docs=12, words=300))
     return Path(cfg.paths.model)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """The base of every test: a GPT-2-family tiny model."""
+    return train_base(tmp_path_factory.mktemp("base"))
 
 
 def finetune_cfg(tmp_path: Path, base: str, *overrides: str):
@@ -164,3 +173,57 @@ def test_a_base_other_than_the_vocab_stage_adopted_is_refused(base_dir, tmp_path
     cfg.model.block_size = 64
     with pytest.raises(LmforgeError, match="model.block_size=64 is longer than the context of finetune.base"):
         train_stage(cfg)
+
+
+@torch.no_grad()
+def greedy(model, ids: list[int], steps: int, eot: int) -> list[int]:
+    for _ in range(steps):
+        logits = model(torch.tensor([ids]))[0][0, -1]
+        ids = ids + [int(logits.argmax())]
+        if ids[-1] == eot:
+            break
+    return ids
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_adapter_loads_onto_the_transformers_base_with_peft(base_dir, tmp_path, monkeypatch, capsys, family):
+    # export --adapter OUT: peft.PeftModel.from_pretrained on the base's --format hf export gives the
+    # tuned model: the same logits and the same greedy tokens as lmforge's merged weights.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import run_cli
+
+    base = base_dir if family == "gpt2" else train_base(tmp_path / "llama-base", *LLAMA)
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path / "run")
+    cfg = finetune_cfg(tmp_path, str(base), "finetune.method=lora", "finetune.lora.dropout=0.0")
+    run_pipeline(cfg, write_corpus(tmp_path / "corpus", n_docs=8, words=200))
+    assert run_cli(["export", "--model", base, "--format", "hf", tmp_path / "hf"], capsys)[0] == 0
+    code, out, err = run_cli(["export", "--model", "models/gpt", "--adapter", tmp_path / "adapter"], capsys)
+    assert code == 0, err
+    assert "PeftModel.from_pretrained" in out
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float64)
+    before = hf(torch.tensor([[1, 2, 3]])).logits
+    tuned_hf = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    tuned = load_model_dir("models/gpt")
+    tuned.model.double()
+    ids = tuned.tokenizer.encode("the king and").ids
+    theirs = tuned_hf(torch.tensor([ids])).logits[0]
+    ours = tuned.model(torch.tensor([ids]))[0][0]
+    assert torch.allclose(theirs, ours, atol=1e-8)
+    assert not torch.allclose(before, tuned_hf(torch.tensor([[1, 2, 3]])).logits, atol=1e-4)  # the adapter acts
+    expected = greedy(tuned.model, ids, 20, tuned.eot_id)
+    generated = tuned_hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False,
+                                  eos_token_id=tuned.eot_id, pad_token_id=tuned.eot_id)[0].tolist()
+    assert generated == expected
+
+
+def test_export_adapter_refuses_a_model_without_adapters(base_dir, tmp_path, capsys):
+    from tests.helpers import run_cli
+
+    code, _, err = run_cli(["export", "--model", base_dir, "--adapter", tmp_path / "out"], capsys)
+    assert code == 1 and "was not fine-tuned with finetune.method=lora" in err and err.count("\n") == 1
+    code, _, err = run_cli(["export", "--model", base_dir, tmp_path / "out"], capsys)
+    assert code == 1 and "export needs --format hf|gguf and OUT" in err

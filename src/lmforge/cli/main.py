@@ -7,6 +7,7 @@
     lmforge evaluate --model DIR|URI --data FILE... [--mlflow]      score any text
     lmforge export --model DIR|URI --format hf OUT                 a transformers directory
     lmforge export --model DIR|URI --format gguf OUT.gguf [--dtype f32|f16|q8_0]   llama.cpp & co.
+    lmforge export --model DIR|URI --adapter OUT                   a LoRA fine-tune's PEFT adapter
     lmforge import --format hf DIR OUT [--force]                   a transformers directory in
     lmforge import --format gguf FILE.gguf OUT [--force]           a GGUF file in
     lmforge runs list | runs show [RUN_ID]                         tracked runs and their lineage
@@ -121,6 +122,18 @@ def _export(args: argparse.Namespace) -> None:
     from lmforge.interop.hf import export_hf
     from lmforge.model.directory import fetch_model_dir
 
+    if args.adapter is not None:
+        from lmforge.interop.adapter import export_adapter
+
+        if args.format or args.out:
+            raise LmforgeError("--adapter OUT writes the adapter alone; give either --adapter OUT or "
+                               "--format FORMAT OUT.")
+        out = export_adapter(fetch_model_dir(args.model, args.tracking_uri), args.adapter)
+        print(f"wrote {out} (a PEFT adapter: peft.PeftModel.from_pretrained(model, '{out}') onto the base "
+              "exported with --format hf)")
+        return
+    if not args.format or not args.out:
+        raise LmforgeError("export needs --format hf|gguf and OUT (or --adapter OUT for a LoRA fine-tune's adapter).")
     if args.format == "gguf":
         from lmforge.interop.gguf import export_gguf
 
@@ -254,11 +267,13 @@ def _add_export_import_parsers(sub) -> None:
     """`lmforge export` and `lmforge import`: transformers directories and GGUF files."""
     e = sub.add_parser("export", help="write a model directory as a transformers directory or a GGUF file")
     _add_model_arguments(e)
-    e.add_argument("--format", required=True, choices=["hf", "gguf"],
+    e.add_argument("--format", choices=["hf", "gguf"],
                    help="hf: GPT2LMHeadModel or LlamaForCausalLM (loading it needs transformers: the `hf` extra); "
                    "gguf: one file for llama.cpp, Ollama, Candle, ... (needs the `gguf` extra)")
     e.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF weight type (default f32)")
-    e.add_argument("out", help="the directory (hf) or .gguf file (gguf) to write")
+    e.add_argument("out", nargs="?", help="the directory (hf) or .gguf file (gguf) to write")
+    e.add_argument("--adapter", metavar="OUT", help="write a LoRA fine-tune's adapters as a PEFT adapter directory "
+                   "for the base exported with --format hf (instead of --format)")
     i = sub.add_parser("import",
                        help="turn a local transformers GPT-2/Llama directory or a GGUF file into a model directory")
     i.add_argument("--format", required=True, choices=["hf", "gguf"], help="gguf needs the `gguf` extra")

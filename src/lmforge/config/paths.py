@@ -22,3 +22,5 @@ TOKENIZER_FILE = "tokenizer.json"
 # paths.vocab and model directories of a fine-tune: the base model they come from
 # (``lmforge.interop.base``: its name, revision and file hashes).
 BASE_FILE = "base.json"
+# A LoRA fine-tune's model directory: its adapters, in PEFT's file names (``lmforge export --adapter``).
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"

@@ -49,6 +49,13 @@ def check_finetune(cfg: DictConfig) -> None:
     if finetune.get("base") and finetune.method == "lora" and "fsdp" in str(cfg.trainer.strategy):
         raise LmforgeError("finetune.method=lora is not supported with trainer.strategy=fsdp; use trainer=ddp "
                            "(the frozen base is replicated, only the adapters' gradients are exchanged).")
+    from lmforge.training.finetune import base_summary
+
+    base = base_summary(cfg)  # a local base: its context bounds the training window now, not at train time
+    if base is not None and int(cfg.model.block_size) > base[0].block_size:
+        raise LmforgeError(f"model.block_size={cfg.model.block_size} is longer than the context of finetune.base="
+                           f"{finetune.base} ({base[0].block_size} tokens); set model.block_size to at most "
+                           f"{base[0].block_size}.")
     if not finetune.get("base") and finetune.method == "lora":
         raise LmforgeError("finetune.method=lora needs a base to adapt; set finetune.base (a model directory, "
                            "a transformers directory or a Hub id), or finetune.method=full.")

@@ -24,7 +24,6 @@ TRAIN_EMBEDDINGS = ("auto", True, False)
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc", "lm_head")
 ADAPTER = "default"  # peft's adapter name
 EMBEDDING_MODULES = ("transformer.wte", "lm_head")
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # PEFT's file names
 
 
 def lora_config(finetune):

@@ -341,7 +341,8 @@ def _model_files_writer(cfg, lit: LitGPT):
         if has_lora(lit.model):
             from safetensors.torch import save_file
 
-            from lmforge.training.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, adapter_state_dict
+            from lmforge.config.paths import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+            from lmforge.training.lora import adapter_config, adapter_state_dict
 
             save_file(adapter_state_dict(lit.model), str(model_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             write_json(model_dir / ADAPTER_CONFIG, adapter_config(cfg.finetune, lit.base.ref))
