@@ -129,3 +129,16 @@ def test_lora_without_peft_names_the_extra(monkeypatch):
 
     with pytest.raises(LmforgeError, match=r"pip install 'lmforge\[finetune\]'"):
         lora_config(finetune())
+
+
+def test_loras_optimizer_state_is_under_5_percent_of_fulls_at_gpt2_small():
+    # AdamW keeps two tensors per trainable weight, so the state's ratio is the trainable ratio
+    # (benchmarks/finetune.py measures the bytes); counted on the meta device, nothing allocated.
+    cfg = compose_config(["experiment=finetune", "model=gpt2-small", "finetune.method=lora"], conf_dir=ROOT / "conf")
+    config = {**OmegaConf.to_container(cfg.model), "vocab_size": 50257}
+    with torch.device("meta"):
+        gpt = GPT(GPTConfig.from_dict(config))
+        full = sum(p.numel() for p in gpt.parameters())
+        apply_lora(gpt, cfg.finetune, added_tokens=0)
+    trainable, _ = trainable_counts(gpt)
+    assert 0 < trainable / full < 0.05
