@@ -177,3 +177,16 @@ def test_a_base_that_changed_after_the_vocab_stage_is_refused(tmp_path):
         resolve_recorded(tmp_path / "vocab")
     with pytest.raises(LmforgeError, match="has another base"):
         check_same(resolve_base(tmp_path / "other"), read_record(tmp_path / "vocab"), tmp_path / "vocab")
+
+
+def test_check_reads_a_cached_hub_bases_architecture(offline_hub):
+    # `lmforge check` names what it will train: the cached base's size, or that it is not fetched yet.
+    from lmforge.config.compose import compose_config
+    from lmforge.stages.check import summary
+    from tests.helpers import ROOT
+
+    cached = summary(compose_config(["experiment=finetune", "finetune.base=org/tiny"], conf_dir=ROOT / "conf"))
+    assert cached["vocab_source"] == "the architecture of finetune.base=org/tiny"
+    assert cached["parameters"] == load_base(resolve_base("org/tiny")).model.num_params()
+    absent = summary(compose_config(["experiment=finetune", "finetune.base=org/absent"], conf_dir=ROOT / "conf"))
+    assert "finetune.base=org/absent is not fetched yet" in absent["vocab_source"]

@@ -82,6 +82,9 @@ def summary(cfg: DictConfig) -> dict[str, Any]:
     base = base_summary(cfg)  # a fine-tune trains its base's architecture, whatever model.* say
     if base is not None:
         config, source = base[0].to_dict(), base[1]
+    elif cfg.get("finetune") is not None and cfg.finetune.get("base"):
+        source = (f"finetune.base={cfg.finetune.base} is not fetched yet (the vocab stage fetches it), so these "
+                  "numbers are model.*'s, not the base's")
     with torch.device("meta"):  # counts without allocating: gpt2-medium is 350M parameters
         model = GPT(GPTConfig.from_dict(config))
     t, trainer = cfg.train, cfg.trainer

@@ -218,6 +218,19 @@ def hub_cache_dir() -> str | None:
     return None
 
 
+def cached_hub_file(repo_id: str, revision: str | None, filename: str) -> Path | None:
+    """``filename`` of the Hub repository ``repo_id`` at ``revision`` when the cache holds it, else None
+    (nothing is fetched: ``lmforge check`` reads a cached base's config this way)."""
+    if not _HUB_ID.match(repo_id):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover
+        return None
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache_dir(), revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 

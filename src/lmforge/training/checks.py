@@ -49,7 +49,15 @@ def check_finetune(cfg: DictConfig) -> None:
     if finetune.get("base") and finetune.method == "lora" and "fsdp" in str(cfg.trainer.strategy):
         raise LmforgeError("finetune.method=lora is not supported with trainer.strategy=fsdp; use trainer=ddp "
                            "(the frozen base is replicated, only the adapters' gradients are exchanged).")
+    from pathlib import Path
+
     from lmforge.training.finetune import base_summary
+
+    if finetune.get("base") and Path(str(finetune.base)).expanduser().resolve() in (
+            Path(str(cfg.paths.model)).resolve(), Path(str(cfg.paths.checkpoints)).resolve()):
+        raise LmforgeError(f"finetune.base={finetune.base} is where the train stage writes its model, which the "
+                           "pipeline replaces; copy it elsewhere first (cp -r models/gpt bases/mine) and name "
+                           "that copy.")
 
     base = base_summary(cfg)  # a local base: its context bounds the training window now, not at train time
     if base is not None and int(cfg.model.block_size) > base[0].block_size:

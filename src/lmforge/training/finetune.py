@@ -74,13 +74,18 @@ def base_summary(cfg) -> tuple[GPTConfig, str] | None:
     import json
 
     from lmforge.interop.hf_config import from_hf_config
-    from lmforge.tokenization.base import LMFORGE, directory_kind
+    from lmforge.tokenization.base import LMFORGE, cached_hub_file, directory_kind
 
-    ref, _ = base_setting(cfg)
-    if ref is None or not Path(ref).expanduser().is_dir():
+    ref, revision = base_setting(cfg)
+    if ref is None:
         return None
     path = Path(ref).expanduser()
-    kind = directory_kind(path)
+    if not path.is_dir():
+        cached = cached_hub_file(ref, revision, "config.json")
+        if cached is None:
+            return None
+        path = cached.parent
+    kind = directory_kind(path, ref)
     data = json.loads((path / "config.json").read_text(encoding="utf-8"))
     config = GPTConfig.from_dict(data["model"]) if kind == LMFORGE else from_hf_config(data, path / "config.json")[1]
     return config, f"the architecture of finetune.base={ref}"
