@@ -155,6 +155,10 @@ def test_finetune_a_hub_id_from_the_cache(base_dir, tmp_path, monkeypatch):
     assert record["source"] == "hub" and record["revision"] == "0123456789abcdef0123456789abcdef01234567"
     tags, _ = tags_and_metrics(tmp_path / "mlflow.db")
     assert tags["lmforge.base.revision"] == record["revision"]
+    from lmforge.tracking.lineage import describe_run
+
+    shown = describe_run(json.loads(Path("models/gpt/run.json").read_text())["run_id"], f"sqlite:///{tmp_path}/mlflow.db")
+    assert f"base model       org/tiny at {record['revision']} (transformers, hub; files sha256" in shown
     assert load_model_dir("models/gpt").config["tokenizer"]["kind"] == "imported"
 
 

@@ -95,6 +95,7 @@ def test_merged_weights_are_the_adapted_model():
     (["finetune.lora.r=0"], "finetune.lora.r=0"),
     (["finetune.lora.dropout=1.5"], "finetune.lora.dropout=1.5"),
     (["finetune.base=models/gpt"], "finetune.base=models/gpt is where the train stage writes its model"),
+    (["finetune.base=org/name", "train.init_from=bases/x"], "both name weights to start from"),
 ])
 def test_careless_settings_are_one_sentence(overrides, says):
     cfg = compose_config(overrides, conf_dir=ROOT / "conf")

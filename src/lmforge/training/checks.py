@@ -64,6 +64,10 @@ def check_finetune(cfg: DictConfig) -> None:
         raise LmforgeError(f"model.block_size={cfg.model.block_size} is longer than the context of finetune.base="
                            f"{finetune.base} ({base[0].block_size} tokens); set model.block_size to at most "
                            f"{base[0].block_size}.")
+    if finetune.get("base") and cfg.train.get("init_from"):
+        raise LmforgeError(f"train.init_from={cfg.train.init_from} and finetune.base={finetune.base} both name weights "
+                           "to start from; keep finetune.base (it also brings the tokenizer and architecture) and "
+                           "set train.init_from=null.")
     if not finetune.get("base") and finetune.method == "lora":
         raise LmforgeError("finetune.method=lora needs a base to adapt; set finetune.base (a model directory, "
                            "a transformers directory or a Hub id), or finetune.method=full.")
