@@ -18,3 +18,13 @@ DOC_SEPARATOR = "\x1e"
 
 # paths.vocab and every model directory: HuggingFace tokenizers' own format.
 TOKENIZER_FILE = "tokenizer.json"
+
+# paths.prepared for data.format=chat|prompt_completion: one JSON record per line per split, and
+# records.json naming the format (written by lmforge.corpus.records; read by vocab and tokenize).
+RECORD_FORMATS = ("chat", "prompt_completion")
+RECORDS_META = "records.json"
+
+
+def records_file(split: str) -> str:
+    """The prepared file of ``split`` for records: ``train.jsonl`` / ``val.jsonl``."""
+    return f"{split}.jsonl"

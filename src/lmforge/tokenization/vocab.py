@@ -29,6 +29,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from lmforge.config.compose import UNSET
 from lmforge.config.rules import check_setting, check_vocab_size
 from lmforge.errors import LmforgeError
+from lmforge.tokenization.chunks import prepared_format
 from lmforge.tokenization.pretokenize import count_byte_level_pre_tokens, word_pre_tokenizer
 from lmforge.tokenization.tokenizer import (
     DEFAULT_EOT_TOKEN,
@@ -348,6 +349,8 @@ def vocab_stage(cfg: Any) -> dict:
     check_writable(("paths.vocab", Path(cfg.paths.vocab) / "tokenizer.json"),
                    ("paths.reports", Path(cfg.paths.reports) / "vocab.json"))
     prepared = Path(cfg.paths.prepared)
+    if prepared_format(prepared) != "text":
+        return _records_vocab(cfg, prepared)
     if not (prepared / "train.txt").is_file():
         raise LmforgeError(f"{prepared / 'train.txt'} not found; run the prepare stage first (dvc repro prepare).")
     train_bytes = _int_value(cfg.tokenizer, "train_bytes", 0)
@@ -357,9 +360,46 @@ def vocab_stage(cfg: Any) -> dict:
     metrics = {"kind": cfg.tokenizer.kind, "requested_vocab_size": requested,
                **vocab_metrics(tokenizer, iter_pieces(prepared / "val.txt"))}
     save_tokenizer(tokenizer, Path(cfg.paths.vocab) / "tokenizer.json")
+    for stale in ("chat_template.jinja", "chat.json"):  # from a chat run of this directory before
+        (Path(cfg.paths.vocab) / stale).unlink(missing_ok=True)
     write_json(Path(cfg.paths.reports) / "vocab.json", metrics)
     print(vocab_line(metrics))
     return metrics
+
+
+def _records_vocab(cfg: Any, prepared: Path) -> dict:
+    """data.format=chat|prompt_completion: a tokenizer built from the records' text, ChatML's tokens
+    added for chat, and the template saved beside it (``lmforge.tokenization.chat``)."""
+    from lmforge.outputs import write_json
+    from lmforge.tokenization.chat import add_chatml_tokens, chatml, save_chat
+    from lmforge.tokenization.chunks import iter_records
+
+    fmt = prepared_format(prepared)
+    tokenizer = build_tokenizer(cfg.tokenizer, record_texts(iter_records(prepared, "train")))
+    eot_token_id(tokenizer, cfg.tokenizer.eot_token)
+    vocab = Path(cfg.paths.vocab)
+    metrics = {"kind": cfg.tokenizer.kind, "requested_vocab_size": cfg.tokenizer.get("vocab_size"),
+               **vocab_metrics(tokenizer, record_texts(iter_records(prepared, "val")))}
+    if fmt == "chat":
+        template = chatml()
+        template.added_tokens = add_chatml_tokens(tokenizer)
+        metrics["added_tokens"] = template.added_tokens
+        metrics["vocab_size"] = tokenizer.get_vocab_size(with_added_tokens=True)
+        save_chat(vocab, template)
+    save_tokenizer(tokenizer, vocab / "tokenizer.json")
+    write_json(Path(cfg.paths.reports) / "vocab.json", metrics)
+    print(vocab_line(metrics))
+    return metrics
+
+
+def record_texts(records: Iterable[dict]) -> Iterator[str]:
+    """The text of prepared records a vocabulary is built from: each message with its role's name
+    (the template writes it) or the prompt and completion."""
+    for record in records:
+        if "messages" in record:
+            yield "".join(f"{m['role']}\n{m['content']}\n" for m in record["messages"])
+        else:
+            yield record["prompt"] + record["completion"]
 
 
 def vocab_line(metrics: dict) -> str:
