@@ -198,6 +198,16 @@ def load_chat(directory: str | Path) -> ChatTemplate | None:
     return ChatTemplate(source, tokens, meta.get("origin", "base"), meta.get("added_tokens", []))
 
 
+def template_and_ends(directory: str | Path, tokenizer, eot_id: int) -> tuple[ChatTemplate | None, list[int]]:
+    """For export: the chat template of a model directory (or None) and the ids that end generation,
+    the end-of-text id first, then the template's end of turn (``<|im_end|>`` for ChatML)."""
+    template = load_chat(directory)
+    if template is None:
+        return None, [eot_id]
+    ends = ChatEncoder(tokenizer, template, eot_id).stop_ids
+    return template, [eot_id, *(i for i in ends if i != eot_id)]
+
+
 def _render_tokens(hf_config: dict) -> dict:
     tokens = {}
     for name in RENDER_TOKENS:
