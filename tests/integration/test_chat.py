@@ -273,3 +273,28 @@ def test_llama_cpp_reads_the_gguf_template_and_replies_as_we_do(chat_project, tm
     assert llm.metadata["tokenizer.chat_template"] == CHATML_TEMPLATE
     answer = llm.create_chat_completion(messages=ASK, temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=12)
     assert answer["choices"][0]["message"]["content"] == our_reply(model, ASK)
+
+
+def test_prompt_completion_counts_the_completion_and_its_end_only(tmp_path):
+    import numpy as np
+
+    from lmforge.corpus.stage import prepare_stage
+    from lmforge.tokenization.encode import tokenize_stage
+    from lmforge.tokenization.packing import LOSS, START
+    from lmforge.tokenization.tokenizer import load_tokenizer
+    from lmforge.tokenization.vocab import vocab_stage
+
+    pairs = [{"prompt": f"Q{i}: 2+{i}=", "completion": f" {2 + i}."} for i in range(10)]
+    (tmp_path / "pc.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    cfg = chat_cfg(tmp_path, "data.format=prompt_completion", "tokenizer=char", f"data.sources=[{tmp_path}/pc.jsonl]")
+    with contextlib.chdir(tmp_path):
+        for stage in (prepare_stage, vocab_stage, tokenize_stage):
+            stage(cfg)
+        assert not (tmp_path / "data" / "vocab" / "chat_template.jinja").exists()  # no template: plain text
+        tokenizer = load_tokenizer(tmp_path / "data" / "vocab" / "tokenizer.json")
+        rows = np.fromfile(tmp_path / "data" / "tokens" / "train" / "shard_000000.bin", dtype=np.uint16)
+        flags = np.fromfile(tmp_path / "data" / "tokens" / "train-flags" / "shard_000000.bin", dtype=np.uint8)
+    counted = tokenizer.decode(rows[(flags & LOSS) != 0].tolist(), skip_special_tokens=False)
+    completions = "".join(p["completion"] + "<|endoftext|>" for p in pairs[:-1])  # the last is val's
+    assert counted == completions
+    assert int(((flags & START) != 0).sum()) >= 9  # each record starts a segment (and so does padding)
