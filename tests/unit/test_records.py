@@ -200,3 +200,16 @@ def test_packed_records_see_and_score_only_themselves(positions):
     y[0, 6] = 1
     _, loss = model(packed, y, segments=segments)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(alone_b[0, 1:2], torch.tensor([1])))
+
+
+def test_a_model_without_template_chats_plain_and_refuses_unknown_characters(tmp_path):
+    from lmforge.inference.chat import model_chat
+    from lmforge.model.directory import load_model_dir
+    from tests.helpers import make_model_dir
+
+    chat = model_chat(load_model_dir(make_model_dir(tmp_path / "m")))
+    assert chat.name == "plain" and chat.stop == ["\nuser:"]
+    ids = chat.prompt_ids([{"role": "user", "content": "good night"}])
+    assert chat.encoder.tokenizer.decode(ids) == "user good night\nassistant"  # ':' is not in its alphabet
+    with pytest.raises(LmforgeError, match=r"outside the model's vocabulary \('Z'\)"):
+        chat.prompt_ids([{"role": "user", "content": "Zed"}])

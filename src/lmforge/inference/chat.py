@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from lmforge.inference.generation import stream_ids
+from lmforge.inference.generation import refuse_unknown, stream_ids
 from lmforge.inference.sampling import SamplingConfig
 from lmforge.tokenization.chat import PLAIN_STOP, PLAIN_TEMPLATE, ChatEncoder, ChatTemplate
 
@@ -21,19 +21,24 @@ from lmforge.tokenization.chat import PLAIN_STOP, PLAIN_TEMPLATE, ChatEncoder, C
 @dataclass
 class ModelChat:
     """How a loaded model chats: ``encoder`` (template + tokenizer), ``name`` ("model" or "plain"),
-    the stop strings and the ids that end a reply."""
+    the stop strings and the ids that end a reply; ``loaded``, the model directory."""
 
     encoder: ChatEncoder
     name: str
     stop: list
+    loaded: object = None
 
     @property
     def stop_ids(self) -> list[int]:
         return self.encoder.stop_ids
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The ids a reply to ``messages`` continues (LmforgeError when the template refuses them)."""
-        return self.encoder.prompt(messages)
+        """The ids a reply to ``messages`` continues (LmforgeError when the template refuses them, or a
+        character model does not know one of their characters)."""
+        ids = self.encoder.prompt(messages)
+        if self.loaded is not None:
+            refuse_unknown(self.loaded, "".join(m["content"] for m in messages), ids)
+        return ids
 
 
 def model_chat(loaded) -> ModelChat:
@@ -43,8 +48,8 @@ def model_chat(loaded) -> ModelChat:
         template = ChatTemplate(loaded.config["chat_template"])
     if template is None:
         return ModelChat(ChatEncoder(loaded.tokenizer, ChatTemplate(PLAIN_TEMPLATE, origin="plain"), loaded.eot_id),
-                         "plain", [PLAIN_STOP])
-    return ModelChat(ChatEncoder(loaded.tokenizer, template, loaded.eot_id), "model", [])
+                         "plain", [PLAIN_STOP], loaded)
+    return ModelChat(ChatEncoder(loaded.tokenizer, template, loaded.eot_id), "model", [], loaded)
 
 
 def stream_reply(loaded, messages: list[dict], cfg: SamplingConfig, chat: ModelChat | None = None) -> Iterator[str]:

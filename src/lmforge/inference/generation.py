@@ -132,18 +132,26 @@ def encode_prompt(loaded, prompt: str) -> Tensor:
     An empty prompt starts from the end-of-text token. A character model refuses characters
     outside its training alphabet (they would silently become ``<unk>``) with a LmforgeError.
     """
+    ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
+    refuse_unknown(loaded, prompt, ids)
+    if not ids:
+        ids = [loaded.eot_id]
+    return torch.tensor([ids], dtype=torch.long, device=next(loaded.model.parameters()).device)
+
+
+def refuse_unknown(loaded, text: str, ids: list[int]) -> None:
+    """LmforgeError when a character model's ``ids`` of ``text`` hold ``<unk>``: characters outside its
+    training alphabet would silently become it."""
     tokenizer = loaded.tokenizer
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
     unk = tokenizer.token_to_id(UNK_TOKEN)
     if loaded.config["tokenizer"].get("kind") == "char" and unk is not None and unk in ids:
-        unknown = sorted({c for c in prompt if tokenizer.encode(c, add_special_tokens=False).ids == [unk]})
+        unknown = sorted({c for c in text if tokenizer.encode(c, add_special_tokens=False).ids == [unk]})
+        if not unknown:  # a chat template's own characters, not the user's
+            return
         raise LmforgeError(
             f"the prompt has characters outside the model's vocabulary ({', '.join(map(repr, unknown))}); "
             "a character model knows only its training alphabet, so remove or replace them."
         )
-    if not ids:
-        ids = [loaded.eot_id]
-    return torch.tensor([ids], dtype=torch.long, device=next(loaded.model.parameters()).device)
 
 
 class _TextTail:

@@ -169,6 +169,17 @@ def add_chatml_tokens(tokenizer) -> list[str]:
     return missing
 
 
+def template_for(tokenizer, base_dir: str | Path | None = None) -> ChatTemplate:
+    """The chat template to train ``tokenizer`` with: the base's own (``base_dir``: a model or
+    transformers directory with a template), else ChatML, whose tokens are then added to ``tokenizer``
+    (``added_tokens`` lists them: the trainer must grow the embeddings by as many rows)."""
+    template = load_chat(base_dir) if base_dir is not None else None
+    if template is None:
+        template = chatml()
+        template.added_tokens = add_chatml_tokens(tokenizer)
+    return template
+
+
 def save_chat(directory: str | Path, template: ChatTemplate) -> None:
     """Write ``chat_template.jinja`` and ``chat.json`` into ``directory``."""
     from lmforge.outputs import write_json, write_text

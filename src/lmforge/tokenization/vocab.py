@@ -371,7 +371,7 @@ def _records_vocab(cfg: Any, prepared: Path) -> dict:
     """data.format=chat|prompt_completion: a tokenizer built from the records' text, ChatML's tokens
     added for chat, and the template saved beside it (``lmforge.tokenization.chat``)."""
     from lmforge.outputs import write_json
-    from lmforge.tokenization.chat import add_chatml_tokens, chatml, save_chat
+    from lmforge.tokenization.chat import save_chat, template_for
     from lmforge.tokenization.chunks import iter_records
 
     fmt = prepared_format(prepared)
@@ -381,8 +381,7 @@ def _records_vocab(cfg: Any, prepared: Path) -> dict:
     metrics = {"kind": cfg.tokenizer.kind, "requested_vocab_size": cfg.tokenizer.get("vocab_size"),
                **vocab_metrics(tokenizer, record_texts(iter_records(prepared, "val")))}
     if fmt == "chat":
-        template = chatml()
-        template.added_tokens = add_chatml_tokens(tokenizer)
+        template = template_for(tokenizer)  # a tokenizer built here has no template: ChatML
         metrics["added_tokens"] = template.added_tokens
         metrics["vocab_size"] = tokenizer.get_vocab_size(with_added_tokens=True)
         save_chat(vocab, template)
