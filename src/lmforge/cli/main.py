@@ -4,6 +4,7 @@
     lmforge compose [overrides...]          rewrite params.yaml from conf/
     lmforge check [overrides...]            every check of the composed config (no data, no GPU)
     lmforge generate --model DIR|URI --prompt TEXT [sampling options]
+    lmforge generate --model DIR|URI --chat [--prompt TEXT] [--system TEXT]
     lmforge evaluate --model DIR|URI --data FILE... [--mlflow]      score any text
     lmforge export --model DIR|URI --format hf OUT                 a transformers directory
     lmforge export --model DIR|URI --format gguf OUT.gguf [--dtype f32|f16|q8_0]   llama.cpp & co.
@@ -39,10 +40,12 @@ def _generate(args: argparse.Namespace) -> None:
                                 "use_cache": not args.no_cache})
     if args.num_samples < 1:
         raise LmforgeError(f"--num-samples {args.num_samples} must be at least 1.")
-    if args.prompt is None and not args.interactive:
-        raise LmforgeError("give --prompt TEXT (or --interactive).")
+    if args.prompt is None and not (args.interactive or args.chat):
+        raise LmforgeError("give --prompt TEXT (or --interactive, or --chat).")
     loaded = load_model_dir(fetch_model_dir(args.model, args.tracking_uri))
-    if args.interactive:
+    if args.chat:
+        _chat(loaded, sampling, args)
+    elif args.interactive:
         _interactive(loaded, sampling, args)
     else:
         _print_samples(loaded, args.prompt, sampling, args)
@@ -70,6 +73,45 @@ def _print_samples(loaded, prompt: str, sampling, args: argparse.Namespace) -> N
             later[sample] += piece
     sys.stdout.write("\n" + "".join(f"{header(i)}{prompt}{later[i]}\n" for i in range(1, n)))
     sys.stdout.flush()
+
+
+def _chat(loaded, sampling, args) -> None:
+    """--chat: the reply to --prompt as a user message, or a conversation typed turn by turn; the
+    model's own chat template (lmforge.inference.chat), as in training and in `lmforge serve`."""
+    from lmforge.inference.chat import model_chat, stream_reply
+    from lmforge.inference.generation import unescape
+
+    chat = model_chat(loaded)
+    messages = [{"role": "system", "content": unescape(args.system)}] if args.system else []
+    if chat.name == "plain":
+        print("lmforge: this model has no chat template (it was trained on plain text): "
+              "its replies continue 'user: ...' lines.", file=sys.stderr)
+    interactive = args.prompt is None
+    if interactive:
+        print("lmforge: chat; an empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        if interactive:
+            try:
+                text = input("user> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return
+            if not text:
+                return
+        else:
+            text = args.prompt
+        messages.append({"role": "user", "content": unescape(text) if args.escapes or not interactive else text})
+        if interactive:
+            sys.stdout.write("assistant> ")
+        answer = ""
+        for piece in stream_reply(loaded, messages, sampling, chat):
+            answer += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": answer})
+        if not interactive:
+            return
 
 
 def _interactive(loaded, sampling, args) -> None:
@@ -261,6 +303,9 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--no-cache", action="store_true", help="recompute the context every step (slow; for checks)")
     g.add_argument("--interactive", action="store_true", help="keep a prompt loop open")
     g.add_argument("--escapes", action="store_true", help="interpret \\n in interactive prompts")
+    g.add_argument("--chat", action="store_true",
+                   help="reply with the model's chat template: to --prompt as a user message, else a conversation loop")
+    g.add_argument("--system", default=None, help="with --chat: a system message first")
 
 
 def _add_export_import_parsers(sub) -> None:

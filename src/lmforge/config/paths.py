@@ -24,3 +24,12 @@ TOKENIZER_FILE = "tokenizer.json"
 BASE_FILE = "base.json"
 # A LoRA fine-tune's model directory: its adapters, in PEFT's file names (``lmforge export --adapter``).
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+# paths.prepared for data.format=chat|prompt_completion: one JSON record per line per split, and
+# records.json naming the format (written by lmforge.corpus.records; read by vocab and tokenize).
+RECORD_FORMATS = ("chat", "prompt_completion")
+RECORDS_META = "records.json"
+
+
+def records_file(split: str) -> str:
+    """The prepared file of ``split`` for records: ``train.jsonl`` / ``val.jsonl``."""
+    return f"{split}.jsonl"

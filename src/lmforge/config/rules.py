@@ -183,7 +183,8 @@ RULES: dict[str, Rule] = {
 
 # Keys that every file of conf/ sets to null and that take no number (a path, a name, an address):
 # the walk of conf/ in tests/unit/test_rules.py cannot tell them from a number key left null.
-NOT_NUMBERS = ("train.init_from", "tracking.run_name", "data.ray_address", "finetune.base", "finetune.revision")
+NOT_NUMBERS = ("train.init_from", "tracking.run_name", "data.ray_address", "evaluate.chat_prompts", "finetune.base",
+               "finetune.revision")
 
 
 def names(sentence: str, key: str) -> bool:

@@ -38,6 +38,7 @@ from lmforge.interop.hf_config import ARCHITECTURES, GPT2, from_hf_config, hf_fa
 from lmforge.interop.weights import HF, export_weights, import_weights
 from lmforge.model.gpt import GPT
 from lmforge.outputs import atomic_path
+from lmforge.tokenization.chat import template_and_ends
 from lmforge.tokenization.tokenizer import UNK_TOKEN, hf_eos_token
 
 PAD_TOKENS = ("<pad>", "<|pad|>")
@@ -51,8 +52,9 @@ PAD_TOKENS = ("<pad>", "<|pad|>")
 def export_hf(model_dir: str | Path, out: str | Path) -> Path:
     """Write the model directory ``model_dir`` as a ``transformers`` directory ``out``; return it.
 
-    ``out`` holds config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
-    special_tokens_map.json, and loads offline with ``AutoModelForCausalLM.from_pretrained(out)``
+    ``out`` holds config.json, model.safetensors, tokenizer.json, tokenizer_config.json (with the
+    model's ``chat_template``, if it has one), generation_config.json and special_tokens_map.json,
+    and loads offline with ``AutoModelForCausalLM.from_pretrained(out)``
     and ``AutoTokenizer.from_pretrained(out)``. Written atomically.
     """
     from lmforge.model.directory import TOKENIZER, load_model_dir
@@ -72,6 +74,10 @@ def export_hf(model_dir: str | Path, out: str | Path) -> Path:
         pad = next((t for t in PAD_TOKENS if loaded.tokenizer.token_to_id(t) is not None), None)
         if pad is not None:
             special["pad_token"] = pad
+        chat, eos_ids = template_and_ends(loaded.path, loaded.tokenizer, loaded.eot_id)
+        if chat is not None:  # the strings the template was rendered with in training
+            special.update({k: v for k, v in chat.tokens.items() if k in ("bos_token", "eos_token", "unk_token",
+                                                                          "pad_token")})
         _write_json(tmp / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": config.block_size,
@@ -79,9 +85,11 @@ def export_hf(model_dir: str | Path, out: str | Path) -> Path:
             "add_bos_token": False,
             "add_eos_token": False,
             **special,
+            **({"chat_template": chat.source} if chat is not None else {}),
         })
         _write_json(tmp / "special_tokens_map.json", special)
-        _write_json(tmp / "generation_config.json", {"bos_token_id": loaded.eot_id, "eos_token_id": loaded.eot_id})
+        _write_json(tmp / "generation_config.json", {"bos_token_id": loaded.eot_id,
+                                                     "eos_token_id": eos_ids if len(eos_ids) > 1 else eos_ids[0]})
     return out
 
 

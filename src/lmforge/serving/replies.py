@@ -55,7 +55,8 @@ class Flight:
         self.scores: list[list | None] = [None] * len(prompt_ids)  # each prompt's own logprobs (echo)
         top = ask.top_logprobs if ask.logprobs else 0
         self.jobs = [Job(ids, ask.sampling, self._emitter(p), ask.samples, ask.stop, ask.ignore_eos, top,
-                         ask.echo and ask.logprobs, ask.generate) for p, ids in enumerate(prompt_ids)]
+                         ask.echo and ask.logprobs, ask.generate, stop_ids=ask.stop_ids)
+                     for p, ids in enumerate(prompt_ids)]
         self.open = len(self.jobs)
         self.completion_tokens = 0
         self.first_token = self.last_token = None

@@ -51,8 +51,8 @@ class LitGPT(L.LightningModule):
         self.base = None  # a fine-tune's base (lmforge.interop.base.Base), set by the stage
         self.lora_lr = None  # LoRA: AdamW's peak rate for the adapters (training.optim), set by the stage
 
-    def forward(self, idx, targets=None):
-        return self.model(idx, targets)
+    def forward(self, idx, targets=None, segments=None):
+        return self.model(idx, targets, segments=segments)
 
     @property
     def mid_step(self) -> bool:
@@ -60,8 +60,7 @@ class LitGPT(L.LightningModule):
         return self._micro_batches != 0
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        _, loss = self.model(x, y)
+        _, loss = self.model(*batch[:2], segments=batch[2] if len(batch) > 2 else None)
         detached = loss.detach()
         self._loss_sum = detached if self._micro_batches == 0 else self._loss_sum + detached
         self._micro_batches += 1
@@ -97,8 +96,8 @@ class LitGPT(L.LightningModule):
         self._val_sum, self._val_batches = None, 0
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        _, loss = self.model(x, y)
+        # Packed records (x, y, segments): y is -100 but for assistant tokens, so only they count.
+        _, loss = self.model(*batch[:2], segments=batch[2] if len(batch) > 2 else None)
         self._val_sum = loss.detach() if self._val_sum is None else self._val_sum + loss.detach()
         self._val_batches += 1
 
