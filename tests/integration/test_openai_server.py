@@ -294,14 +294,19 @@ def test_chat_with_the_plain_template_streamed_and_not(client):
     assert [texts[0], texts[1]] == [c.message.content for c in whole.choices]
 
 
-def test_chat_template_of_the_model_directory_is_rendered():
-    template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
-                "{% if add_generation_prompt %}<assistant>{% endif %}")
-    text, used = render_chat([{"role": "user", "content": "hi"}], template)
-    assert (text, used) == ("<user>hi<assistant>", "model")
-    assert render_chat([{"role": "user", "content": "hi"}], None) == ("user: hi\nassistant:", "plain")
+def test_chat_template_of_the_model_directory_is_rendered(tmp_path):
+    from lmforge.inference.chat import model_chat
+    from lmforge.model.directory import load_model_dir
+
+    loaded = load_model_dir(make_model_dir(tmp_path / "m"))
+    ids, used = render_chat([{"role": "user", "content": "hi"}], model_chat(loaded))
+    assert (loaded.tokenizer.decode(ids), used) == ("user: hi\nassistant:", "plain")
+    (tmp_path / "m" / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m.role }}.{{ m.content }}{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+    ids, used = render_chat([{"role": "user", "content": "hi"}], model_chat(loaded))
+    assert (loaded.tokenizer.decode(ids), used) == ("user.hiA:", "model")
     with pytest.raises(ApiError, match="messages"):
-        render_chat([{"role": "user", "content": 3}], None)
+        render_chat([{"role": "user", "content": 3}], model_chat(loaded))
 
 
 # --- Errors ------------------------------------------------------------------------------------

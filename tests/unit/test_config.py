@@ -8,7 +8,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from lmforge.config.compose import compose_config, load_config
+from lmforge.config.compose import compose_config, is_global_group, load_config
 from lmforge.errors import LmforgeError
 
 
@@ -69,7 +69,9 @@ def test_a_key_added_with_plus_is_refused(project_root, tmp_path):
     assert "train.max_stepz" in str(err.value) and "train.max_steps" in str(err.value)
 
 
-GROUPS = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "conf").iterdir() if p.is_dir())
+# Experiments (``# @package _global_``) set keys of the other groups and have none of their own.
+GROUPS = sorted(p.name for p in (Path(__file__).resolve().parents[2] / "conf").iterdir()
+                if p.is_dir() and not is_global_group(p))
 
 
 @pytest.mark.parametrize("group", GROUPS)
@@ -197,3 +199,22 @@ def test_an_error_naming_a_value_params_yaml_kept_says_where_it_came_from(projec
         == "train.max_steps=0 must be a positive integer."
     fresh = stale_params(project_root, tmp_path)
     assert with_stale_params(message, (), fresh, project_root / "conf") == message
+
+
+def test_the_finetune_experiment_composes_as_dvc_exp_run_and_by_hand(project_root, tmp_path, monkeypatch):
+    # `dvc exp run -S experiment=finetune` composes with Hydra; a stage run by hand with
+    # experiment=finetune applies the same file over params.yaml: both give the same config.
+    from lmforge.config.compose import flat_params, write_params
+    from lmforge.stages.check import problems
+
+    conf = project_root / "conf"
+    hydra = compose_config(["experiment=finetune", "finetune.base=org/name"], conf_dir=conf)
+    assert "experiment" not in hydra and hydra.optimizer.name == "adamw" and hydra.finetune.base == "org/name"
+    assert hydra.train.max_steps == 300 and hydra.finetune.method == "full"
+    assert problems(hydra, conf) == []
+    monkeypatch.chdir(tmp_path)
+    write_params(compose_config(conf_dir=conf))
+    by_hand = load_config(["experiment=finetune", "finetune.base=org/name"], conf_dir=conf)
+    assert flat_params(by_hand) == flat_params(hydra)
+    with pytest.raises(LmforgeError, match="unknown choice 'nope' for config group 'experiment'"):
+        load_config(["experiment=nope"], conf_dir=conf)

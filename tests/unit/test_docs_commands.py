@@ -90,6 +90,8 @@ KEYS_NOT_MODULES = {
     "lmforge.corpus.md5", "lmforge.tokenizer.md5", "lmforge.tokens.md5", "lmforge.mlflow.run_id",
     "lmforge.mlflow.experiment_id",
     "lmforge.chat_template", "lmforge.attempts", "lmforge.attempt",
+    "lmforge.base.ref", "lmforge.base.revision", "lmforge.base.source", "lmforge.base.kind",
+    "lmforge.base.files_sha256",
 }
 # Paths the docs name that are outputs, not files of the repository.
 OUTPUT_PATHS = {"benchmarks/results/"}

@@ -10,7 +10,7 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from lmforge.config.compose import compose_config, flat_items
+from lmforge.config.compose import GLOBAL_PACKAGE, compose_config, flat_items
 from lmforge.config.rules import NOT_NUMBERS, RULES, check_setting, range_problems, rules_table, vocab_size_problem
 from lmforge.errors import LmforgeError
 from lmforge.stages.check import problems
@@ -23,8 +23,12 @@ def conf_values() -> dict[str, list]:
     """Every dotted key of every file under conf/ (group keys prefixed), with the values the files give it."""
     found: dict[str, list] = {}
     for path in sorted(CONF.glob("**/*.yaml")):
-        prefix = "" if path.parent == CONF else ".".join(path.relative_to(CONF).parts[:-1]) + "."
-        for key, value in flat_items(yaml.safe_load(path.read_text()) or {}).items():
+        top = path.parent == CONF or path.read_text().startswith(GLOBAL_PACKAGE)  # conf/experiment/
+        prefix = "" if top else ".".join(path.relative_to(CONF).parts[:-1]) + "."
+        body = yaml.safe_load(path.read_text()) or {}
+        if not top:
+            body.pop("defaults", None)
+        for key, value in flat_items(body).items():
             found.setdefault(prefix + key, []).append(value)
     found.pop("defaults", None)
     return found
@@ -43,7 +47,8 @@ ALWAYS_NULL = sorted(key for key, values in VALUES.items() if all(v is None for 
 # (or stops) taking 0 is a decision this test sees.
 ZERO_OK = {"seed", "evaluate.seed", "train.grad_clip", "evaluate.temperature", "data.min_chars",
            "tokenizer.min_frequency", "model.dropout", "optimizer.min_lr_ratio", "optimizer.weight_decay",
-           "optimizer.warmup_steps", "optimizer.betas", "optimizer.muon_momentum", "optimizer.muon_weight_decay"}
+           "optimizer.warmup_steps", "optimizer.betas", "optimizer.muon_momentum", "optimizer.muon_weight_decay",
+           "finetune.lora.dropout"}
 
 
 def test_the_walk_finds_the_numeric_keys():

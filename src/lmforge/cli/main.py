@@ -4,9 +4,11 @@
     lmforge compose [overrides...]          rewrite params.yaml from conf/
     lmforge check [overrides...]            every check of the composed config (no data, no GPU)
     lmforge generate --model DIR|URI --prompt TEXT [sampling options]
+    lmforge generate --model DIR|URI --chat [--prompt TEXT] [--system TEXT]
     lmforge evaluate --model DIR|URI --data FILE... [--mlflow]      score any text
     lmforge export --model DIR|URI --format hf OUT                 a transformers directory
     lmforge export --model DIR|URI --format gguf OUT.gguf [--dtype f32|f16|q8_0]   llama.cpp & co.
+    lmforge export --model DIR|URI --adapter OUT                   a LoRA fine-tune's PEFT adapter
     lmforge import --format hf DIR OUT [--force]                   a transformers directory in
     lmforge import --format gguf FILE.gguf OUT [--force]           a GGUF file in
     lmforge runs list | runs show [RUN_ID]                         tracked runs and their lineage
@@ -38,10 +40,12 @@ def _generate(args: argparse.Namespace) -> None:
                                 "use_cache": not args.no_cache})
     if args.num_samples < 1:
         raise LmforgeError(f"--num-samples {args.num_samples} must be at least 1.")
-    if args.prompt is None and not args.interactive:
-        raise LmforgeError("give --prompt TEXT (or --interactive).")
+    if args.prompt is None and not (args.interactive or args.chat):
+        raise LmforgeError("give --prompt TEXT (or --interactive, or --chat).")
     loaded = load_model_dir(fetch_model_dir(args.model, args.tracking_uri))
-    if args.interactive:
+    if args.chat:
+        _chat(loaded, sampling, args)
+    elif args.interactive:
         _interactive(loaded, sampling, args)
     else:
         _print_samples(loaded, args.prompt, sampling, args)
@@ -69,6 +73,45 @@ def _print_samples(loaded, prompt: str, sampling, args: argparse.Namespace) -> N
             later[sample] += piece
     sys.stdout.write("\n" + "".join(f"{header(i)}{prompt}{later[i]}\n" for i in range(1, n)))
     sys.stdout.flush()
+
+
+def _chat(loaded, sampling, args) -> None:
+    """--chat: the reply to --prompt as a user message, or a conversation typed turn by turn; the
+    model's own chat template (lmforge.inference.chat), as in training and in `lmforge serve`."""
+    from lmforge.inference.chat import model_chat, stream_reply
+    from lmforge.inference.generation import unescape
+
+    chat = model_chat(loaded)
+    messages = [{"role": "system", "content": unescape(args.system)}] if args.system else []
+    if chat.name == "plain":
+        print("lmforge: this model has no chat template (it was trained on plain text): "
+              "its replies continue 'user: ...' lines.", file=sys.stderr)
+    interactive = args.prompt is None
+    if interactive:
+        print("lmforge: chat; an empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        if interactive:
+            try:
+                text = input("user> ")
+            except EOFError:
+                print(file=sys.stderr)
+                return
+            if not text:
+                return
+        else:
+            text = args.prompt
+        messages.append({"role": "user", "content": unescape(text) if args.escapes or not interactive else text})
+        if interactive:
+            sys.stdout.write("assistant> ")
+        answer = ""
+        for piece in stream_reply(loaded, messages, sampling, chat):
+            answer += piece
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": answer})
+        if not interactive:
+            return
 
 
 def _interactive(loaded, sampling, args) -> None:
@@ -121,6 +164,18 @@ def _export(args: argparse.Namespace) -> None:
     from lmforge.interop.hf import export_hf
     from lmforge.model.directory import fetch_model_dir
 
+    if args.adapter is not None:
+        from lmforge.interop.adapter import export_adapter
+
+        if args.format or args.out:
+            raise LmforgeError("--adapter OUT writes the adapter alone; give either --adapter OUT or "
+                               "--format FORMAT OUT.")
+        out = export_adapter(fetch_model_dir(args.model, args.tracking_uri), args.adapter)
+        print(f"wrote {out} (a PEFT adapter: peft.PeftModel.from_pretrained(model, '{out}') onto the base "
+              "exported with --format hf)")
+        return
+    if not args.format or not args.out:
+        raise LmforgeError("export needs --format hf|gguf and OUT (or --adapter OUT for a LoRA fine-tune's adapter).")
     if args.format == "gguf":
         from lmforge.interop.gguf import export_gguf
 
@@ -250,17 +305,22 @@ def _add_generate_parser(sub) -> None:
     g.add_argument("--no-cache", action="store_true", help="recompute the context every step (slow; for checks)")
     g.add_argument("--interactive", action="store_true", help="keep a prompt loop open")
     g.add_argument("--escapes", action="store_true", help="interpret \\n in interactive prompts")
+    g.add_argument("--chat", action="store_true",
+                   help="reply with the model's chat template: to --prompt as a user message, else a conversation loop")
+    g.add_argument("--system", default=None, help="with --chat: a system message first")
 
 
 def _add_export_import_parsers(sub) -> None:
     """`lmforge export` and `lmforge import`: transformers directories and GGUF files."""
     e = sub.add_parser("export", help="write a model directory as a transformers directory or a GGUF file")
     _add_model_arguments(e)
-    e.add_argument("--format", required=True, choices=["hf", "gguf"],
+    e.add_argument("--format", choices=["hf", "gguf"],
                    help="hf: GPT2LMHeadModel or LlamaForCausalLM (loading it needs transformers: the `hf` extra); "
                    "gguf: one file for llama.cpp, Ollama, Candle, ... (needs the `gguf` extra)")
     e.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="GGUF weight type (default f32)")
-    e.add_argument("out", help="the directory (hf) or .gguf file (gguf) to write")
+    e.add_argument("out", nargs="?", help="the directory (hf) or .gguf file (gguf) to write")
+    e.add_argument("--adapter", metavar="OUT", help="write a LoRA fine-tune's adapters as a PEFT adapter directory "
+                   "for the base exported with --format hf (instead of --format)")
     i = sub.add_parser("import",
                        help="turn a local transformers GPT-2/Llama directory or a GGUF file into a model directory")
     i.add_argument("--format", required=True, choices=["hf", "gguf"], help="gguf needs the `gguf` extra")

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lmforge.config.compose import check_known_keys, conf_files, flat_items, flat_params
+from lmforge.config.compose import check_known_keys, conf_files, flat_items, flat_params, is_global_group
 from lmforge.config.paths import DVC_OUTPUTS
 from lmforge.config.rules import RULES, problem
 from lmforge.config.values import is_mapping, kind_name, same_kind
@@ -33,7 +33,7 @@ TOKENIZER_SETTINGS = {"char": (), "word": ("lowercase", "min_frequency"), "bpe":
 def check_keys(cfg: DictConfig, conf_dir: Path) -> None:
     """Every config group there, no unknown key at any level, then a value of a type no file in
     ``conf/`` gives that key (keys with a range rule are judged by it: ``config.rules``)."""
-    for group in sorted(p.name for p in conf_dir.iterdir() if p.is_dir()):
+    for group in sorted(p.name for p in conf_dir.iterdir() if p.is_dir() and not is_global_group(p)):
         if not is_mapping(cfg.get(group)):
             choices = ", ".join(sorted(p.stem for p in (conf_dir / group).glob("*.yaml")))
             raise LmforgeError(f"the configuration has no '{group}' group (an override removed it); "

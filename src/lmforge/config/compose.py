@@ -25,6 +25,9 @@ PARAMS_FILE = Path("params.yaml")
 CONF_DIR = Path("conf")
 # A default no config value can be: tells "not there" from a key set to null.
 UNSET = object()
+# A config group whose files say this on their first line (``conf/experiment/``) sets keys at the top
+# level, as Hydra's ``@package _global_`` does: it is not a key of the composed config.
+GLOBAL_PACKAGE = "# @package _global_"
 # List keys that also take a single string, read as a list of one (``data.sources=corpus/books``).
 ONE_OR_MANY = ("data.sources",)
 
@@ -105,9 +108,19 @@ def _parsed(signature: tuple[tuple[str, int, int], ...]) -> list[tuple[str, dict
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML has it
     files = []
     for number, (path, _, _) in enumerate(signature):
-        body = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=loader) or {}
-        files.append(("" if number == 0 else Path(path).parent.name + ".", body))
+        text = Path(path).read_text(encoding="utf-8")
+        body = yaml.load(text, Loader=loader) or {}
+        if number and isinstance(body, dict):
+            body.pop("defaults", None)  # an experiment's `override /group: choice` lines
+        top = number == 0 or text.startswith(GLOBAL_PACKAGE)
+        files.append(("" if top else Path(path).parent.name + ".", body))
     return files
+
+
+def is_global_group(group_dir: Path) -> bool:
+    """Whether the config group ``group_dir`` sets top-level keys (``# @package _global_``): an
+    experiment, which the composed config holds no key for."""
+    return any(p.read_text(encoding="utf-8").startswith(GLOBAL_PACKAGE) for p in Path(group_dir).glob("*.yaml"))
 
 
 def nearest_keys(key: str, known: Iterable[str]) -> str:
@@ -211,6 +224,9 @@ def apply_override(cfg: DictConfig, override: str, conf_dir: Path) -> None:
     key = key.lstrip("+").strip()
     value = _parse_value(key, raw)
     group_dir = conf_dir / key
+    if "." not in key and group_dir.is_dir() and is_global_group(group_dir):
+        _apply_experiment(cfg, group_dir, key, str(raw).strip(), conf_dir)
+        return
     if "." not in key and group_dir.is_dir():
         cfg[key] = _load_group_choice(group_dir, key, str(raw).strip())
         return
@@ -256,6 +272,17 @@ def group_choice_file(group_dir: Path, group: str, choice: str) -> Path:
         valid = ", ".join(sorted(p.stem for p in group_dir.glob("*.yaml")))
         raise LmforgeError(f"unknown choice '{choice}' for config group '{group}'; valid choices: {valid}.")
     return path
+
+
+def _apply_experiment(cfg: DictConfig, group_dir: Path, group: str, choice: str, conf_dir: Path) -> None:
+    """``experiment=<choice>`` on a composed config: its ``override /group: choice`` defaults, then
+    its keys over the rest, as Hydra composes it last in the defaults list."""
+    body = OmegaConf.to_container(_load_group_choice(group_dir, group, choice))
+    for entry in body.pop("defaults", None) or []:
+        for name, value in (entry.items() if isinstance(entry, dict) else ()):
+            apply_override(cfg, f"{name.removeprefix('override').strip().lstrip('/')}={value}", conf_dir)
+    for key, value in flat_items(body).items():
+        apply_override(cfg, f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}", conf_dir)
 
 
 def _load_group_choice(group_dir: Path, group: str, choice: str) -> Any:

@@ -23,3 +23,18 @@ TOKENIZER_FILE = "tokenizer.json"
 # (``trainer.num_threads: auto``): $LMFORGE_CACHE_DIR, else $XDG_CACHE_HOME/lmforge, else ~/.cache/lmforge.
 CACHE_DIR_ENV = "LMFORGE_CACHE_DIR"
 THREADS_CACHE_FILE = "threads.json"
+
+# paths.vocab and model directories of a fine-tune: the base model they come from
+# (``lmforge.interop.base``: its name, revision and file hashes).
+BASE_FILE = "base.json"
+# A LoRA fine-tune's model directory: its adapters, in PEFT's file names (``lmforge export --adapter``).
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+# paths.prepared for data.format=chat|prompt_completion: one JSON record per line per split, and
+# records.json naming the format (written by lmforge.corpus.records; read by vocab and tokenize).
+RECORD_FORMATS = ("chat", "prompt_completion")
+RECORDS_META = "records.json"
+
+
+def records_file(split: str) -> str:
+    """The prepared file of ``split`` for records: ``train.jsonl`` / ``val.jsonl``."""
+    return f"{split}.jsonl"

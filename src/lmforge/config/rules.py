@@ -172,6 +172,10 @@ RULES: dict[str, Rule] = {
     "optimizer.muon_lr": POSITIVE,
     "optimizer.muon_momentum": FRACTION,
     "optimizer.muon_weight_decay": number(0),
+    "finetune.lora.r": integer(note="the adapters' rank"),
+    "finetune.lora.alpha": POSITIVE,
+    "finetune.lora.dropout": FRACTION,
+    "finetune.lora.lr": POSITIVE,
     "trainer.devices": integer(words=("auto",), note="auto means every visible device"),
     "trainer.num_nodes": integer(),
     "trainer.num_threads": integer(null=True, words=("auto",),
@@ -180,7 +184,8 @@ RULES: dict[str, Rule] = {
 
 # Keys that every file of conf/ sets to null and that take no number (a path, a name, an address):
 # the walk of conf/ in tests/unit/test_rules.py cannot tell them from a number key left null.
-NOT_NUMBERS = ("train.init_from", "tracking.run_name", "data.ray_address")
+NOT_NUMBERS = ("train.init_from", "tracking.run_name", "data.ray_address", "evaluate.chat_prompts", "finetune.base",
+               "finetune.revision")
 
 
 def names(sentence: str, key: str) -> bool:

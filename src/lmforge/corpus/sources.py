@@ -14,9 +14,11 @@ import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 
+from lmforge.config.paths import RECORD_FORMATS
 from lmforge.errors import LmforgeError
 
 FORMATS = ("auto", "text", "jsonl", "parquet")
+# data.format may also name records (config.paths.RECORD_FORMATS): JSONL files read by lmforge.corpus.records.
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 _JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
@@ -161,7 +163,7 @@ def file_format(path: Path, forced: str = "auto") -> tuple[str, str | None]:
     (``books.jsonl.gz`` is gzip-compressed JSONL); anything else applies to every file.
     """
     if forced not in FORMATS:
-        raise LmforgeError(f"data.format='{forced}' is not one of {', '.join(FORMATS)}.")
+        raise LmforgeError(f"data.format='{forced}' is not one of {', '.join(FORMATS + RECORD_FORMATS)}.")
     suffixes = [s.lower() for s in path.suffixes]
     compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
     if forced != "auto":

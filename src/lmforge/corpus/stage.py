@@ -23,6 +23,7 @@ from lmforge.corpus.batches import read_function, read_on_engine
 from lmforge.corpus.cleaning import check_normal_form
 from lmforge.corpus.documents import CorpusStats, Documents, read_sources, warn
 from lmforge.corpus.reading import ReadOptions
+from lmforge.corpus.records import RecordStats, is_record_format, prepare_records
 from lmforge.corpus.sources import file_format, resolve_sources
 from lmforge.engines.choice import engine_of, open_engine
 from lmforge.errors import LmforgeError
@@ -36,10 +37,11 @@ _MARK_BYTES = 16 << 20
 _WRITE_BUFFER = 1 << 20
 
 
-def prepare_stage(cfg) -> CorpusStats:
+def prepare_stage(cfg) -> CorpusStats | RecordStats:
     """Run the prepare stage for config ``cfg``; write ``paths.prepared`` and return the counts.
 
-    Writes ``train.txt`` and ``val.txt`` (see ``lmforge.tokenization.chunks``) into
+    Writes ``train.txt`` and ``val.txt`` (see ``lmforge.tokenization.chunks``), or for
+    ``data.format=chat|prompt_completion`` ``train.jsonl`` and ``val.jsonl`` (``lmforge.corpus.records``), into
     ``paths.prepared`` and the counts into ``paths.reports/prepare.json``. On any error nothing
     is written and the previous output stays as it was.
     """
@@ -53,6 +55,8 @@ def prepare_stage(cfg) -> CorpusStats:
     engine_of(data)
     min_chars = int(data.min_chars)
     files = resolve_sources(data.sources)
+    if is_record_format(data.format):
+        return _prepare_records(cfg, files, report, val_fraction, form)
     formats = [file_format(path, str(data.format)) for path in files]
     options = ReadOptions(data, warn)
     stats = CorpusStats(files=len(files))
@@ -85,6 +89,19 @@ def prepare_stage(cfg) -> CorpusStats:
     print(f"prepare: {stats.documents_in:,} documents in ({stats.bytes_in / 1e6:,.1f} MB), "
           f"{stats.duplicates:,} duplicates, {stats.dropped_short:,} too short; "
           f"train {stats.train_chars:,} chars, val {stats.val_chars:,} chars")
+    return stats
+
+
+def _prepare_records(cfg, files: list, report: Path, val_fraction: float, form: str | None) -> RecordStats:
+    """data.format=chat|prompt_completion: the records of ``files`` to ``train.jsonl``/``val.jsonl``
+    (``lmforge.corpus.records``), read in this process whatever data.engine says."""
+    formats = [file_format(path, "auto") for path in files]
+    with progress_bar(sum(f.stat().st_size for f in files), "prepare") as bar, \
+            atomic_path(cfg.paths.prepared, directory=True) as out_dir:
+        stats = prepare_records(cfg.data, files, formats, out_dir, val_fraction, form, bar)
+    write_json(report, asdict(stats))
+    print(f"prepare: {stats.records_in:,} {stats.format} records in, {stats.bad_records:,} bad, "
+          f"{stats.duplicates:,} duplicates; train {stats.train_records:,}, val {stats.val_records:,} records")
     return stats
 
 

@@ -51,6 +51,31 @@ def score_tokens(model, ids: np.ndarray | object, block_size: int, batch_size: i
     return {"nats": total, "predicted": predicted, "tokens": n}
 
 
+@torch.no_grad()
+def score_packed(model, tokens, flags, row_tokens: int, batch_size: int = 64, max_batches: int | None = None,
+                 device: str | torch.device = "cpu") -> dict:
+    """Sum the loss over the tokens that count (assistant / completion tokens) of every packed row of a
+    split: ``tokens`` and ``flags`` are its TokenStreams, read by ``rows_to_batch`` as training reads
+    them. Returns ``score_tokens``' dict, ``predicted`` being the tokens that count."""
+    from lmforge.tokenization.packing import rows_to_batch
+
+    rows = len(tokens) // row_tokens
+    starts = [r * row_tokens for r in range(rows)]
+    if max_batches:
+        starts = starts[: max_batches * batch_size]
+    total, predicted = 0.0, 0
+    model.eval()
+    for b in range(0, len(starts), batch_size):
+        chunk = starts[b : b + batch_size]
+        x, y, segments = rows_to_batch(np.stack([tokens.read(s, row_tokens) for s in chunk]),
+                                       np.stack([flags.read(s, row_tokens) for s in chunk]))
+        logits, _ = model(x.to(device), segments=segments.to(device))
+        total += float(F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).view(-1),
+                                       ignore_index=-100, reduction="sum"))
+        predicted += int((y != -100).sum())
+    return {"nats": total, "predicted": predicted, "tokens": len(tokens)}
+
+
 def summarise(score: dict, text_bytes: int) -> dict:
     """Loss, perplexity and bits per byte from a ``score_tokens`` result and the text's byte count;
     ``tokens`` and ``bytes`` are the whole text's, ``tokens_scored`` those predicted."""

@@ -1,6 +1,6 @@
-"""The prompts the evaluate stage's samples start from: ``data.prompts`` when the data config
-brings them (``conf/data/shakespeare.yaml``: ``**ROMEO**`` and friends), else the first words of
-a few validation documents (``prompts_from_text``), the same on every run.
+"""The prompts the evaluate stage's samples start from (for records, ``record_prompts``):
+``data.prompts`` when the data config brings them (``conf/data/shakespeare.yaml``: ``**ROMEO**``
+and friends), else the first words of a few validation documents (``prompts_from_text``), the same on every run.
 """
 
 from __future__ import annotations
@@ -54,4 +54,27 @@ def _first_words(pieces: list[str], count: int, taken: list[str] | None = None) 
             prompts.append(match[0])
             if len(prompts) == count:
                 break
+    return prompts
+
+
+def record_prompts(cfg, fmt: str) -> list:
+    """The evaluate stage's prompts for records: for chat, conversations (lists of messages) of one
+    user turn each, ``evaluate.chat_prompts`` or else the turns up to the first user message of the
+    first ``COUNT`` validation records; for prompt_completion, the first validation prompts."""
+    from lmforge.tokenization.chunks import iter_records
+
+    given = cfg.evaluate.get("chat_prompts")
+    if fmt == "chat" and given is not None:
+        return [[{"role": "user", "content": str(p)}] for p in given]
+    prompts = []
+    for record in iter_records(cfg.paths.prepared, "val"):
+        if fmt == "chat":
+            messages = record["messages"]
+            first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+            if first_user is not None:
+                prompts.append(messages[: first_user + 1])
+        else:
+            prompts.append(record["prompt"])
+        if len(prompts) == COUNT:
+            break
     return prompts

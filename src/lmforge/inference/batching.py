@@ -83,6 +83,7 @@ class Job:
     logprobs: bool = True  # each token event carries its log-probability (False: 0.0, and a step saves the work)
     cancelled: bool = False  # set by the caller when nobody waits for the answer any more
     queued_at: float = field(default_factory=time.monotonic)
+    stop_ids: tuple = ()  # ids that end a sample besides end-of-text (a chat template's end of turn)
 
     def cancel(self) -> None:
         """Stop sampling this job: its slots are freed at the engine's next step."""
@@ -301,7 +302,8 @@ class Engine:
         tokens = list(job.prompt_ids)
         start = max(0, len(tokens) - self.block_size)
         for i in range(job.n):
-            tail = TextTail(self.loaded.tokenizer, -1 if job.ignore_eos else self.loaded.eot_id, job.stop)
+            ends = [-1] if job.ignore_eos else [self.loaded.eot_id, *job.stop_ids]
+            tail = TextTail(self.loaded.tokenizer, ends, job.stop)
             self.active.append(_Sample(job, i, list(tokens), start, tail))
         self._prefill(first, tokens[start:-1])
         for i in range(1, job.n):

@@ -21,7 +21,7 @@ re-encode at every step once the window is full.)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ from lmforge.tokenization.tokenizer import UNK_TOKEN
 # SamplingConfig and sample_next live in lmforge.inference.sampling; imported here also for the
 # callers that take them from this module (``from lmforge.inference.generation import SamplingConfig``).
 __all__ = ["SamplingConfig", "sample_next", "generate_tokens", "generate", "encode_prompt", "TextTail",
-           "stream_samples", "complete", "complete_samples", "unescape"]
+           "stream_samples", "stream_ids", "complete", "complete_samples", "unescape"]
 
 
 def unescape(text: str) -> str:
@@ -132,18 +132,26 @@ def encode_prompt(loaded, prompt: str) -> Tensor:
     An empty prompt starts from the end-of-text token. A character model refuses characters
     outside its training alphabet (they would silently become ``<unk>``) with a LmforgeError.
     """
+    ids = loaded.tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
+    refuse_unknown(loaded, prompt, ids)
+    if not ids:
+        ids = [loaded.eot_id]
+    return torch.tensor([ids], dtype=torch.long, device=next(loaded.model.parameters()).device)
+
+
+def refuse_unknown(loaded, text: str, ids: list[int]) -> None:
+    """LmforgeError when a character model's ``ids`` of ``text`` hold ``<unk>``: characters outside its
+    training alphabet would silently become it."""
     tokenizer = loaded.tokenizer
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
     unk = tokenizer.token_to_id(UNK_TOKEN)
     if loaded.config["tokenizer"].get("kind") == "char" and unk is not None and unk in ids:
-        unknown = sorted({c for c in prompt if tokenizer.encode(c, add_special_tokens=False).ids == [unk]})
+        unknown = sorted({c for c in text if tokenizer.encode(c, add_special_tokens=False).ids == [unk]})
+        if not unknown:  # a chat template's own characters, not the user's
+            return
         raise LmforgeError(
             f"the prompt has characters outside the model's vocabulary ({', '.join(map(repr, unknown))}); "
             "a character model knows only its training alphabet, so remove or replace them."
         )
-    if not ids:
-        ids = [loaded.eot_id]
-    return torch.tensor([ids], dtype=torch.long, device=next(loaded.model.parameters()).device)
 
 
 class _TextTail:
@@ -157,9 +165,10 @@ class _TextTail:
     stop string, which is not handed out.
     """
 
-    def __init__(self, tokenizer, eot_id: int, stop: list[str]):
+    def __init__(self, tokenizer, eot_id: int | Iterable[int], stop: list[str]):
         self.tokenizer = tokenizer
-        self.eot_id = eot_id
+        # The end-of-text id, or several (a chat template's end of turn too: lmforge.inference.chat).
+        self.stop_ids = {eot_id} if isinstance(eot_id, int) else set(eot_id)
         self.stop = stop
         self.hold = max((len(s) - 1 for s in stop), default=0)
         self.ids: list[int] = []
@@ -173,7 +182,7 @@ class _TextTail:
         """Take the next token; return the text that became final ('' when none, or once done)."""
         if self.done:
             return ""
-        if token_id == self.eot_id:
+        if token_id in self.stop_ids:
             return self.finish()
         self.ids.append(token_id)
         before = self._decode(self.ids[self.context : self.read])
@@ -232,8 +241,10 @@ def stream_samples(loaded, prompt: str, cfg: SamplingConfig, stop: list[str] | N
     return _stream_samples(loaded, idx, cfg, stop)
 
 
-def _stream_samples(loaded, idx: Tensor, cfg: SamplingConfig, stop: list[str]) -> Iterator[tuple[int, str]]:
-    tails = [_TextTail(loaded.tokenizer, loaded.eot_id, stop) for _ in range(idx.size(0))]
+def _stream_samples(loaded, idx: Tensor, cfg: SamplingConfig, stop: list[str],
+                    stop_ids: Iterable[int] | None = None) -> Iterator[tuple[int, str]]:
+    stop_ids = list(stop_ids) if stop_ids is not None else [loaded.eot_id]
+    tails = [_TextTail(loaded.tokenizer, stop_ids, stop) for _ in range(idx.size(0))]
 
     def all_done(_tokens: Tensor) -> bool:
         return all(tail.done for tail in tails)
@@ -245,6 +256,14 @@ def _stream_samples(loaded, idx: Tensor, cfg: SamplingConfig, stop: list[str]) -
     for sample, tail in enumerate(tails):
         if piece := tail.finish():
             yield sample, piece
+
+
+def stream_ids(loaded, ids: list[int], cfg: SamplingConfig, stop: list[str], stop_ids: Iterable[int]) -> Iterator[str]:
+    """The continuation of the token ids ``ids`` (a rendered conversation) in pieces, ending at any
+    of ``stop_ids`` or ``stop`` strings; bad settings raise LmforgeError before anything is yielded."""
+    cfg.validate()
+    idx = torch.tensor([ids], dtype=torch.long, device=next(loaded.model.parameters()).device)
+    return (piece for _, piece in _stream_samples(loaded, idx, cfg, stop, stop_ids))
 
 
 def complete(loaded, prompt: str, cfg: SamplingConfig, stop: list[str] | None = None) -> str:

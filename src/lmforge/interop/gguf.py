@@ -35,6 +35,7 @@ from lmforge.interop.hf_config import GPT2, LLAMA, hf_family
 from lmforge.interop.weights import GGUF, export_weights, import_weights
 from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.outputs import atomic_path
+from lmforge.tokenization.chat import template_and_ends
 
 DTYPES = ("f32", "f16", "q8_0")
 LINEAGE_PREFIX = "lmforge."
@@ -124,6 +125,11 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32") -> P
         writer = gguf.GGUFWriter(str(tmp), family)
         write_hyperparameters(writer, gguf, config, family, loaded.path.name, dtype)
         write_tokenizer(writer, tokenizer_json, pre, config.vocab_size, loaded.eot_id)
+        chat, ends = template_and_ends(loaded.path, loaded.tokenizer, loaded.eot_id)
+        if chat is not None:  # llama.cpp renders it with Jinja and stops at the end of turn (EOT)
+            writer.add_chat_template(chat.source)
+            if len(ends) > 1:
+                writer.add_eot_token_id(ends[1])
         for key, value in lineage(loaded).items():
             writer.add_string(LINEAGE_PREFIX + key, value)
         for name, array in tensors.items():

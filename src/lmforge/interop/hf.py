@@ -38,7 +38,8 @@ from lmforge.interop.hf_config import ARCHITECTURES, GPT2, from_hf_config, hf_fa
 from lmforge.interop.weights import HF, export_weights, import_weights
 from lmforge.model.gpt import GPT
 from lmforge.outputs import atomic_path
-from lmforge.tokenization.tokenizer import UNK_TOKEN
+from lmforge.tokenization.chat import template_and_ends
+from lmforge.tokenization.tokenizer import UNK_TOKEN, hf_eos_token
 
 PAD_TOKENS = ("<pad>", "<|pad|>")
 
@@ -51,8 +52,9 @@ PAD_TOKENS = ("<pad>", "<|pad|>")
 def export_hf(model_dir: str | Path, out: str | Path) -> Path:
     """Write the model directory ``model_dir`` as a ``transformers`` directory ``out``; return it.
 
-    ``out`` holds config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
-    special_tokens_map.json, and loads offline with ``AutoModelForCausalLM.from_pretrained(out)``
+    ``out`` holds config.json, model.safetensors, tokenizer.json, tokenizer_config.json (with the
+    model's ``chat_template``, if it has one), generation_config.json and special_tokens_map.json,
+    and loads offline with ``AutoModelForCausalLM.from_pretrained(out)``
     and ``AutoTokenizer.from_pretrained(out)``. Written atomically.
     """
     from lmforge.model.directory import TOKENIZER, load_model_dir
@@ -72,6 +74,10 @@ def export_hf(model_dir: str | Path, out: str | Path) -> Path:
         pad = next((t for t in PAD_TOKENS if loaded.tokenizer.token_to_id(t) is not None), None)
         if pad is not None:
             special["pad_token"] = pad
+        chat, eos_ids = template_and_ends(loaded.path, loaded.tokenizer, loaded.eot_id)
+        if chat is not None:  # the strings the template was rendered with in training
+            special.update({k: v for k, v in chat.tokens.items() if k in ("bos_token", "eos_token", "unk_token",
+                                                                          "pad_token")})
         _write_json(tmp / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "model_max_length": config.block_size,
@@ -79,9 +85,11 @@ def export_hf(model_dir: str | Path, out: str | Path) -> Path:
             "add_bos_token": False,
             "add_eos_token": False,
             **special,
+            **({"chat_template": chat.source} if chat is not None else {}),
         })
         _write_json(tmp / "special_tokens_map.json", special)
-        _write_json(tmp / "generation_config.json", {"bos_token_id": loaded.eot_id, "eos_token_id": loaded.eot_id})
+        _write_json(tmp / "generation_config.json", {"bos_token_id": loaded.eot_id,
+                                                     "eos_token_id": eos_ids if len(eos_ids) > 1 else eos_ids[0]})
     return out
 
 
@@ -102,13 +110,25 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     eos token. An existing ``out`` is replaced only with ``force`` (atomically). Returns ``out``;
     LmforgeError naming the file for anything missing, unsupported or inconsistent.
     """
-    from lmforge.model.directory import check_tokenizer_fits, refuse_existing, save_model_dir
-    from lmforge.tokenization.tokenizer import load_tokenizer
+    from lmforge.model.directory import refuse_existing, save_model_dir
 
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise LmforgeError(f"{hf_dir} is not a directory; give a local transformers model directory.")
     refuse_existing(out, force)
+    model, tokenizer_path, eot_token, eot_id = read_hf_dir(hf_dir)
+    meta = {"kind": "imported", "eot_token": eot_token, "eot_id": eot_id}
+    return save_model_dir(out, model, tokenizer_path, meta,
+                          extra={"imported_from": {"path": str(hf_dir.resolve()),
+                                                   "architecture": ARCHITECTURES[hf_family(model.config)]}})
+
+
+def read_hf_dir(hf_dir: Path) -> tuple[GPT, Path, str, int]:
+    """The network of a local ``transformers`` directory as our GPT, its tokenizer.json, and the
+    end-of-text token and id (``import_hf`` and fine-tuning's base, ``lmforge.interop.base``)."""
+    from lmforge.model.directory import check_tokenizer_fits
+    from lmforge.tokenization.tokenizer import load_tokenizer
+
     config_path = hf_dir / "config.json"
     try:
         hf_config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -127,7 +147,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
     tokenizer = load_tokenizer(tokenizer_path)
     check_tokenizer_fits(tokenizer, config.vocab_size, tokenizer_path,
                          f"the embedding table ({config_path} vocab_size)")
-    eot_token, eot_id = _eos_token(hf_dir, hf_config, tokenizer)
+    eot_token, eot_id = hf_eos_token(hf_dir, hf_config, tokenizer)
 
     weights = _read_weights(hf_dir)
     if family == GPT2:  # checkpoints saved from GPT2Model have no "transformer." prefix
@@ -135,10 +155,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, force: bool = False) -> Path:
                    for k, v in weights.items()}
     model = GPT(config)
     model.load_state_dict(import_weights(weights, config, family, HF, hf_dir), strict=True)
-    meta = {"kind": "imported", "eot_token": eot_token, "eot_id": eot_id}
-    return save_model_dir(out, model, tokenizer_path, meta,
-                          extra={"imported_from": {"path": str(hf_dir.resolve()),
-                                                   "architecture": ARCHITECTURES[family]}})
+    return model, tokenizer_path, eot_token, eot_id
 
 
 def _shard_path(hf_dir: Path, name: object, index: Path) -> Path:
@@ -178,24 +195,3 @@ def _read_weights(hf_dir: Path) -> dict[str, Tensor]:
             raise LmforgeError(f"{path} is missing, corrupt or truncated ({err}); "
                                "re-download or re-save the model.") from None
     return state
-
-
-def _eos_token(hf_dir: Path, hf_config: dict, tokenizer) -> tuple[str, int]:
-    # The tokenizer's own files name the eos token; config.json's eos_token_id is the fallback.
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        path = hf_dir / name
-        if path.is_file():
-            token = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
-            if isinstance(token, dict):
-                token = token.get("content")
-            if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
-                return token, tokenizer.token_to_id(token)
-    eos_id = hf_config.get("eos_token_id")
-    if isinstance(eos_id, list):
-        eos_id = eos_id[0] if eos_id else None
-    if isinstance(eos_id, int) and tokenizer.id_to_token(eos_id) is not None:
-        return tokenizer.id_to_token(eos_id), eos_id
-    raise LmforgeError(
-        f"{hf_dir} names no end-of-text token (eos_token in tokenizer_config.json or eos_token_id in "
-        "config.json); add one and import again."
-    )

@@ -135,6 +135,13 @@ def tied_output_stored(family: str, fmt: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
+def hf_modules(config: GPTConfig, family: str) -> dict[str, tuple[tuple[str, ...], list[int] | None, bool]]:
+    """Each of our modules -> (its transformers module names, how our rows split among them or None,
+    whether transformers stores it transposed): where an adapter on it goes (``interop.adapter``)."""
+    return {name: (formats[HF], _split_rows(row, config), row.conv1d) for row, name, formats in
+            _expand(family, config.n_layer)}
+
+
 def export_weights(model: GPT, family: str, fmt: str) -> dict[str, Tensor]:
     """Our weights under ``fmt``'s names (``"hf"`` or ``"gguf"``), float32, in that format's layout."""
     c = model.config

@@ -3,6 +3,7 @@
     model.safetensors   the weights (safetensors: no pickle is ever loaded)
     config.json         the model architecture, the tokenizer's kind and end-of-text id
     tokenizer.json      the HuggingFace tokenizer the model was trained with
+    chat_template.jinja the chat template it was trained with, and chat.json (data.format=chat only)
     train_config.yaml   the fully resolved configuration of the training run
     run.json            where the run is tracked (MLflow URI, experiment and run id)
 
@@ -33,6 +34,7 @@ from lmforge.errors import LmforgeError
 from lmforge.model.config import GPTConfig
 from lmforge.model.gpt import GPT
 from lmforge.outputs import atomic_path
+from lmforge.tokenization.chat import CHAT_META, TEMPLATE_FILE
 from lmforge.tracking.runs import default_tracking_uri
 
 WEIGHTS = "model.safetensors"
@@ -41,6 +43,7 @@ TOKENIZER = TOKENIZER_FILE
 TRAIN_CONFIG = "train_config.yaml"
 RUN = "run.json"
 REQUIRED = (WEIGHTS, CONFIG, TOKENIZER)
+CHAT_FILES = (TEMPLATE_FILE, CHAT_META)
 
 
 @dataclass
@@ -55,6 +58,12 @@ class ModelDir:
     @property
     def eot_id(self) -> int:
         return int(self.config["tokenizer"]["eot_id"])
+
+    def chat_template(self):
+        """The chat template the model was trained with (``chat_template.jinja``, a ``ChatTemplate``), or None."""
+        from lmforge.tokenization.chat import load_chat
+
+        return load_chat(self.path)
 
     def run(self) -> dict | None:
         """The MLflow run this model was trained in (``run.json``), or None."""
@@ -81,6 +90,9 @@ def save_model_dir(out: str | Path, model: GPT, tokenizer_path: str | Path, toke
         config.update(extra or {})
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        for name in CHAT_FILES:  # the chat template travels with its tokenizer (lmforge.tokenization.chat)
+            if (Path(tokenizer_path).parent / name).is_file():
+                shutil.copyfile(Path(tokenizer_path).parent / name, tmp / name)
         if train_cfg is not None:
             resolved = OmegaConf.to_container(train_cfg, resolve=True) if OmegaConf.is_config(train_cfg) else train_cfg
             (tmp / TRAIN_CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))

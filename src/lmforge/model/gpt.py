@@ -281,6 +281,26 @@ class Block(nn.Module):
         return x
 
 
+def segment_positions(segments: Tensor) -> tuple[Tensor, Tensor]:
+    """(positions restarting at 0 where each segment starts, (B, 1, T, T) attention mask: causal and
+    within the segment) for (B, T) segment ids of packed records."""
+    B, T = segments.shape
+    index = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    positions = index - torch.where(starts, index, 0).cummax(dim=1).values
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return positions, (same & causal)[:, None]
+
+
+def _loss(logits: Tensor, targets: Tensor | None) -> Tensor | None:
+    """Mean cross-entropy over the targets that are not -100 (None without targets)."""
+    if targets is None:
+        return None
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
 class GPT(nn.Module):
     """The language model: token ids (B, T) -> next-token logits (B, T, vocab_size)."""
 
@@ -327,6 +347,7 @@ class GPT(nn.Module):
         idx: Tensor,
         targets: Tensor | None = None,
         cache: KVCache | None = None,
+        segments: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits for every position of ``idx``, and the loss when ``targets`` are given.
 
@@ -334,6 +355,9 @@ class GPT(nn.Module):
         cache: when given, ``idx`` continues the tokens already in it (positions start at
         ``cache.length``); their keys/values are appended and ``cache.length`` grows by T. With
         ``lmforge.inference.kv_slots.KVSlots``, idx is (B, 1): one token for each of the first B slots.
+        segments: (B, T) ids of the packed records each position belongs to (non-decreasing along a
+        row; ``lmforge.tokenization.packing``): a token attends only within its segment and its
+        position restarts at 0 there, as if each record were alone. Not with a cache.
         Returns (logits (B, T, vocab_size), mean cross-entropy or None).
         Raises ValueError when the tokens would pass block_size positions.
         """
@@ -357,6 +381,10 @@ class GPT(nn.Module):
                 "crop the input or reset the cache."
             )
 
+        if segments is not None:
+            positions, attn_mask = segment_positions(segments)
+            logits = self._run(idx, positions, None, attn_mask)
+            return logits, _loss(logits, targets)
         attn_mask = None
         if past > 0 and T > 1:
             # New token i (position past + i) sees every cached token and new tokens 0..i.
@@ -364,10 +392,7 @@ class GPT(nn.Module):
         logits = self._run(idx, slice(past, past + T), cache, attn_mask)
         if cache is not None:
             cache.length = past + T
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return logits, _loss(logits, targets)
 
     def _run(self, idx: Tensor, pos: slice | Tensor, cache, attn_mask: Tensor | None) -> Tensor:
         # pos: a slice of positions shared by every row, or a (B, T) tensor of each row's own.

@@ -6,12 +6,11 @@ prompt. The sampling fields go through ``lmforge.inference.sampling.sampling_con
 parser of sampling settings, so their ranges are those documented there. It knows nothing of
 sockets or of the engine's threads; the answers' JSON is ``lmforge.serving.answers``.
 
-Chat templates. A model directory may carry ``chat_template.jinja`` (or a ``chat_template`` key
-in config.json, as transformers writes it): a Jinja template rendered with ``messages``,
-``add_generation_prompt=True``, ``eos_token`` and ``bos_token`` (sandboxed). Without one, the
-plain template is used: one line ``<role>: <content>`` per message, then ``assistant:``; it adds
-the stop string ``"\\nuser:"`` so a base model does not write the user's next turn. Every chat
-answer names the template it used in ``lmforge.chat_template`` ("model" or "plain").
+Chat messages are rendered to ids by the model's own chat template, as in training
+(``lmforge.inference.chat``: ``chat_template.jinja`` of the model directory, or for a model trained
+on plain text the plain template with the stop string ``"\\nuser:"``); the template's end-of-turn
+ids end the reply. Every chat answer names the template it used in ``lmforge.chat_template``
+("model" or "plain").
 """
 
 from __future__ import annotations
@@ -19,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmforge.config.values import is_int
+from lmforge.errors import LmforgeError
 from lmforge.inference.sampling import SamplingConfig, SamplingError, sampling_config
 from lmforge.serving.limits import Limits
 
-PLAIN_TEMPLATE_STOP = "\nuser:"
 # Fields clients send that change nothing here, accepted when they hold their no-op value.
 _NO_OP = {"metadata": None, "store": False, "service_tier": None, "parallel_tool_calls": None,
           "response_format": None}
@@ -71,6 +70,7 @@ class Ask:
     generate: bool = True  # False: echo with max_tokens 0, the prompt's logprobs only
     ignore_eos: bool = False  # vLLM's extra field: go on past the end-of-text token
     chat_template: str | None = None  # "model" or "plain" for chat
+    stop_ids: tuple = ()  # chat: the ids that end the template's assistant turn, besides end-of-text
 
     @property
     def samples(self) -> int:
@@ -83,8 +83,9 @@ def bad(param: str, message: str) -> ApiError:
     return ApiError(400, message, param=param, code="invalid_value")
 
 
-def parse_ask(body, kind: str, model_name: str, limits: Limits, chat_template: str | None, vocab_size: int) -> Ask:
-    """Validate a request ``body`` (parsed JSON) of ``kind`` "completion" or "chat"; raise ApiError."""
+def parse_ask(body, kind: str, model_name: str, limits: Limits, chat, vocab_size: int) -> Ask:
+    """Validate a request ``body`` (parsed JSON) of ``kind`` "completion" or "chat"; raise ApiError.
+    ``chat``: the model's ``lmforge.inference.chat.ModelChat``, which renders chat messages to ids."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object.", code="invalid_json")
     _check_fields(body, kind)
@@ -109,7 +110,7 @@ def parse_ask(body, kind: str, model_name: str, limits: Limits, chat_template: s
         _completion_fields(ask, body, limits, vocab_size)
         default_max = 16  # OpenAI's default for completions
     else:
-        _chat_fields(ask, body, chat_template)
+        _chat_fields(ask, body, chat)
         default_max = limits.max_tokens
         if body.get("max_completion_tokens") is not None:
             body = {**body, "max_tokens": body["max_completion_tokens"]}
@@ -133,7 +134,7 @@ def _completion_fields(ask: Ask, body: dict, limits: Limits, vocab_size: int) ->
             raise bad("best_of", "'best_of' cannot be used with 'stream': the best samples are known only at the end.")
 
 
-def _chat_fields(ask: Ask, body: dict, chat_template: str | None) -> None:
+def _chat_fields(ask: Ask, body: dict, chat) -> None:
     ask.logprobs = _bool(body, "logprobs")
     top = body.get("top_logprobs")
     if top is not None:
@@ -142,10 +143,10 @@ def _chat_fields(ask: Ask, body: dict, chat_template: str | None) -> None:
         if top and not ask.logprobs:
             raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true.")
         ask.top_logprobs = top
-    prompt, ask.chat_template = render_chat(body.get("messages"), chat_template)
-    ask.prompts = [prompt]
-    if ask.chat_template == "plain":
-        ask.stop.append(PLAIN_TEMPLATE_STOP)
+    ids, ask.chat_template = render_chat(body.get("messages"), chat)
+    ask.prompts = [ids]
+    ask.stop.extend(chat.stop)
+    ask.stop_ids = tuple(chat.stop_ids)
 
 
 def _check_fields(body: dict, kind: str) -> None:
@@ -242,8 +243,9 @@ def _bool(body: dict, name: str) -> bool:
     return value
 
 
-def render_chat(messages, template: str | None) -> tuple[str, str]:
-    """The prompt for chat ``messages`` and the template used ("model" or "plain")."""
+def render_chat(messages, chat) -> tuple[list[int], str]:
+    """The prompt ids for chat ``messages`` with ``chat`` (the model's ``lmforge.inference.chat.ModelChat``,
+    the rendering training used) and the template's name ("model" or "plain"); ApiError naming the bad field."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty list of {\"role\", \"content\"} objects.")
     plain = []
@@ -258,13 +260,7 @@ def render_chat(messages, template: str | None) -> tuple[str, str]:
         if not isinstance(content, str):
             raise bad(f"messages[{i}].content", f"messages[{i}].content must be a string.")
         plain.append({"role": message["role"], "content": content})
-    if template is None:
-        return "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:", "plain"
-    from jinja2.sandbox import ImmutableSandboxedEnvironment  # jinja2 (MLflow's) only for models with a template
-
     try:
-        text = ImmutableSandboxedEnvironment().from_string(template).render(
-            messages=plain, add_generation_prompt=True, bos_token="", eos_token="")
-    except Exception as err:  # a template error is about the model directory, but the request can't be served
+        return chat.prompt_ids(plain), chat.name
+    except LmforgeError as err:  # a template error is about the model directory, but the request can't be served
         raise ApiError(400, f"the model's chat template failed on these messages: {err}", param="messages") from None
-    return text, "model"

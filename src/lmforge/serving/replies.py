@@ -102,7 +102,8 @@ class Flight:
         self.scores: list[list | None] = [None] * len(prompt_ids)  # each prompt's own logprobs (echo)
         top = ask.top_logprobs if ask.logprobs else 0
         self.jobs = [Job(ids, ask.sampling, self._emitter(p), ask.samples, ask.stop, ask.ignore_eos, top,
-                         ask.echo and ask.logprobs, ask.generate, logprobs=ask.logprobs or bool(ask.best_of))
+                         ask.echo and ask.logprobs, ask.generate, logprobs=ask.logprobs or bool(ask.best_of),
+                         stop_ids=ask.stop_ids)
                      for p, ids in enumerate(prompt_ids)]
         self.open = len(self.jobs)
         self.completion_tokens = 0

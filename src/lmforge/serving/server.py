@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,6 +33,7 @@ from starlette.exceptions import HTTPException
 
 from lmforge.errors import LmforgeError
 from lmforge.inference.batching import Engine
+from lmforge.inference.chat import model_chat
 from lmforge.inference.generation import encode_prompt
 from lmforge.serving.answers import TokenTexts
 from lmforge.serving.guards import Guard
@@ -42,16 +42,7 @@ from lmforge.serving.metrics import ServerMetrics
 from lmforge.serving.protocol import ApiError, parse_ask
 from lmforge.serving.replies import Flight, Mailbox, open_stream, whole
 
-CHAT_TEMPLATE_FILE = "chat_template.jinja"
 WATCH_EVERY_S = 1.0
-
-
-def chat_template_of(loaded) -> str | None:
-    """The model directory's chat template (``chat_template.jinja`` or config.json's key), or None."""
-    path = Path(loaded.path) / CHAT_TEMPLATE_FILE
-    if path.is_file():
-        return path.read_text(encoding="utf-8")
-    return loaded.config.get("chat_template")
 
 
 def create_app(loaded, name: str, max_batch: int = 32, limits: Limits | None = None, keys: frozenset[str] = frozenset(),
@@ -102,12 +93,12 @@ class _Answering:
     def __init__(self, app, loaded, name: str, limits: Limits, tokenizing, metrics: ServerMetrics):
         self.app, self.loaded, self.name, self.limits = app, loaded, name, limits
         self.tokenizing, self.metrics = tokenizing, metrics
-        self.template, self.texts = chat_template_of(loaded), TokenTexts(loaded.tokenizer)
+        self.chat, self.texts = model_chat(loaded), TokenTexts(loaded.tokenizer)
 
     async def __call__(self, request: Request, kind: str):
         loaded, engine = self.loaded, self.app.state.engine
         engine.revive()
-        ask = parse_ask(await _json(request), kind, self.name, self.limits, self.template,
+        ask = parse_ask(await _json(request), kind, self.name, self.limits, self.chat,
                         loaded.model.config.vocab_size)
         ids = await asyncio.get_running_loop().run_in_executor(self.tokenizing, _encode_all, loaded, ask, self.limits)
         prompt_texts = [p if isinstance(p, str) else loaded.tokenizer.decode(p, skip_special_tokens=False)
@@ -209,6 +200,11 @@ def _add_info_routes(app, loaded, name: str, metrics: ServerMetrics) -> None:
         return model_card
 
 
+def _template_source(loaded) -> str | None:
+    template = model_chat(loaded).encoder.template
+    return None if template.origin == "plain" else template.source
+
+
 def _add_tokenizer_routes(app, loaded, limits: Limits, tokenizing) -> None:
     # vLLM's tokenizer endpoints, as lm-evaluation-harness's remote tokenizer calls them.
     tokenizer = loaded.tokenizer
@@ -216,7 +212,7 @@ def _add_tokenizer_routes(app, loaded, limits: Limits, tokenizing) -> None:
     @app.get("/tokenizer_info")
     async def tokenizer_info():
         eot = tokenizer.id_to_token(loaded.eot_id)
-        return {"eos_token": eot, "bos_token": None, "pad_token": None, "chat_template": chat_template_of(loaded),
+        return {"eos_token": eot, "bos_token": None, "pad_token": None, "chat_template": _template_source(loaded),
                 "model_max_length": loaded.model.config.block_size, "vocab_size": tokenizer.get_vocab_size()}
 
     @app.post("/tokenize")

@@ -27,13 +27,13 @@ from lmforge.inference.sampling import check_sampling
 from lmforge.model.config import GPTConfig, check_model
 from lmforge.model.gpt import GPT
 from lmforge.outputs import write_json
-from lmforge.training.checks import check_global_batch, check_training
+from lmforge.training.checks import check_finetune, check_global_batch, check_training
 from lmforge.training.optim import accumulation_steps
 
 # Each stage runs the checks of what it reads, and none that would import more than it does
 # (the training checks import Lightning); train, check and `lmforge check` run them all.
 LIGHT_CHECKS: tuple[Callable[[DictConfig], None], ...] = (check_precision, check_tokenizer, check_dvc_paths)
-CHECKS = (check_training, check_global_batch, check_model, check_sampling, *LIGHT_CHECKS)
+CHECKS = (check_training, check_global_batch, check_finetune, check_model, check_sampling, *LIGHT_CHECKS)
 STAGE_CHECKS = {"prepare": LIGHT_CHECKS, "vocab": LIGHT_CHECKS, "tokenize": LIGHT_CHECKS,
                 "evaluate": (check_model, check_sampling, *LIGHT_CHECKS)}
 
@@ -77,6 +77,14 @@ def summary(cfg: DictConfig) -> dict[str, Any]:
     optimizer step per device (None while ``trainer.devices`` is not a number)."""
     config = OmegaConf.to_container(cfg.model, resolve=True)
     config["vocab_size"], source = vocabulary(cfg)
+    from lmforge.training.finetune import base_summary
+
+    base = base_summary(cfg)  # a fine-tune trains its base's architecture, whatever model.* say
+    if base is not None:
+        config, source = base[0].to_dict(), base[1]
+    elif cfg.get("finetune") is not None and cfg.finetune.get("base"):
+        source = (f"finetune.base={cfg.finetune.base} is not fetched yet (the vocab stage fetches it), so these "
+                  "numbers are model.*'s, not the base's")
     with torch.device("meta"):  # counts without allocating: gpt2-medium is 350M parameters
         model = GPT(GPTConfig.from_dict(config))
     t, trainer = cfg.train, cfg.trainer

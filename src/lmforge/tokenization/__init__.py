@@ -2,7 +2,8 @@
 
 - ``pretokenize``: the splitting rules before a vocabulary applies (word and byte-level BPE);
 - ``tokenizer``: the ``tokenizer.json`` file and the fast encoder used by every stage;
-- ``vocab``: the vocab stage (char, word or byte-level BPE vocabularies);
+- ``vocab``: the vocab stage (char, word or byte-level BPE vocabularies, or a fine-tune's base's);
+- ``base``: a fine-tune's base model: where (local or a Hub id), which files, its tokenizer adopted;
 - ``encode``: the tokenize stage (both splits to token shards);
 - ``shards``: the shard format on disk (``index.json``, ``shard_*.bin``) and its memory-mapped reader.
 """

@@ -1,17 +1,21 @@
 """The prepared splits read back for tokenization: chunks of about a megabyte, never whole, cut
 only where no tokenizer of ours splits the text differently on either side.
 
-The files themselves (``train.txt``, ``val.txt``, documents separated by ``DOC_SEPARATOR``) are
-written by the prepare stage (``lmforge.corpus.stage``); their names are ``config.paths``'.
+The files themselves (``train.txt``, ``val.txt``, documents separated by ``DOC_SEPARATOR``; or
+``train.jsonl``, ``val.jsonl`` of records for data.format=chat|prompt_completion, read back whole by
+``iter_records``) are written by the prepare stage (``lmforge.corpus``); their names are ``config.paths``'.
 """
 
 from __future__ import annotations
 
 import codecs
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmforge.config.paths import DOC_SEPARATOR
+import orjson
+
+from lmforge.config.paths import DOC_SEPARATOR, RECORDS_META, records_file
 from lmforge.errors import LmforgeError
 
 # Characters per chunk handed to a tokenizer (and per piece of a long document).
@@ -100,3 +104,26 @@ def iter_split(path: str | Path, chunk_chars: int = CHUNK_CHARS) -> Iterator[str
         parts.append(last)
     if any(parts):
         yield "".join(parts)
+
+
+def prepared_format(prepared: str | Path) -> str:
+    """``text`` for plain-text splits, or the records format (``chat``, ``prompt_completion``) that
+    ``records.json`` names (data.format=chat|prompt_completion, ``lmforge.corpus.records``)."""
+    meta = Path(prepared) / RECORDS_META
+    if not meta.is_file():
+        return "text"
+    try:
+        return str(json.loads(meta.read_text(encoding="utf-8"))["format"])
+    except (ValueError, KeyError, TypeError):
+        raise LmforgeError(f"{meta} is corrupt; rerun the prepare stage (dvc repro prepare).") from None
+
+
+def iter_records(prepared: str | Path, split: str) -> Iterator[dict]:
+    """The records of a prepared split (``train.jsonl``/``val.jsonl``), in order."""
+    path = Path(prepared) / records_file(split)
+    if not path.is_file():
+        raise LmforgeError(f"{path} not found; run the prepare stage first (dvc repro prepare).")
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                yield orjson.loads(line)

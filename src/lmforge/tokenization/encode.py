@@ -21,9 +21,16 @@ from lmforge.config.paths import DOC_SEPARATOR, SPLITS, TOKENIZER_FILE
 from lmforge.engines.choice import open_engine
 from lmforge.errors import LmforgeError
 from lmforge.outputs import atomic_path, check_writable, progress_bar, write_json
-from lmforge.tokenization.chunks import iter_chunks
+from lmforge.tokenization.chunks import iter_chunks, prepared_format
 from lmforge.tokenization.shards import INDEX_FILE, ShardWriter, token_dtype
-from lmforge.tokenization.tokenizer import Encoder, eot_token_id, join_ids, load_tokenizer, tokenizer_sha256
+from lmforge.tokenization.tokenizer import (
+    Encoder,
+    eot_token_id,
+    join_ids,
+    load_tokenizer,
+    tokenizer_sha256,
+    vocab_eot_token,
+)
 
 # A split smaller than this is encoded in the stage's own process: starting workers costs more.
 _PARALLEL_MIN_BYTES = 4 << 20
@@ -67,12 +74,15 @@ def tokenize_stage(cfg) -> dict:
     Reads ``paths.prepared/{train,val}.txt`` and ``paths.vocab/tokenizer.json``; writes the
     shards and ``index.json`` into ``paths.tokens`` atomically (all or nothing).
     """
-    check_writable(("paths.tokens", cfg.paths.tokens))
+    check_writable(("paths.tokens", cfg.paths.tokens), ("paths.reports", Path(cfg.paths.reports) / "tokenize.json"))
     tokenizer_path = Path(cfg.paths.vocab) / TOKENIZER_FILE
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    eot_id = eot_token_id(tokenizer, cfg.tokenizer.eot_token)
+    eot_id = eot_token_id(tokenizer, vocab_eot_token(cfg))  # a fine-tune's: its base's
     dtype = token_dtype(vocab_size)
+    fmt = prepared_format(cfg.paths.prepared)
+    if fmt != "text":
+        return _tokenize_records(cfg, fmt, tokenizer, tokenizer_path, eot_id, dtype)
     files = _prepared_files(Path(cfg.paths.prepared))
     total_bytes = sum(path.stat().st_size for path in files.values())
     index = {"dtype": dtype.name, "vocab_size": vocab_size, "eot_id": eot_id,
@@ -84,8 +94,33 @@ def tokenize_stage(cfg) -> dict:
             writer = ShardWriter(tmp / split, dtype, int(cfg.data.shard_size))
             index["splits"][split] = _write_split(path, writer, engine, bar)
         write_json(tmp / INDEX_FILE, index)
+    write_json(Path(cfg.paths.reports) / "tokenize.json",
+               {"format": "text", **{f"{split}_tokens": entry["tokens"] for split, entry in index["splits"].items()}})
     print(f"tokenize: {index['splits']['train']['tokens']:,} train and {index['splits']['val']['tokens']:,} "
           f"val tokens ({dtype.name}, vocabulary {vocab_size:,})")
+    return index
+
+
+def _tokenize_records(cfg, fmt: str, tokenizer, tokenizer_path: Path, eot_id: int, dtype) -> dict:
+    """data.format=chat|prompt_completion: packed rows and their flags (``lmforge.tokenization.packing``);
+    the counts (records cut or dropped for length among them) also go to ``reports/tokenize.json``."""
+    from lmforge.tokenization.packing import tokenize_records
+
+    report = Path(cfg.paths.reports) / "tokenize.json"
+    index = {"dtype": dtype.name, "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True), "eot_id": eot_id,
+             "tokenizer_sha256": tokenizer_sha256(tokenizer_path), "format": fmt,
+             "row_tokens": int(cfg.model.block_size) + 1, "splits": {}}
+    with progress_bar(None, "tokenize", unit="records") as bar, \
+            atomic_path(cfg.paths.tokens, directory=True) as tmp:
+        index["splits"] = tokenize_records(cfg, fmt, tokenizer, tokenizer_path.parent, eot_id, dtype, tmp, bar)
+        write_json(tmp / INDEX_FILE, index)
+    counts = {f"{split}_{k}": v for split, entry in index["splits"].items() for k, v in entry.items()
+              if not k.endswith("shards")}
+    write_json(report, {"format": fmt, "row_tokens": index["row_tokens"], **counts})
+    train = index["splits"]["train"]
+    print(f"tokenize: {train['records']:,} train records in {train['rows']:,} rows of {index['row_tokens']} tokens "
+          f"({train['loss_tokens']:,} counted in the loss); {train['truncated']:,} truncated, "
+          f"{train['dropped']:,} dropped for length or no assistant token")
     return index
 
 

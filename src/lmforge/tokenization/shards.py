@@ -77,18 +77,19 @@ def read_index(tokens_dir: str | Path) -> dict:
 class TokenStream:
     """The tokens of one split, read through memory maps across shard boundaries.
 
-    ``read(start, length)`` returns ``length`` consecutive ids as int64. The maps are opened per
+    ``read(start, length)`` returns ``length`` consecutive ids as int64. ``part="flag_shards"`` (with
+    ``dtype="uint8"``) reads a packed split's flags instead (``lmforge.tokenization.packing``). The maps are opened per
     read, not held: a long-lived np.memmap lets resident memory grow with every page touched.
     """
 
-    def __init__(self, tokens_dir: str | Path, split: str):
+    def __init__(self, tokens_dir: str | Path, split: str, part: str = "shards", dtype: str | None = None):
         self.tokens_dir = Path(tokens_dir)
         index = read_index(self.tokens_dir)
-        if split not in index["splits"]:
-            raise LmforgeError(f"{self.tokens_dir / INDEX_FILE} has no '{split}' split; rerun the tokenize stage.")
+        if split not in index["splits"] or part not in index["splits"][split]:
+            raise LmforgeError(f"{self.tokens_dir / INDEX_FILE} has no '{split}' {part}; rerun the tokenize stage.")
         self.index = index
-        self.dtype = np.dtype(index["dtype"])
-        self.shards = [(self.tokens_dir / s["file"], int(s["tokens"])) for s in index["splits"][split]["shards"]]
+        self.dtype = np.dtype(dtype or index["dtype"])
+        self.shards = [(self.tokens_dir / s["file"], int(s["tokens"])) for s in index["splits"][split][part]]
         self.shards = [(path, n) for path, n in self.shards if n > 0]
         self.offsets = np.cumsum([0] + [n for _, n in self.shards])
         for path, n in self.shards:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from lmforge.config.paths import BASE_FILE
 from lmforge.errors import LmforgeError
 from lmforge.outputs import write_text
 from lmforge.tokenization.pretokenize import (
@@ -76,6 +77,40 @@ def tokenizer_sha256(path: Path) -> str:
         for block in iter(lambda: file.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def vocab_eot_token(cfg) -> str:
+    """The end-of-text token of the tokenizer in ``paths.vocab``: the base model's (recorded in
+    ``base.json`` when the vocab stage adopted a fine-tune's base tokenizer), else ``tokenizer.eot_token``."""
+    record = Path(cfg.paths.vocab) / BASE_FILE
+    if record.is_file():
+        try:
+            return str(json.loads(record.read_text(encoding="utf-8"))["eot_token"])
+        except (ValueError, KeyError, TypeError):
+            raise LmforgeError(f"{record} names no eot_token; rerun the vocab stage to write it again.") from None
+    return str(cfg.tokenizer.eot_token)
+
+
+def hf_eos_token(hf_dir: Path, hf_config: dict, tokenizer: Tokenizer) -> tuple[str, int]:
+    """The end-of-text token and id of a transformers directory: the eos token its tokenizer files
+    name, else config.json's eos_token_id; LmforgeError when it names none."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = hf_dir / name
+        if path.is_file():
+            token = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
+            if isinstance(token, dict):
+                token = token.get("content")
+            if isinstance(token, str) and tokenizer.token_to_id(token) is not None:
+                return token, tokenizer.token_to_id(token)
+    eos_id = hf_config.get("eos_token_id")
+    if isinstance(eos_id, list):
+        eos_id = eos_id[0] if eos_id else None
+    if isinstance(eos_id, int) and tokenizer.id_to_token(eos_id) is not None:
+        return tokenizer.id_to_token(eos_id), eos_id
+    raise LmforgeError(
+        f"{hf_dir} names no end-of-text token (eos_token in tokenizer_config.json or eos_token_id in "
+        "config.json); add one and import again."
+    )
 
 
 def eot_token_id(tokenizer: Tokenizer, eot_token: str) -> int:

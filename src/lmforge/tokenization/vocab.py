@@ -27,9 +27,10 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmforge.config.compose import UNSET
-from lmforge.config.paths import TOKENIZER_FILE
+from lmforge.config.paths import BASE_FILE, TOKENIZER_FILE
 from lmforge.config.rules import check_setting, check_vocab_size
 from lmforge.errors import LmforgeError
+from lmforge.tokenization.chunks import prepared_format
 from lmforge.tokenization.pretokenize import count_byte_level_pre_tokens, word_pre_tokenizer
 from lmforge.tokenization.tokenizer import (
     DEFAULT_EOT_TOKEN,
@@ -37,6 +38,7 @@ from lmforge.tokenization.tokenizer import (
     UNK_TOKEN,
     Encoder,
     eot_token_id,
+    load_tokenizer,
     save_tokenizer,
 )
 
@@ -349,6 +351,13 @@ def vocab_stage(cfg: Any) -> dict:
     check_writable(("paths.vocab", Path(cfg.paths.vocab) / TOKENIZER_FILE),
                    ("paths.reports", Path(cfg.paths.reports) / "vocab.json"))
     prepared = Path(cfg.paths.prepared)
+    if cfg.get("finetune") is not None and cfg.finetune.get("base"):
+        return _adopt_base(cfg, prepared)
+    # A fine-tune's or a chat run's files, from an earlier run of this directory by hand.
+    for stale in (BASE_FILE, "tokenizer_config.json", "chat_template.jinja", "chat.json"):
+        (Path(cfg.paths.vocab) / stale).unlink(missing_ok=True)
+    if prepared_format(prepared) != "text":
+        return _records_vocab(cfg, prepared)
     if not (prepared / "train.txt").is_file():
         raise LmforgeError(f"{prepared / 'train.txt'} not found; run the prepare stage first (dvc repro prepare).")
     train_bytes = _int_value(cfg.tokenizer, "train_bytes", 0)
@@ -361,6 +370,72 @@ def vocab_stage(cfg: Any) -> dict:
     write_json(Path(cfg.paths.reports) / "vocab.json", metrics)
     print(vocab_line(metrics))
     return metrics
+
+
+def _adopt_base(cfg: Any, prepared: Path) -> dict:
+    """The vocab stage of a fine-tune: the base's own tokenizer (``tokenizer.*`` do not apply),
+    with ``base.json`` naming the base's exact files (``lmforge.tokenization.base``); for chat
+    records, the base's chat template, or ChatML with its tokens added (``lmforge.tokenization.chat``)."""
+    from lmforge.outputs import write_json
+    from lmforge.tokenization.base import adopt_tokenizer, base_setting, resolve_base
+    from lmforge.tokenization.chat import save_chat, template_for
+    from lmforge.tokenization.chunks import iter_pieces, iter_records
+
+    base = resolve_base(*base_setting(cfg))
+    vocab = Path(cfg.paths.vocab)
+    adopt_tokenizer(base, vocab)
+    tokenizer = load_tokenizer(vocab / "tokenizer.json")
+    fmt = prepared_format(prepared)
+    val = iter_pieces(prepared / "val.txt") if fmt == "text" else record_texts(iter_records(prepared, "val"))
+    metrics = {"kind": "base", "base": base.ref, "revision": base.revision, "requested_vocab_size": None,
+               **vocab_metrics(tokenizer, val)}
+    for stale in ("chat_template.jinja", "chat.json"):
+        (vocab / stale).unlink(missing_ok=True)
+    if fmt == "chat":
+        template = template_for(tokenizer, base.path)  # the base's own, else ChatML with its tokens added
+        metrics["added_tokens"] = list(template.added_tokens)
+        metrics["vocab_size"] = tokenizer.get_vocab_size(with_added_tokens=True)
+        save_chat(vocab, template)
+        if template.added_tokens:
+            save_tokenizer(tokenizer, vocab / "tokenizer.json")
+    write_json(Path(cfg.paths.reports) / "vocab.json", metrics)
+    print(f"vocab: the tokenizer of finetune.base={base.ref}" + (f" at {base.revision}" if base.revision else "")
+          + f", {metrics['vocab_size']:,} tokens, {metrics['bytes_per_token']:.2f} bytes per token on val")
+    return metrics
+
+
+def _records_vocab(cfg: Any, prepared: Path) -> dict:
+    """data.format=chat|prompt_completion: a tokenizer built from the records' text, ChatML's tokens
+    added for chat, and the template saved beside it (``lmforge.tokenization.chat``)."""
+    from lmforge.outputs import write_json
+    from lmforge.tokenization.chat import save_chat, template_for
+    from lmforge.tokenization.chunks import iter_records
+
+    fmt = prepared_format(prepared)
+    tokenizer = build_tokenizer(cfg.tokenizer, record_texts(iter_records(prepared, "train")))
+    eot_token_id(tokenizer, cfg.tokenizer.eot_token)
+    vocab = Path(cfg.paths.vocab)
+    metrics = {"kind": cfg.tokenizer.kind, "requested_vocab_size": cfg.tokenizer.get("vocab_size"),
+               **vocab_metrics(tokenizer, record_texts(iter_records(prepared, "val")))}
+    if fmt == "chat":
+        template = template_for(tokenizer)  # a tokenizer built here has no template: ChatML
+        metrics["added_tokens"] = template.added_tokens
+        metrics["vocab_size"] = tokenizer.get_vocab_size(with_added_tokens=True)
+        save_chat(vocab, template)
+    save_tokenizer(tokenizer, vocab / "tokenizer.json")
+    write_json(Path(cfg.paths.reports) / "vocab.json", metrics)
+    print(vocab_line(metrics))
+    return metrics
+
+
+def record_texts(records: Iterable[dict]) -> Iterator[str]:
+    """The text of prepared records a vocabulary is built from: each message with its role's name
+    (the template writes it) or the prompt and completion."""
+    for record in records:
+        if "messages" in record:
+            yield "".join(f"{m['role']}\n{m['content']}\n" for m in record["messages"])
+        else:
+            yield record["prompt"] + record["completion"]
 
 
 def vocab_line(metrics: dict) -> str:

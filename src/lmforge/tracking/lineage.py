@@ -205,6 +205,10 @@ def describe_run(run_id: str, tracking_uri: str) -> str:
             lines.append(f"  {role:16} (not recorded)")
     if "lmforge.hashes_from" in tags:
         lines.append(f"  hashes from      {tags['lmforge.hashes_from']}")
+    if "lmforge.base.ref" in tags:  # a fine-tune: the base model it started from (finetune.base)
+        at = f" at {tags['lmforge.base.revision']}" if tags.get("lmforge.base.revision") else ""
+        lines.append(f"  base model       {tags['lmforge.base.ref']}{at} ({tags.get('lmforge.base.kind', '?')}, "
+                     f"{tags.get('lmforge.base.source', '?')}; files sha256 {tags.get('lmforge.base.files_sha256')})")
     attempts = int(tags.get(ATTEMPTS_TAG, "1"))
     if attempts > 1:
         lines.append(f"attempts         {attempts} (the run was continued after an interruption)")

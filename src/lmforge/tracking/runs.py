@@ -295,14 +295,14 @@ class TrainingRun:
 
 
 def reported_counts(reports_dir: str | Path) -> dict[str, float]:
-    """The numbers in ``reports/prepare.json`` and ``reports/vocab.json`` (when present), for MLflow.
-
-    Keys are ``prepare/<count>`` and ``vocab/<metric>``, e.g. ``prepare/duplicates``.
+    """The numbers in ``reports/prepare.json``, ``vocab.json`` and ``tokenize.json`` (when present), for
+    MLflow. Keys are ``prepare/<count>``, ``vocab/<metric>`` and ``tokenize/<count>``, e.g.
+    ``prepare/duplicates`` or, for chat records, ``tokenize/train_truncated``.
     """
     import json
 
     counts = {}
-    for stage in ("prepare", "vocab"):
+    for stage in ("prepare", "vocab", "tokenize"):
         path = Path(reports_dir) / f"{stage}.json"
         if path.is_file():
             for key, value in json.loads(path.read_text(encoding="utf-8")).items():

@@ -35,3 +35,39 @@ def check_global_batch(cfg: DictConfig) -> None:
     t = cfg.train
     if not isinstance(cfg.trainer.devices, int):
         accumulation_steps(t.global_batch_tokens, int(t.batch_size), int(cfg.model.block_size), 1)
+
+
+def check_finetune(cfg: DictConfig) -> None:
+    """``finetune.*``: a method, embeddings setting and LoRA targets of ours; LoRA with FSDP is refused
+    (the adapters are injected into whole layers, which FSDP shards)."""
+    from lmforge.training.lora import check_lora_settings
+
+    finetune = cfg.get("finetune")
+    if finetune is None:
+        return
+    check_lora_settings(finetune)
+    if finetune.get("base") and finetune.method == "lora" and "fsdp" in str(cfg.trainer.strategy):
+        raise LmforgeError("finetune.method=lora is not supported with trainer.strategy=fsdp; use trainer=ddp "
+                           "(the frozen base is replicated, only the adapters' gradients are exchanged).")
+    from pathlib import Path
+
+    from lmforge.training.finetune import base_summary
+
+    if finetune.get("base") and Path(str(finetune.base)).expanduser().resolve() in (
+            Path(str(cfg.paths.model)).resolve(), Path(str(cfg.paths.checkpoints)).resolve()):
+        raise LmforgeError(f"finetune.base={finetune.base} is where the train stage writes its model, which the "
+                           "pipeline replaces; copy it elsewhere first (cp -r models/gpt bases/mine) and name "
+                           "that copy.")
+
+    base = base_summary(cfg)  # a local base: its context bounds the training window now, not at train time
+    if base is not None and int(cfg.model.block_size) > base[0].block_size:
+        raise LmforgeError(f"model.block_size={cfg.model.block_size} is longer than the context of finetune.base="
+                           f"{finetune.base} ({base[0].block_size} tokens); set model.block_size to at most "
+                           f"{base[0].block_size}.")
+    if finetune.get("base") and cfg.train.get("init_from"):
+        raise LmforgeError(f"train.init_from={cfg.train.init_from} and finetune.base={finetune.base} both name weights "
+                           "to start from; keep finetune.base (it also brings the tokenizer and architecture) and "
+                           "set train.init_from=null.")
+    if not finetune.get("base") and finetune.method == "lora":
+        raise LmforgeError("finetune.method=lora needs a base to adapt; set finetune.base (a model directory, "
+                           "a transformers directory or a Hub id), or finetune.method=full.")

@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lmforge.model.gpt import GPT, GPTConfig
+from lmforge.training.lora import trainable_names
 from lmforge.training.optim import FUSED_ADAMW_DEVICES, build_optimizer, lr_at, lr_factor
 
 
@@ -47,9 +48,11 @@ class LitGPT(L.LightningModule):
         self._val_sum: torch.Tensor | None = None
         self._val_batches = 0
         self.metrics_log = None  # a tracking.MetricsLog on rank 0 (set by the stage), else None
+        self.base = None  # a fine-tune's base (lmforge.interop.base.Base), set by the stage
+        self.lora_lr = None  # LoRA: AdamW's peak rate for the adapters (training.optim), set by the stage
 
-    def forward(self, idx, targets=None):
-        return self.model(idx, targets)
+    def forward(self, idx, targets=None, segments=None):
+        return self.model(idx, targets, segments=segments)
 
     @property
     def mid_step(self) -> bool:
@@ -57,8 +60,7 @@ class LitGPT(L.LightningModule):
         return self._micro_batches != 0
 
     def training_step(self, batch, batch_idx):
-        x, y = batch
-        _, loss = self.model(x, y)
+        _, loss = self.model(*batch[:2], segments=batch[2] if len(batch) > 2 else None)
         detached = loss.detach()
         self._loss_sum = detached if self._micro_batches == 0 else self._loss_sum + detached
         self._micro_batches += 1
@@ -94,8 +96,8 @@ class LitGPT(L.LightningModule):
         self._val_sum, self._val_batches = None, 0
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        _, loss = self.model(x, y)
+        # Packed records (x, y, segments): y is -100 but for assistant tokens, so only they count.
+        _, loss = self.model(*batch[:2], segments=batch[2] if len(batch) > 2 else None)
         self._val_sum = loss.detach() if self._val_sum is None else self._val_sum + loss.detach()
         self._val_batches += 1
 
@@ -117,7 +119,7 @@ class LitGPT(L.LightningModule):
         # With fp16 loss scaling Lightning unscales the gradients before clipping them, which an
         # optimizer that unscales inside its fused step does not allow.
         fused = self.device.type in FUSED_ADAMW_DEVICES and self.trainer.precision != "16-mixed"
-        optimizer = build_optimizer(self.model, self.opt_cfg, fused=fused)
+        optimizer = build_optimizer(self.model, self.opt_cfg, fused=fused, lora_lr=self.lora_lr)
         # A plain function, not a callable object: LambdaLR then saves no pickled code in checkpoints.
         schedule = lambda step: lr_factor(step, self.opt_cfg, self.max_steps)  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -143,6 +145,14 @@ class LitGPT(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # raises before a NaN-poisoned state is written
         checkpoint.setdefault("lmforge", {})["history"] = self.history
+        if self.frozen_base:  # LoRA: the adapters (and what else trains); the base is rebuilt from its files
+            keep = trainable_names(self.model, "model.")
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    @property
+    def frozen_base(self) -> bool:
+        """Whether part of the model does not train (LoRA): checkpoints then hold only what trains."""
+        return any(not p.requires_grad for p in self.model.parameters())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.history = checkpoint.get("lmforge", {}).get("history", {"train": [], "val": []})

@@ -54,24 +54,33 @@ def adamw_groups(params: list[torch.nn.Parameter], matrices: set[int], weight_de
     ]
 
 
-def build_optimizer(model: GPT, opt_cfg, fused: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(model: GPT, opt_cfg, fused: bool = False, lora_lr: float | None = None) -> torch.optim.Optimizer:
     """The optimizer ``optimizer.name`` names, for ``model``.
 
     ``adamw``: AdamW over everything (decay on matrices only). ``muon``: Muon (``training.muon``) on the
     2-D weight matrices inside the transformer blocks, AdamW on embeddings, head, gains and biases.
     ``fused``: the fused AdamW kernel (CUDA and CPU). Parameters are told apart by the layer that
     owns them, not by their shape, which FSDP flattens.
+
+    LoRA's adapter factors (``.lora_`` in their name; only they and perhaps the embeddings train)
+    are AdamW's at ``lora_lr``, never Muon's: Muon orthogonalises a full matrix's update, and each
+    factor is a thin rank-r matrix whose update Muon would scale by sqrt(rows / r), far from the
+    step its product needs. Without a 2-D block matrix that trains, Muon has nothing: AdamW alone.
     """
     if opt_cfg.name not in OPTIMIZERS:
         raise LmforgeError(f"optimizer.name='{opt_cfg.name}' is not one of {', '.join(OPTIMIZERS)}.")
     adamw = dict(lr=float(opt_cfg.lr), betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps))
     if fused:
         adamw["fused"] = True
-    params = [p for p in model.parameters() if p.requires_grad]
+    lora = [p for name, p in model.named_parameters() if ".lora_" in name and p.requires_grad]
+    lora_ids = {id(p) for p in lora}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in lora_ids]
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
-    if opt_cfg.name == "adamw":
-        return torch.optim.AdamW(adamw_groups(params, matrices, float(opt_cfg.weight_decay)), **adamw)
+    lora_groups = [{"params": lora, "weight_decay": 0.0, "lr": float(lora_lr or opt_cfg.lr)}] if lora else []
     hidden = {id(m.weight) for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear)}
+    if opt_cfg.name == "adamw" or not any(id(p) in hidden for p in params):
+        groups = [g for g in adamw_groups(params, matrices, float(opt_cfg.weight_decay)) if g["params"]]
+        return torch.optim.AdamW(groups + lora_groups, **adamw)
     muon = Muon(  # torch.optim.Muon, orthogonalising in the device's native dtype (lmforge.hardware)
         [p for p in params if id(p) in hidden],
         ns_dtype=hardware.muon_dtype(params[0].device),
@@ -82,7 +91,8 @@ def build_optimizer(model: GPT, opt_cfg, fused: bool = False) -> torch.optim.Opt
         adjust_lr_fn=opt_cfg.muon_adjust_lr,
     )
     rest = [p for p in params if id(p) not in hidden]
-    return MuonWithAdamW(muon, torch.optim.AdamW(adamw_groups(rest, matrices, float(opt_cfg.weight_decay)), **adamw))
+    groups = [g for g in adamw_groups(rest, matrices, float(opt_cfg.weight_decay)) if g["params"]]
+    return MuonWithAdamW(muon, torch.optim.AdamW(groups + lora_groups, **adamw))
 
 
 class MuonWithAdamW(torch.optim.Optimizer):

@@ -43,6 +43,8 @@ def config_fingerprint(cfg, index: dict) -> str:
         "tokens": {"tokenizer_sha256": index.get("tokenizer_sha256"), "vocab_size": index["vocab_size"],
                    "splits": {s: v["tokens"] for s, v in index["splits"].items()}},
     }
+    if cfg.get("finetune") is not None and cfg.finetune.get("base"):  # its base and method too
+        identity["finetune"] = OmegaConf.to_container(cfg.finetune, resolve=True)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

@@ -23,11 +23,13 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
-from lmforge.config.paths import TOKENIZER_FILE
+from lmforge.config.paths import BASE_FILE, TOKENIZER_FILE
 from lmforge.errors import LmforgeError
 from lmforge.model.gpt import GPT, Block, GPTConfig
 from lmforge.outputs import check_writable, watched
+from lmforge.tokenization.base import read_record
 from lmforge.tokenization.shards import read_index
+from lmforge.tokenization.tokenizer import vocab_eot_token
 from lmforge.tracking.runs import TrainingRun
 from lmforge.training.callbacks import (
     AtomicCheckpointIO,
@@ -39,6 +41,7 @@ from lmforge.training.callbacks import (
     Throughput,
     TrainingInterrupted,
 )
+from lmforge.training.lora import has_lora, merged_state_dict, trainable_counts
 from lmforge.training.module import LitGPT, NonFiniteLoss
 from lmforge.training.optim import accumulation_steps
 from lmforge.training.resume import (
@@ -138,16 +141,35 @@ def model_config_for(cfg, vocab_size: int) -> dict:
 
 def _lightning_module(cfg, index: dict) -> LitGPT:
     """The LitGPT of ``cfg.model`` at the token files' vocabulary size, from ``train.init_from``'s
-    weights when set (fine-tuning a model directory of the same architecture)."""
+    weights when set (fine-tuning a model directory of the same architecture); with
+    ``finetune.base``, the base's architecture and weights, and LoRA adapters for ``finetune.method=lora``."""
+    from lmforge.training.finetune import base_start, init_from_base, model_config_from_base
+
     t = cfg.train
-    lit = LitGPT(model_config_for(cfg, index["vocab_size"]), OmegaConf.to_container(cfg.optimizer, resolve=True),
-                 int(t.max_steps), int(t.log_every))
-    if t.init_from:
+    start = base_start(cfg)
+    config = model_config_for(cfg, index["vocab_size"]) if start is None else \
+        model_config_from_base(cfg, start, index["vocab_size"])
+    lit = LitGPT(config, OmegaConf.to_container(cfg.optimizer, resolve=True), int(t.max_steps), int(t.log_every))
+    if start is not None:
+        init_from_base(lit.model, start)
+        lit.base = start.base
+        if cfg.finetune.method == "lora":
+            from lmforge.training.lora import apply_lora
+
+            apply_lora(lit.model, cfg.finetune, start.added_tokens)
+            lit.lora_lr = float(cfg.finetune.lora.lr)
+            lit.strict_loading = False  # its checkpoints hold only what trains (LitGPT.on_save_checkpoint)
+    elif t.init_from:
         from lmforge.model.directory import init_from_model_dir
 
         init_from_model_dir(lit.model, t.init_from, Path(cfg.paths.vocab) / TOKENIZER_FILE)
     n_params, flops = lit.model.num_params(), lit.model.flops_per_token()
-    rank_zero_only(print)(f"model: {n_params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOP per token (training)")
+    line = f"model: {n_params / 1e6:.2f}M parameters, {flops / 1e6:.1f} MFLOP per token (training)"
+    if start is not None:
+        trainable, total = trainable_counts(lit.model)
+        line += (f"; fine-tuning {start.base.ref} ({cfg.finetune.method}): {trainable:,} of {total:,} parameters "
+                 f"train ({trainable / total:.2%})")
+    rank_zero_only(print)(line)
     return lit
 
 
@@ -163,6 +185,8 @@ def _open_run(cfg, lit: LitGPT, record: dict | None, fingerprint: str, choices: 
     # In a sweep, the DVC experiment name is what `dvc exp show` lists: the same name in the UI.
     run_name = cfg.tracking.run_name or lineage.dvc_experiment() or f"{Path(cfg.paths.model).name}-{cfg.tokenizer.kind}"
     tags = lineage.run_tags(cfg)
+    if lit.base is not None:
+        tags.update(lit.base.tags())
     run = TrainingRun.open(cfg.tracking, run_name, tags, record)
     lit.metrics_log = run.metrics
     params = {**flat_params(cfg), **choices}
@@ -176,7 +200,9 @@ def _open_run(cfg, lit: LitGPT, record: dict | None, fingerprint: str, choices: 
         if record is None:  # before run.json names the new run: see find_resume_point
             start_afresh(checkpoints, str(cfg.train.resume), fingerprint)
         # The corpus and vocabulary counts (prepare's and vocab's DVC metrics) belong on the run too.
-        model = {"model/parameters": lit.model.num_params(), "model/flops_per_token": lit.model.flops_per_token()}
+        trainable, total = trainable_counts(lit.model)
+        model = {"model/parameters": lit.model.num_params(), "model/flops_per_token": lit.model.flops_per_token(),
+                 "model/trainable_parameters": trainable, "model/trainable_fraction": trainable / total}
         run.log_start(params, {**model, **reported_counts(cfg.paths.reports)})
     write_json(checkpoints / RUN_FILE, {**run.info, "run_name": run_name, "fingerprint": fingerprint,
                                         "precision": choices["hardware.precision"],
@@ -285,13 +311,22 @@ def _write_model_dir(cfg, trainer: L.Trainer, lit: LitGPT, index: dict, run: Tra
     if trainer.global_rank != 0:
         return out
     model = GPT(lit.model.config)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})  # as float32
-    tokenizer_meta = {"kind": cfg.tokenizer.kind, "eot_token": cfg.tokenizer.eot_token, "eot_id": index["eot_id"],
+    if has_lora(lit.model):  # the adapters merged: a plain model for generate, serve and export
+        model.load_state_dict(merged_state_dict(lit.model))
+    else:
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items()})  # as float32
+    kind = cfg.tokenizer.kind if lit.base is None else read_record(cfg.paths.vocab)["tokenizer_kind"]
+    tokenizer_meta = {"kind": kind, "eot_token": vocab_eot_token(cfg), "eot_id": index["eot_id"],
                       "sha256": index["tokenizer_sha256"]}
     training = {"steps": trainer.global_step, "tokens": trainer.global_step * throughput.tokens_per_step,
                 "tokens_per_second": throughput.tokens_per_second}
+    extra = {"training": training}
+    if lit.base is not None:
+        trainable, total = trainable_counts(lit.model)
+        extra["finetune"] = {"base": lit.base.record(), "method": cfg.finetune.method,
+                             "trainable_parameters": trainable, "parameters": total}
     save_model_dir(out, model, Path(cfg.paths.vocab) / TOKENIZER_FILE, tokenizer_meta, train_cfg=cfg,
-                   run=run.info, extra={"training": training}, write_more=_curves_writer(lit.history))
+                   run=run.info, extra=extra, write_more=_model_files_writer(cfg, lit))
     if cfg.tracking.log_model:
         from lmforge.serving.pyfunc import log_pyfunc_model
         from lmforge.tracking.runs import log_to_run
@@ -302,6 +337,29 @@ def _write_model_dir(cfg, trainer: L.Trainer, lit: LitGPT, index: dict, run: Tra
 
 
 # --- small pieces -------------------------------------------------------------------------------
+
+
+def _model_files_writer(cfg, lit: LitGPT):
+    """Curves; for a fine-tune its base's record (``base.json``), and LoRA's adapters in PEFT's format."""
+    curves = _curves_writer(lit.history)
+
+    def write(model_dir: Path) -> None:
+        from lmforge.outputs import write_json
+
+        curves(model_dir)
+        if lit.base is None:
+            return
+        write_json(model_dir / BASE_FILE, lit.base.record())
+        if has_lora(lit.model):
+            from safetensors.torch import save_file
+
+            from lmforge.config.paths import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+            from lmforge.training.lora import adapter_config, adapter_state_dict
+
+            save_file(adapter_state_dict(lit.model), str(model_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            write_json(model_dir / ADAPTER_CONFIG, adapter_config(cfg.finetune, lit.base.ref))
+
+    return write
 
 
 def _curves_writer(history: dict):
