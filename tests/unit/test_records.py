@@ -213,3 +213,20 @@ def test_a_model_without_template_chats_plain_and_refuses_unknown_characters(tmp
     assert chat.encoder.tokenizer.decode(ids) == "user good night\nassistant"  # ':' is not in its alphabet
     with pytest.raises(LmforgeError, match=r"outside the model's vocabulary \('Z'\)"):
         chat.prompt_ids([{"role": "user", "content": "Zed"}])
+
+
+def test_served_chat_messages_are_refused_over_the_limits_before_and_after_rendering(tmp_path):
+    from lmforge.inference.chat import model_chat
+    from lmforge.model.directory import load_model_dir
+    from lmforge.serving.limits import Limits
+    from lmforge.serving.protocol import ApiError, render_chat
+    from tests.helpers import make_model_dir
+
+    chat = model_chat(load_model_dir(make_model_dir(tmp_path / "m")))
+    say = [{"role": "user", "content": "good night " * 3}]
+    ids, name = render_chat(say, chat, Limits(max_prompt_tokens=100, max_prompt_chars=100, max_tokens=8))
+    assert name == "plain" and ids == chat.prompt_ids(say)
+    with pytest.raises(ApiError, match="33 characters; .* at most 20 .*--max-prompt-chars"):
+        render_chat(say, chat, Limits(max_prompt_tokens=100, max_prompt_chars=20, max_tokens=8))
+    with pytest.raises(ApiError, match=r"tokens; .* at most 10 .*--max-prompt-tokens"):
+        render_chat(say, chat, Limits(max_prompt_tokens=10, max_prompt_chars=100, max_tokens=8))
