@@ -230,3 +230,18 @@ def test_served_chat_messages_are_refused_over_the_limits_before_and_after_rende
         render_chat(say, chat, Limits(max_prompt_tokens=100, max_prompt_chars=20, max_tokens=8))
     with pytest.raises(ApiError, match=r"tokens; .* at most 10 .*--max-prompt-tokens"):
         render_chat(say, chat, Limits(max_prompt_tokens=10, max_prompt_chars=100, max_tokens=8))
+
+
+def test_a_template_that_is_not_incremental_masks_the_reply_content():
+    from tokenizers import Tokenizer, models
+
+    from lmforge.tokenization.chat import ChatEncoder, ChatTemplate
+
+    # The generation prompt differs from what a finished turn renders (as with "thinking" templates).
+    source = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+              "{% if add_generation_prompt %}[assistant]think:{% endif %}")
+    alphabet = sorted(set("[]userasitnkh:Hiyo!"))
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    encoder = ChatEncoder(tokenizer, ChatTemplate(source))
+    ids, mask = encoder.encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yo!"}])
+    assert "".join(alphabet[i] for i, m in zip(ids, mask) if m) == "yo!"
