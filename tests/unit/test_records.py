@@ -245,3 +245,16 @@ def test_a_template_that_is_not_incremental_masks_the_reply_content():
     encoder = ChatEncoder(tokenizer, ChatTemplate(source))
     ids, mask = encoder.encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yo!"}])
     assert "".join(alphabet[i] for i, m in zip(ids, mask) if m) == "yo!"
+
+
+def test_an_opening_assistant_message_counts_without_its_header():
+    from tokenizers import Tokenizer, models
+
+    from lmforge.tokenization.chat import CHATML_TOKENS, ChatEncoder, chatml
+
+    alphabet = sorted(set("userasitnHlo!\n")) + list(CHATML_TOKENS)
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.add_special_tokens(list(CHATML_TOKENS))
+    ids, mask = ChatEncoder(tokenizer, chatml()).encode([{"role": "assistant", "content": "Hello!"},
+                                                         {"role": "user", "content": "Hi"}])
+    assert "".join(alphabet[i] for i, m in zip(ids, mask) if m) == "Hello!<|im_end|>\n"

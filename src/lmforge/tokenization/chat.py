@@ -139,7 +139,7 @@ def assistant_spans(template: ChatTemplate, messages: list[dict], text: str) -> 
         if message["role"] != "assistant":
             continue
         try:
-            header = template.text(messages[:i], True) if i else ""
+            header = template.text(messages[:i], True)  # the assistant's header included
             through = template.text(messages[: i + 1], False)
             if not (text.startswith(header) and text.startswith(through) and len(header) <= len(through)):
                 raise ValueError
