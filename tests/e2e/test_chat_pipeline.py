@@ -14,10 +14,10 @@ from tests.integration.test_chat import write_chat_data
 
 @pytest.mark.slow
 def test_dvc_repro_runs_a_chat_pipeline_and_is_then_up_to_date(tmp_path):
-    project = copy_project(tmp_path / "project", [*TINY_PIPELINE, "model.block_size=128", "data.format=chat",
-                                                  "data.dedupe=false",
-                                                  "data.sources=[chat.jsonl]", "data.skip_bad_records=true",
-                                                  "evaluate.chat_prompts=[What is the color of the sky?]"])
+    overrides = [*TINY_PIPELINE, "model.block_size=128", "data.format=chat", "data.dedupe=false",
+                 "data.sources=[chat.jsonl]", "data.skip_bad_records=true",
+                 "evaluate.chat_prompts=[What is the color of the sky?]"]
+    project = copy_project(tmp_path / "project", overrides)
     write_chat_data(project / "chat.jsonl")
     commit_all(project, "chat data")
     run_command(["dvc", "repro"], project)

@@ -260,3 +260,23 @@ def test_the_ray_engine_without_ray_installed_is_one_sentence(tmp_path, monkeypa
                        match=r"^data.engine=ray needs the `ray` extra: pip install 'lmforge\[ray\]' "
                              r"\(or set data.engine=local\)$"):
         open_engine(_cfg(tmp_path, [], "data.engine=ray").data, len, "prepare")
+
+
+@pytest.mark.slow
+def test_chat_records_pack_to_the_same_bytes_in_process_in_a_pool_and_on_ray(local_ray, tmp_path, monkeypatch):
+    from lmforge.tokenization import records
+    from tests.integration.test_chat import write_chat_data
+
+    data = write_chat_data(tmp_path / "chat.jsonl")
+    chat = ("data.format=chat", "data.skip_bad_records=true", "model.block_size=64", "data.shard_size=500")
+    alone = _cfg(tmp_path / "alone", [data], *chat)
+    prepare_stage(alone)
+    vocab_stage(alone)
+    tokenize_stage(alone)
+    monkeypatch.setattr(records, "_BATCH_RECORDS", 5)
+    monkeypatch.setattr(records, "_PARALLEL_MIN_BYTES", 0)
+    for engine in ("local", "ray"):
+        cfg = _cfg(tmp_path / engine, [data], *chat, f"data.engine={engine}", "data.workers=2")
+        cfg.paths.prepared, cfg.paths.vocab = alone.paths.prepared, alone.paths.vocab
+        tokenize_stage(cfg)
+        assert _tree(tmp_path / engine / "tokens") == _tree(tmp_path / "alone" / "tokens"), engine

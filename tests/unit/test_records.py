@@ -213,3 +213,48 @@ def test_a_model_without_template_chats_plain_and_refuses_unknown_characters(tmp
     assert chat.encoder.tokenizer.decode(ids) == "user good night\nassistant"  # ':' is not in its alphabet
     with pytest.raises(LmforgeError, match=r"outside the model's vocabulary \('Z'\)"):
         chat.prompt_ids([{"role": "user", "content": "Zed"}])
+
+
+def test_served_chat_messages_are_refused_over_the_limits_before_and_after_rendering(tmp_path):
+    from lmforge.inference.chat import model_chat
+    from lmforge.model.directory import load_model_dir
+    from lmforge.serving.limits import Limits
+    from lmforge.serving.protocol import ApiError, render_chat
+    from tests.helpers import make_model_dir
+
+    chat = model_chat(load_model_dir(make_model_dir(tmp_path / "m")))
+    say = [{"role": "user", "content": "good night " * 3}]
+    ids, name = render_chat(say, chat, Limits(max_prompt_tokens=100, max_prompt_chars=100, max_tokens=8))
+    assert name == "plain" and ids == chat.prompt_ids(say)
+    with pytest.raises(ApiError, match="33 characters; .* at most 20 .*--max-prompt-chars"):
+        render_chat(say, chat, Limits(max_prompt_tokens=100, max_prompt_chars=20, max_tokens=8))
+    with pytest.raises(ApiError, match=r"tokens; .* at most 10 .*--max-prompt-tokens"):
+        render_chat(say, chat, Limits(max_prompt_tokens=10, max_prompt_chars=100, max_tokens=8))
+
+
+def test_a_template_that_is_not_incremental_masks_the_reply_content():
+    from tokenizers import Tokenizer, models
+
+    from lmforge.tokenization.chat import ChatEncoder, ChatTemplate
+
+    # The generation prompt differs from what a finished turn renders (as with "thinking" templates).
+    source = ("{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+              "{% if add_generation_prompt %}[assistant]think:{% endif %}")
+    alphabet = sorted(set("[]userasitnkh:Hiyo!"))
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    encoder = ChatEncoder(tokenizer, ChatTemplate(source))
+    ids, mask = encoder.encode([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "yo!"}])
+    assert "".join(alphabet[i] for i, m in zip(ids, mask) if m) == "yo!"
+
+
+def test_an_opening_assistant_message_counts_without_its_header():
+    from tokenizers import Tokenizer, models
+
+    from lmforge.tokenization.chat import CHATML_TOKENS, ChatEncoder, chatml
+
+    alphabet = sorted(set("userasitnHlo!\n")) + list(CHATML_TOKENS)
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.add_special_tokens(list(CHATML_TOKENS))
+    ids, mask = ChatEncoder(tokenizer, chatml()).encode([{"role": "assistant", "content": "Hello!"},
+                                                         {"role": "user", "content": "Hi"}])
+    assert "".join(alphabet[i] for i, m in zip(ids, mask) if m) == "Hello!<|im_end|>\n"

@@ -110,7 +110,7 @@ def parse_ask(body, kind: str, model_name: str, limits: Limits, chat, vocab_size
         _completion_fields(ask, body, limits, vocab_size)
         default_max = 16  # OpenAI's default for completions
     else:
-        _chat_fields(ask, body, chat)
+        _chat_fields(ask, body, chat, limits)
         default_max = limits.max_tokens
         if body.get("max_completion_tokens") is not None:
             body = {**body, "max_tokens": body["max_completion_tokens"]}
@@ -134,7 +134,7 @@ def _completion_fields(ask: Ask, body: dict, limits: Limits, vocab_size: int) ->
             raise bad("best_of", "'best_of' cannot be used with 'stream': the best samples are known only at the end.")
 
 
-def _chat_fields(ask: Ask, body: dict, chat) -> None:
+def _chat_fields(ask: Ask, body: dict, chat, limits: Limits) -> None:
     ask.logprobs = _bool(body, "logprobs")
     top = body.get("top_logprobs")
     if top is not None:
@@ -143,7 +143,7 @@ def _chat_fields(ask: Ask, body: dict, chat) -> None:
         if top and not ask.logprobs:
             raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true.")
         ask.top_logprobs = top
-    ids, ask.chat_template = render_chat(body.get("messages"), chat)
+    ids, ask.chat_template = render_chat(body.get("messages"), chat, limits)
     ask.prompts = [ids]
     ask.stop.extend(chat.stop)
     ask.stop_ids = tuple(chat.stop_ids)
@@ -243,9 +243,10 @@ def _bool(body: dict, name: str) -> bool:
     return value
 
 
-def render_chat(messages, chat) -> tuple[list[int], str]:
+def render_chat(messages, chat, limits: Limits | None = None) -> tuple[list[int], str]:
     """The prompt ids for chat ``messages`` with ``chat`` (the model's ``lmforge.inference.chat.ModelChat``,
-    the rendering training used) and the template's name ("model" or "plain"); ApiError naming the bad field."""
+    the rendering training used) and the template's name ("model" or "plain"); ApiError naming the bad
+    field, or the limit (``limits``: --max-prompt-chars before rendering, --max-prompt-tokens after)."""
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty list of {\"role\", \"content\"} objects.")
     plain = []
@@ -260,7 +261,17 @@ def render_chat(messages, chat) -> tuple[list[int], str]:
         if not isinstance(content, str):
             raise bad(f"messages[{i}].content", f"messages[{i}].content must be a string.")
         plain.append({"role": message["role"], "content": content})
+    chars = sum(len(m["content"]) for m in plain)
+    if limits is not None and chars > limits.max_prompt_chars:
+        raise ApiError(400, f"the messages have {chars} characters; this server accepts at most "
+                       f"{limits.max_prompt_chars} (lmforge serve --max-prompt-chars).", param="messages",
+                       code="context_length_exceeded")
     try:
-        return chat.prompt_ids(plain), chat.name
+        ids = chat.prompt_ids(plain)
     except LmforgeError as err:  # a template error is about the model directory, but the request can't be served
         raise ApiError(400, f"the model's chat template failed on these messages: {err}", param="messages") from None
+    if limits is not None and len(ids) > limits.max_prompt_tokens:
+        raise ApiError(400, f"the messages are {len(ids)} tokens; this server accepts at most "
+                       f"{limits.max_prompt_tokens} (lmforge serve --max-prompt-tokens).", param="messages",
+                       code="context_length_exceeded")
+    return ids, chat.name

@@ -139,10 +139,11 @@ def assistant_spans(template: ChatTemplate, messages: list[dict], text: str) -> 
         if message["role"] != "assistant":
             continue
         try:
-            start = len(template.text(messages[:i], True)) if i else 0
-            end = len(template.text(messages[: i + 1], False))
-            if not (text.startswith(template.text(messages[: i + 1], False)) and start <= end):
+            header = template.text(messages[:i], True)  # the assistant's header included
+            through = template.text(messages[: i + 1], False)
+            if not (text.startswith(header) and text.startswith(through) and len(header) <= len(through)):
                 raise ValueError
+            start, end = len(header), len(through)
         except (LmforgeError, ValueError):  # not incremental: the content's own span
             start = text.find(message["content"], searched)
             if start < 0:

@@ -104,7 +104,7 @@ def tokenize_stage(cfg) -> dict:
 def _tokenize_records(cfg, fmt: str, tokenizer, tokenizer_path: Path, eot_id: int, dtype) -> dict:
     """data.format=chat|prompt_completion: packed rows and their flags (``lmforge.tokenization.packing``);
     the counts (records cut or dropped for length among them) also go to ``reports/tokenize.json``."""
-    from lmforge.tokenization.packing import tokenize_records
+    from lmforge.tokenization.records import tokenize_records
 
     report = Path(cfg.paths.reports) / "tokenize.json"
     index = {"dtype": dtype.name, "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True), "eot_id": eot_id,

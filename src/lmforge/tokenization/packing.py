@@ -1,13 +1,11 @@
-"""Records to packed rows: the tokenize stage's part for data.format=chat|prompt_completion, and
-the one reading of a packed row into inputs, targets and segments that training and evaluation share.
+"""Packed rows: records' ids and loss masks packed into rows of ``model.block_size + 1`` tokens, their
+flags on disk, and the one reading of a row into inputs, targets and segments that training and
+evaluation share. How records become ids is ``lmforge.tokenization.records``'.
 
-Each record becomes ids and a loss mask: a conversation through its chat template
-(``lmforge.tokenization.chat``: only assistant tokens count), a prompt-completion pair as the
-text ``prompt + completion`` and the end-of-text token (only the completion and that token count).
-Records are packed in order into rows of ``model.block_size + 1`` tokens: a record that does not
-fit in what is left of a row starts a new one, the rest of the row is padding (end-of-text ids
-that count for nothing). A record longer than a row is cut to one (``data.overlong=truncate``)
-or left out (``drop``); either way it is counted, and one left with no assistant token is dropped.
+Records are packed in order: a record that does not fit in what is left of a row starts a new one,
+the rest of the row is padding (end-of-text ids that count for nothing). A record longer than a
+row is cut to one (``data.overlong=truncate``) or left out (``drop``); either way it is counted, and
+one left with no assistant token is dropped.
 
 Beside each split's token shards, ``<split>-flags/`` holds one byte per token: ``LOSS`` (it is a
 target that counts) and ``START`` (the first token of a record, or of the padding). From them a
@@ -18,35 +16,18 @@ each record (``GPT.forward(segments=...)``), so packed records neither see nor s
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from lmforge.config.paths import SPLITS
-from lmforge.errors import LmforgeError
-from lmforge.tokenization.chat import ChatEncoder, chatml, load_chat
-from lmforge.tokenization.chunks import iter_records
 from lmforge.tokenization.shards import ShardWriter
 
 LOSS, START = 1, 2
-OVERLONG = ("truncate", "drop")
 FLAGS_DTYPE = np.dtype(np.uint8)
 
 
 def flags_dir(split: str) -> str:
     """The folder of a split's flag shards inside a tokens directory."""
     return f"{split}-flags"
-
-
-def record_ids(record: dict, fmt: str, tokenizer, chat: ChatEncoder | None, eot_id: int) -> tuple[list, list]:
-    """(ids, loss mask) of one prepared record of format ``fmt``."""
-    if fmt == "chat":
-        return chat.encode(record["messages"])
-    prompt = record["prompt"]
-    encoding = tokenizer.encode(prompt + record["completion"], add_special_tokens=False)
-    mask = [begin >= len(prompt) for begin, _ in encoding.offsets]
-    return list(encoding.ids) + [eot_id], mask + [True]
 
 
 class Packer:
@@ -100,42 +81,6 @@ class Packer:
         self.tokens.close()
         self.flags.close()
         return self.counts
-
-
-def record_template(vocab_dir: Path, tokenizer) -> object:
-    """The chat template of ``paths.vocab`` (``chat_template.jinja``), or ChatML where the tokenizer has its tokens."""
-    template = load_chat(vocab_dir)
-    if template is None:
-        if tokenizer.token_to_id("<|im_end|>") is None:
-            raise LmforgeError(f"{vocab_dir} has no chat template and its tokenizer lacks ChatML's tokens; "
-                               "rerun the vocab stage with data.format=chat (dvc repro vocab).")
-        template = chatml()
-    return template
-
-
-def tokenize_records(cfg, fmt: str, tokenizer, vocab_dir: Path, eot_id: int, dtype: np.dtype, out: Path,
-                     bar) -> dict:
-    """Encode and pack both prepared record splits into ``out``; return the index's split entries."""
-    overlong = str(cfg.data.get("overlong", "truncate"))
-    if overlong not in OVERLONG:
-        raise LmforgeError(f"data.overlong='{overlong}' is not one of {', '.join(OVERLONG)}.")
-    row_tokens = int(cfg.model.block_size) + 1
-    chat = ChatEncoder(tokenizer, record_template(vocab_dir, tokenizer), eot_id) if fmt == "chat" else None
-    splits = {}
-    for split in SPLITS:
-        shard_bytes = int(cfg.data.shard_size)
-        packer = Packer(ShardWriter(out / split, dtype, shard_bytes), ShardWriter(out / flags_dir(split), FLAGS_DTYPE,
-                        shard_bytes), row_tokens, eot_id, overlong)
-        for record in iter_records(cfg.paths.prepared, split):
-            packer.add(*record_ids(record, fmt, tokenizer, chat, eot_id))
-            bar.update(1)
-        counts = packer.finish()
-        if counts["rows"] == 0:
-            raise LmforgeError(f"no {split} record is left: all {counts['records']} were dropped ({counts['overlong']} "
-                               f"longer than model.block_size+1={row_tokens} tokens, with data.overlong={overlong}, "
-                               "and those cut to a row keep no assistant token); raise model.block_size.")
-        splits[split] = {**counts, "shards": packer.tokens.shards, "flag_shards": packer.flags.shards}
-    return splits
 
 
 def rows_to_batch(rows: np.ndarray, flags: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
