@@ -55,7 +55,7 @@ def test_embeddings_and_head_train_when_tokens_were_added():
 
 
 def test_the_adapters_go_to_adamw_never_muon():
-    muon = OmegaConf.create({"name": "muon", "lr": 1e-3, "min_lr": 1e-4, "weight_decay": 0.1, "betas": [0.9, 0.99],
+    muon = OmegaConf.create({"name": "muon", "lr": 1e-3, "min_lr_ratio": 0.1, "weight_decay": 0.1, "betas": [0.9, 0.99],
                              "eps": 1e-8, "muon_lr": 0.01, "muon_momentum": 0.95, "muon_weight_decay": 0.0,
                              "muon_adjust_lr": "original", "schedule": "cosine", "warmup_steps": 0})
     full = build_optimizer(model(), muon)
