@@ -43,10 +43,7 @@ def score_tokens(model, ids: np.ndarray | object, block_size: int, batch_size: i
             window = torch.from_numpy(read(s, length + 1))
             x[row, :length] = window[:-1]
             y[row, :length] = window[1:]
-        logits, _ = model(x.to(device))
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).view(-1),
-                               ignore_index=-100, reduction="sum")
-        total += float(loss)
+        total += _summed_loss(model, x, y, device)
         predicted += sum(lengths)
     return {"nats": total, "predicted": predicted, "tokens": n}
 
@@ -69,11 +66,16 @@ def score_packed(model, tokens, flags, row_tokens: int, batch_size: int = 64, ma
         chunk = starts[b : b + batch_size]
         x, y, segments = rows_to_batch(np.stack([tokens.read(s, row_tokens) for s in chunk]),
                                        np.stack([flags.read(s, row_tokens) for s in chunk]))
-        logits, _ = model(x.to(device), segments=segments.to(device))
-        total += float(F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).view(-1),
-                                       ignore_index=-100, reduction="sum"))
+        total += _summed_loss(model, x, y, device, segments=segments.to(device))
         predicted += int((y != -100).sum())
     return {"nats": total, "predicted": predicted, "tokens": len(tokens)}
+
+
+def _summed_loss(model, x: torch.Tensor, y: torch.Tensor, device, **forward) -> float:
+    """The summed cross-entropy of ``model`` on inputs ``x`` over the targets ``y`` that count (-100: none)."""
+    logits, _ = model(x.to(device), **forward)
+    return float(F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.to(device).view(-1),
+                                 ignore_index=-100, reduction="sum"))
 
 
 def summarise(score: dict, text_bytes: int) -> dict:
