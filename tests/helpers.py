@@ -296,3 +296,13 @@ def run_record(cfg) -> dict:
 
 def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     return run_command(cmd, cwd, check=check)
+
+
+def wait_until_healthy(proc: subprocess.Popen, url: str, tries: int = 300) -> None:
+    """Poll ``url``/health every 0.2 s until it answers 200; fail with the server's output if it exits."""
+    for _ in range(tries):
+        assert proc.poll() is None, proc.stdout.read()
+        with contextlib.suppress(OSError):
+            if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
+                return
+        time.sleep(0.2)

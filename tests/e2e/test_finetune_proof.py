@@ -6,19 +6,17 @@ temperature 0 through `lmforge serve`'s /v1/chat/completions: the full fine-tune
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from lmforge.config.compose import compose_config
-from tests.helpers import ROOT, free_port, run_pipeline, stop_process_group
+from tests.helpers import ROOT, free_port, run_pipeline, stop_process_group, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -55,12 +53,7 @@ def served_answers(model: Path, questions: list[str]) -> list[str]:
                             start_new_session=True)
     url, answers = f"http://127.0.0.1:{port}", []
     try:
-        for _ in range(600):
-            assert proc.poll() is None, proc.stdout.read()
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
-                    break
-            time.sleep(0.2)
+        wait_until_healthy(proc, url, tries=600)
         for question in questions:
             body = json.dumps({"model": "tuned", "messages": [{"role": "user", "content": question}],
                                "temperature": 0, "max_tokens": 16}).encode()

@@ -8,7 +8,6 @@ import contextlib
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from lmforge.tokenization.chat import CHATML_TEMPLATE, ChatEncoder, add_chatml_tokens, load_chat
-from tests.helpers import ROOT, free_port, stop_process_group
+from tests.helpers import ROOT, free_port, stop_process_group, wait_until_healthy
 
 TEXT = ["Hello there, how are you? I am fine. The king and the queen speak of love.\n" * 20]
 LLAMA2 = (
@@ -215,12 +214,7 @@ def test_generate_chat_and_serve_give_the_same_reply(chat_project):
                             start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
-            assert proc.poll() is None, proc.stdout.read()
-            with contextlib.suppress(OSError):
-                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
-                    break
-            time.sleep(0.2)
+        wait_until_healthy(proc, url)
         body = json.dumps({"model": "chat", "messages": ASK, "temperature": 0, "max_tokens": 12}).encode()
         request = urllib.request.Request(f"{url}/v1/chat/completions", body, {"Content-Type": "application/json"})
         answer = json.loads(urllib.request.urlopen(request, timeout=60).read())

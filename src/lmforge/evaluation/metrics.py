@@ -8,6 +8,7 @@ text those tokens encode, so models with different tokenizers compare.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -29,13 +30,9 @@ def score_tokens(model, ids: np.ndarray | object, block_size: int, batch_size: i
         raise LmforgeError("the evaluation text has fewer than 2 tokens; give it more text.")
     read = ids.read if hasattr(ids, "read") else (
         lambda start, length: np.asarray(ids[start : start + length], dtype=np.int64))
-    starts = list(range(0, n - 1, block_size))
-    if max_batches:
-        starts = starts[: max_batches * batch_size]
     total, predicted = 0.0, 0
     model.eval()
-    for b in range(0, len(starts), batch_size):
-        chunk = starts[b : b + batch_size]
+    for chunk in _batches(list(range(0, n - 1, block_size)), batch_size, max_batches):
         lengths = [min(block_size, n - 1 - s) for s in chunk]
         x = torch.full((len(chunk), block_size), 0, dtype=torch.long)
         y = torch.full((len(chunk), block_size), -100, dtype=torch.long)
@@ -56,19 +53,22 @@ def score_packed(model, tokens, flags, row_tokens: int, batch_size: int = 64, ma
     them. Returns ``score_tokens``' dict, ``predicted`` being the tokens that count."""
     from lmforge.tokenization.packing import rows_to_batch
 
-    rows = len(tokens) // row_tokens
-    starts = [r * row_tokens for r in range(rows)]
-    if max_batches:
-        starts = starts[: max_batches * batch_size]
     total, predicted = 0.0, 0
     model.eval()
-    for b in range(0, len(starts), batch_size):
-        chunk = starts[b : b + batch_size]
+    for chunk in _batches(list(range(0, len(tokens) // row_tokens * row_tokens, row_tokens)), batch_size, max_batches):
         x, y, segments = rows_to_batch(np.stack([tokens.read(s, row_tokens) for s in chunk]),
                                        np.stack([flags.read(s, row_tokens) for s in chunk]))
         total += _summed_loss(model, x, y, device, segments=segments.to(device))
         predicted += int((y != -100).sum())
     return {"nats": total, "predicted": predicted, "tokens": len(tokens)}
+
+
+def _batches(starts: list[int], batch_size: int, max_batches: int | None) -> Iterator[list[int]]:
+    """``starts`` in batches of ``batch_size``, only the first ``max_batches`` of them when set."""
+    if max_batches:
+        starts = starts[: max_batches * batch_size]
+    for b in range(0, len(starts), batch_size):
+        yield starts[b : b + batch_size]
 
 
 def _summed_loss(model, x: torch.Tensor, y: torch.Tensor, device, **forward) -> float:
