@@ -10,13 +10,24 @@ cost per step, measured afterwards for all recipes side by side (``--speed-steps
 round-robin, ``--speed-rounds`` times, in CPU seconds: on a machine shared with other work the
 wall time of runs made minutes apart does not compare, the CPU time of one thread does).
 
-    python benchmarks/recipes.py                       # every recipe below
-    python benchmarks/recipes.py llama-muon --set optimizer.muon_lr=0.04 --label llama-muon-lr0.04
+    python benchmarks/recipes.py                       # every recipe below, on the selection split
+    python benchmarks/recipes.py default --set optimizer.muon_lr=0.04 --label muon-lr0.04
 
-Results accumulate by label in ``benchmarks/results/recipes.json``, each with the machine block
-(``lmforge info``) it was trained on, which is printed first; the table printed at the end shows
-all of them, with the CPU capability each ran at (give runs on another CPU their own ``--label``).
-One run takes minutes of CPU: run them one at a time on a shared machine.
+A recipe is chosen on the **selection split**, never on the validation split it reports:
+``--split selection`` (the default) trains on the first 90% of the training tokens and scores the
+last 10% (the curve's estimates too); ``--split val`` trains on all of them and scores the
+validation split, for the figures of the recipe once chosen. ``--seeds`` trains each recipe once
+per seed; the table gives the mean and standard deviation over seeds.
+
+    python benchmarks/recipes.py default no-qk-norm no-muon-split no-wsd no-embedding-lr previous \
+        --seeds 1337 1 2 --speed-steps 0                               # the ablation of docs/benchmarks.md
+    python benchmarks/recipes.py default previous nanogpt --split val  # the figures it reports
+
+Results accumulate by label (``label@seed``) in ``benchmarks/results/recipes-<split>.json`` (or
+``--out``), each with the machine block (``lmforge info``) it was trained on, which is printed first;
+the table printed at the end shows all of them, with the CPU capability each ran at (give runs on
+another CPU their own ``--label``). One run takes minutes of CPU: on a 2-core machine run at most
+two at once, ``--threads 1`` each, each with its own ``--out`` (``--merge`` joins the files).
 """
 
 from __future__ import annotations
@@ -34,6 +45,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT_FINAL_LOSS = 1.78  # nanoGPT's baby recipe on these plays (../shared/NOTES.md: 1.793 estimate)
 
+# The default before the ablation below (session of 2026-12-05): baby-llama without QK-norm, Muon on
+# fused matrices, cosine to 0.1, one AdamW rate.
+PREVIOUS = ["model.qk_norm=false", "optimizer.muon_split=false", "optimizer.schedule=cosine",
+            "optimizer.cooldown_fraction=0.0", "optimizer.min_lr_ratio=0.1", "optimizer.embedding_lr=null"]
 # name -> (what it is, overrides on top of conf/ with its defaults)
 RECIPES = {
     "nanogpt": ("nanoGPT's recipe: GPT-2 baby, AdamW lr 1e-3 -> 1e-4 cosine, warmup 100, wd 0.1, betas 0.9/0.99",
@@ -41,12 +56,40 @@ RECIPES = {
     "nanogpt-lr": ("the same with the learning rate retuned", ["model=baby", "optimizer=adamw",
                                                               "optimizer.lr=4e-3", "optimizer.min_lr_ratio=0.1"]),
     "llama-adamw": ("baby-llama (RoPE, RMSNorm, SwiGLU, GQA, no bias, untied) with AdamW",
-                    ["model=baby-llama", "optimizer=adamw"]),
-    "llama-muon": ("baby-llama with Muon on the hidden matrices, AdamW on the rest",
-                   ["model=baby-llama", "optimizer=muon"]),
+                    ["model=baby-llama", "optimizer=adamw", "model.qk_norm=false"]),
+    "previous": ("the default until 2026-12-05: baby-llama, Muon on fused matrices, cosine to 0.1", PREVIOUS),
     "default": ("the default configuration (conf/config.yaml)", []),
+    # The ablation: the default less one of its changes at a time.
+    "no-qk-norm": ("the default without QK-norm", ["model.qk_norm=false"]),
+    "no-muon-split": ("the default with Muon on the fused q|k|v and gate|up matrices", ["optimizer.muon_split=false"]),
+    "no-wsd": ("the default with cosine decay to 0.1 instead of warmup-stable-decay to 0",
+               ["optimizer.schedule=cosine", "optimizer.cooldown_fraction=0.0", "optimizer.min_lr_ratio=0.1"]),
+    "no-embedding-lr": ("the default with the embeddings at AdamW's lr", ["optimizer.embedding_lr=null"]),
 }
 BUDGET = ["train.max_steps=2000", "train.batch_size=12", "model.block_size=64"]
+SELECTION_FRACTION = 0.1  # the end of the training tokens that --split selection scores
+
+
+def carve_selection(data: Path, into: Path) -> Path:
+    """A data directory in ``into`` whose train split is the first 90% of ``data``'s training
+    tokens and whose val split is the last 10% (the selection split); prepared/ and vocab/ are
+    ``data``'s own."""
+    from lmforge.tokenization.shards import TokenStream, read_index
+
+    train = TokenStream(data / "tokens", "train")
+    ids = train.read(0, len(train)).astype(train.dtype)
+    cut = len(ids) - int(len(ids) * SELECTION_FRACTION)
+    index = read_index(data / "tokens")
+    bytes_per_token = index["splits"]["train"]["bytes"] / len(ids)
+    for stage in ("prepared", "vocab"):
+        (into / stage).symlink_to(data / stage)
+    for split, part in (("train", ids[:cut]), ("val", ids[cut:])):
+        (into / "tokens" / split).mkdir(parents=True)
+        part.tofile(into / "tokens" / split / "shard_000000.bin")
+        index["splits"][split] = {"tokens": len(part), "documents": 1, "bytes": round(len(part) * bytes_per_token),
+                                  "shards": [{"file": f"{split}/shard_000000.bin", "tokens": len(part)}]}
+    (into / "tokens/index.json").write_text(json.dumps(index, indent=2))
+    return into
 
 
 def crossing_step(curve: list[list[float]], target: float) -> float | None:
@@ -58,7 +101,7 @@ def crossing_step(curve: list[list[float]], target: float) -> float | None:
 
 
 def run_recipe(name: str, extra: list[str], data: Path, eval_interval: int, threads: int | None,
-               machine: dict | None = None) -> dict:
+               machine: dict | None = None, seed: int | None = None) -> dict:
     """Train one recipe in a temporary project on ``data`` (prepared/, vocab/, tokens/); score it."""
     import lightning as L
 
@@ -81,7 +124,7 @@ def run_recipe(name: str, extra: list[str], data: Path, eval_interval: int, thre
             self.seconds += time.perf_counter() - self._t0
 
     clock = StepClock()
-    overrides = [*RECIPES[name][1], *BUDGET, *extra]
+    overrides = [*RECIPES[name][1], *BUDGET, *extra, *([] if seed is None else [f"seed={seed}"])]
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
         cfg = compose_config([*overrides, f"train.eval_interval={eval_interval}", "train.checkpoint_every=100000",
                               f"tracking.uri=sqlite:///{tmp}/mlflow.db", "tracking.log_model=false"],
@@ -101,7 +144,8 @@ def run_recipe(name: str, extra: list[str], data: Path, eval_interval: int, thre
         steps = int(cfg.train.max_steps)
     cross = crossing_step(curve, NANOGPT_FINAL_LOSS)
     return {
-        "recipe": name, "overrides": overrides, "parameters": loaded.model.num_params(non_embedding=False),
+        "recipe": name, "seed": int(cfg.seed), "overrides": overrides,
+        "parameters": loaded.model.num_params(non_embedding=False),
         "val_loss": score["nats"] / score["predicted"], "val_tokens": score["predicted"],
         "val_curve": curve, "steps": steps, "train_seconds": clock.seconds, "wall_seconds": wall,
         "tokens_per_second": steps * cfg.train.batch_size * cfg.model.block_size / clock.seconds,
@@ -116,9 +160,14 @@ def main() -> None:
     parser.add_argument("recipes", nargs="*", default=list(RECIPES), help=f"from: {', '.join(RECIPES)}")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every recipe")
     parser.add_argument("--label", help="the name results are stored under (default: the recipe's)")
+    parser.add_argument("--split", choices=("selection", "val"), default="selection",
+                        help="score a selection split carved from train (to choose) or the val split (to report)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[None], help="one run per seed (default: conf's)")
     parser.add_argument("--eval-interval", type=int, default=100, help="steps between validation estimates")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="holds prepared/, vocab/ and tokens/")
+    parser.add_argument("--out", type=Path, help="the results file (default: benchmarks/results/recipes-<split>.json)")
+    parser.add_argument("--merge", nargs="*", type=Path, default=[], help="results files to add to --out first")
     parser.add_argument("--speed-steps", type=int, default=100, help="timed steps per recipe for the cost per step")
     parser.add_argument("--speed-rounds", type=int, default=3)
     parser.add_argument("--no-train", action="store_true", help="only measure the cost per step of stored results")
@@ -141,38 +190,65 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     machine = machine_info()
     print(format_info(machine) + "\n", flush=True)
-    out = ROOT / "benchmarks/results/recipes.json"
+    out = args.out or ROOT / f"benchmarks/results/recipes-{args.split}.json"
     results = json.loads(out.read_text()) if out.is_file() else {}
-    for name in [] if args.no_train else args.recipes:
-        label = args.label if args.label and len(args.recipes) == 1 else name
-        print(f"training {label}: {RECIPES[name][0]} {' '.join(args.set)}", flush=True)
-        result = run_recipe(name, args.set, args.data.resolve(), args.eval_interval, args.threads, machine)
-        results[label] = result
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"  {label}: val loss {result['val_loss']:.4f}, {result['train_seconds']:.0f} s of training", flush=True)
+    for other in args.merge:
+        results.update(json.loads(other.read_text()))
+    with tempfile.TemporaryDirectory() as carved:
+        data = args.data.resolve()
+        if args.split == "selection":
+            data = carve_selection(data, Path(carved))
+        for name in [] if args.no_train else args.recipes:
+            for seed in args.seeds:
+                label = args.label if args.label and len(args.recipes) == 1 else name
+                label = label if seed is None else f"{label}@{seed}"
+                print(f"training {label}: {RECIPES[name][0]} {' '.join(args.set)}", flush=True)
+                result = run_recipe(name, args.set, data, args.eval_interval, args.threads, machine, seed)
+                result["split"] = args.split
+                results[label] = result
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(json.dumps(results, indent=2) + "\n")
+                print(f"  {label}: {args.split} loss {result['val_loss']:.4f}, "
+                      f"{result['train_seconds']:.0f} s of training", flush=True)
 
-    if args.speed_steps:
-        costs = step_costs(results, args.data.resolve(), args.speed_steps, args.speed_rounds, args.threads)
-        for label, cost in costs.items():
-            r = results[label]
-            r["cpu_seconds_per_step"] = cost
-            to_loss = r["steps_to_nanogpt_loss"]
-            r["cpu_seconds_to_nanogpt_loss"] = None if to_loss is None else to_loss * cost
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        if args.speed_steps:
+            costs = step_costs(results, data, args.speed_steps, args.speed_rounds, args.threads)
+            for label, cost in costs.items():
+                r = results[label]
+                r["cpu_seconds_per_step"] = cost
+                to_loss = r["steps_to_nanogpt_loss"]
+                r["cpu_seconds_to_nanogpt_loss"] = None if to_loss is None else to_loss * cost
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2) + "\n")
+    print_table(results, args.split)
+    print(f"\nwrote {out}")
 
-    print(f"\n| recipe | parameters | val loss (whole split) | steps to {NANOGPT_FINAL_LOSS} | ms per step (CPU) "
-          f"| time to {NANOGPT_FINAL_LOSS} (CPU) | training time (wall) | CPU (ATen capability) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
-    for label, r in sorted(results.items(), key=lambda kv: kv[1]["val_loss"]):
-        steps = "-" if r["steps_to_nanogpt_loss"] is None else f"{r['steps_to_nanogpt_loss']:.0f}"
-        cost = r.get("cpu_seconds_per_step")
-        to_target = r.get("cpu_seconds_to_nanogpt_loss")
-        print(f"| {label} | {r['parameters']:,} | {r['val_loss']:.4f} | {steps} | "
-              f"{'-' if cost is None else f'{cost * 1000:.1f}'} | {'-' if to_target is None else f'{to_target:.0f} s'} "
-              f"| {r['train_seconds']:.0f} s ({r['threads']} thread(s), load {r['load_average']:.1f}) "
-              f"| {where(r.get('machine'))} |")
-    print(f"\nwrote {out.relative_to(ROOT)}")
+
+def print_table(results: dict, split: str) -> None:
+    """One row per label (its seeds together: mean and standard deviation), best first."""
+    import statistics
+
+    rows: dict[str, list[dict]] = {}
+    for label, r in results.items():
+        rows.setdefault(label.split("@")[0], []).append(r)
+
+    def spread(values: list[float], digits: int) -> str:
+        mean = statistics.fmean(values)
+        sd = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+        return f"{mean:.{digits}f}{sd}"
+
+    print(f"\n| recipe | overrides | seeds | parameters | {split} loss | steps to {NANOGPT_FINAL_LOSS} "
+          f"| ms per step (CPU) | time to {NANOGPT_FINAL_LOSS} (CPU) | CPU (ATen capability) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for label, runs in sorted(rows.items(), key=lambda kv: statistics.fmean(r["val_loss"] for r in kv[1])):
+        crossings = [r["steps_to_nanogpt_loss"] for r in runs if r["steps_to_nanogpt_loss"] is not None]
+        costs = [r["cpu_seconds_per_step"] * 1000 for r in runs if r.get("cpu_seconds_per_step")]
+        to_target = [r["cpu_seconds_to_nanogpt_loss"] for r in runs if r.get("cpu_seconds_to_nanogpt_loss")]
+        overrides = " ".join(o for o in runs[0]["overrides"] if o not in BUDGET and not o.startswith("seed="))
+        print(f"| {label} | {overrides or '-'} | {len(runs)} | {runs[0]['parameters']:,} "
+              f"| {spread([r['val_loss'] for r in runs], 4)} | {spread(crossings, 0) if crossings else '-'} "
+              f"| {spread(costs, 1) if costs else '-'} | {spread(to_target, 0) + ' s' if to_target else '-'} "
+              f"| {where(runs[0].get('machine'))} |")
 
 
 def where(machine: dict | None) -> str:

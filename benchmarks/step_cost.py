@@ -9,6 +9,8 @@ round-robin ``--rounds`` times in one process (so another process's load hits al
   ``trainer.precision=auto``, Muon in ``lmforge.training.hardware.muon_dtype``).
 - ``default-bf16-muon`` (``--with-bf16-muon``): the default with Muon orthogonalising in bfloat16
   whatever the CPU, as ``torch.optim.Muon`` does: the default before it followed the hardware.
+- ``--side NAME=KEY=VALUE,KEY=VALUE``: the real train stage with those overrides (e.g. an earlier
+  default recipe, or one option of ``benchmarks/recipes.py``), as many as given.
 
 Time to nanoGPT's final loss (1.78) is steps-to-1.78 (``--steps-to`` NAME=STEPS, from
 ``benchmarks/recipes.py``) times the measured cost per step. Prints ``lmforge info``'s machine
@@ -101,6 +103,8 @@ def main() -> None:
     parser.add_argument("--with-bf16-muon", action="store_true", help="also time the default with bf16 Muon")
     parser.add_argument("--steps-to", nargs="*", default=["nanogpt=2000", "baby-adamw=1929"],
                         metavar="SIDE=STEPS", help="steps to val loss 1.78 per side (benchmarks/recipes.py)")
+    parser.add_argument("--side", nargs="*", default=[], metavar="NAME=KEY=VALUE,...",
+                        help="more lmforge sides: a name and comma-separated overrides")
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="holds prepared/, vocab/ and tokens/")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_cost.json")
     args = parser.parse_args()
@@ -126,6 +130,10 @@ def main() -> None:
     }
     if args.with_bf16_muon:
         runs["default-bf16-muon"] = lambda: lmforge_side(data, [], args.warmup, args.steps, bf16_muon=True)
+    for side in args.side:
+        name, _, overrides = side.partition("=")
+        SIDES[name] = f"lmforge `{' '.join(overrides.split(','))}`"
+        runs[name] = lambda overrides=overrides: lmforge_side(data, overrides.split(","), args.warmup, args.steps)
     samples: dict[str, list[tuple[float, float]]] = {side: [] for side in runs}
     for r in range(args.rounds):
         for side, run in runs.items():

@@ -25,6 +25,7 @@ FAMILIES = {
     "gpt2-untied-no-bias": dict(GPT2_STYLE, bias=False, tie_embeddings=False),
     "llama": LLAMA_STYLE,
     "llama-tied": dict(LLAMA_STYLE, n_kv_head=None, tie_embeddings=True, rope_theta=500.0),
+    "qwen3": dict(LLAMA_STYLE, qk_norm=True),
 }
 BLOCK = 64
 TRAIN_TEXT = ("the king and the queen speak of love and death.\nGood night, fair lord! " * 5
@@ -101,6 +102,8 @@ def test_transformers_gguf_loader_gives_our_logits_and_token_ids(tmp_path, famil
     # transformers' GGUF mapping reads gpt2.context_length as n_ctx, not n_positions (the size of
     # the position table), so a GPT-2 with block_size != 1024 needs it said; Llama needs nothing.
     extra = {"n_positions": BLOCK} if family.startswith("gpt2") else {}
+    if family == "qwen3":  # its GGUF mapping skips qwen3.attention.key_length and assumes Qwen3's 128
+        extra = {"head_dim": 64 // 4}
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", **extra).eval()
     ours = load_model_dir(model_dir)
     ids = torch.randint(0, ours.model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -119,7 +122,7 @@ def test_transformers_gguf_loader_gives_our_logits_and_token_ids(tmp_path, famil
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "llama-tied"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "llama-tied", "qwen3"])
 def test_llama_cpp_runs_the_export_as_we_do(tmp_path, family):
     model_dir = bpe_model_dir(tmp_path / "model", **FAMILIES[family])
     ours = load_model_dir(model_dir)
@@ -312,8 +315,9 @@ def test_cli_export_import_round_trip_and_the_import_evaluates_and_generates(tmp
     assert code == 0 and out.startswith("the")
 
 
-def test_gpt2_round_trip_keeps_the_config_and_the_function(tmp_path):
-    model_dir = bpe_model_dir(tmp_path / "model", **GPT2_STYLE)
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_round_trip_keeps_the_config_and_the_function(tmp_path, family):
+    model_dir = bpe_model_dir(tmp_path / "model", **FAMILIES[family])
     back = load_model_dir(import_gguf(export_gguf(model_dir, tmp_path / "m.gguf"), tmp_path / "back"))
     ours = load_model_dir(model_dir)
     assert back.model.config == ours.model.config

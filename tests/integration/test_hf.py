@@ -24,6 +24,8 @@ FAMILIES = {
     "llama": (LLAMA_STYLE, "LlamaForCausalLM"),
     "llama-bias-tied": (dict(LLAMA_STYLE, bias=True, tie_embeddings=True, n_kv_head=None, rope_theta=500.0),
                         "LlamaForCausalLM"),
+    "qwen3": (dict(LLAMA_STYLE, qk_norm=True), "Qwen3ForCausalLM"),
+    "qwen3-tied": (dict(LLAMA_STYLE, qk_norm=True, tie_embeddings=True, n_kv_head=None), "Qwen3ForCausalLM"),
 }
 
 
@@ -75,6 +77,10 @@ def test_export_loads_in_transformers_with_equal_logits_and_tokenizer(tmp_path, 
          "a model with positions=sinusoidal, norm=layernorm, mlp=gelu cannot be exported"),
         (dict(positions="rope"), "a model with positions=rope, norm=layernorm, mlp=gelu cannot be exported"),
         (dict(GPT2_STYLE, n_kv_head=2), "model.n_kv_head=2 (grouped-query attention) has no GPT-2 counterpart"),
+        (dict(GPT2_STYLE, qk_norm=True), "model.qk_norm=true has no GPT-2 counterpart"),
+        (dict(LLAMA_STYLE, qk_norm=True, bias=True), "model.bias=true with model.qk_norm=true has no transformers"),
+        (dict(LLAMA_STYLE, logit_softcap=30.0), "model.logit_softcap=30.0 has no counterpart"),
+        (dict(LLAMA_STYLE, mlp="relu2"), "a model with positions=rope, norm=rmsnorm, mlp=relu2 cannot be exported"),
     ],
 )
 def test_export_refuses_what_neither_family_represents(tmp_path, capsys, options, message):
@@ -134,7 +140,7 @@ def test_import_of_a_transformers_model_gives_equal_logits(tmp_path, family, act
 
 
 def test_export_import_round_trip_keeps_the_config(tmp_path):
-    for family in ("gpt2", "gpt2-gelu-tanh", "llama"):
+    for family in ("gpt2", "gpt2-gelu-tanh", "llama", "qwen3"):
         model_dir = make_model_dir(tmp_path / family, **FAMILIES[family][0])
         back = import_hf(export_hf(model_dir, tmp_path / f"{family}-hf"), tmp_path / f"{family}-back")
         assert load_model_dir(back).model.config == load_model_dir(model_dir).model.config

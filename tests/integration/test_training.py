@@ -60,6 +60,32 @@ def test_every_schedule_warms_up_and_stays_between_min_and_peak(schedule):
         assert factors[27] == pytest.approx(1.0 - 0.9 * 22 / 45)
 
 
+def test_wsd_holds_the_peak_then_decays_linearly_over_the_cooldown():
+    opt = OmegaConf.create({"lr": 1e-3, "min_lr_ratio": 0.0, "warmup_steps": 10, "schedule": "wsd",
+                            "cooldown_fraction": 0.5})
+    factors = [lr_factor(s, opt, 100) for s in range(101)]
+    assert factors[9] == factors[10] == factors[50] == 1.0  # warm, then stable until half the steps are left
+    assert factors[75] == pytest.approx(0.5) and factors[99] == pytest.approx(0.02) and factors[100] == 0.0
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    floor = OmegaConf.merge(opt, {"min_lr_ratio": 0.2, "cooldown_fraction": 0.0})
+    assert lr_factor(99, floor, 100) == 1.0  # no cooldown: constant after warmup
+
+
+def test_embeddings_take_their_own_rate_when_one_is_set():
+    from lmforge.model.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False))
+    opt = OmegaConf.create({"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1,
+                            "embedding_lr": 0.03})
+    groups = build_optimizer(model, opt).param_groups
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    for embedding in (model.transformer.wte.weight, model.transformer.wpe.weight):
+        assert by_param[id(embedding)]["lr"] == 0.03 and by_param[id(embedding)]["weight_decay"] == 0.1
+    assert by_param[id(model.lm_head.weight)]["lr"] == 1e-3
+    same = build_optimizer(model, OmegaConf.merge(opt, {"embedding_lr": None})).param_groups
+    assert {g["lr"] for g in same} == {1e-3} and len(same) == 2
+
+
 def test_global_batch_in_tokens_sets_the_accumulation():
     assert accumulation_steps(None, 12, 64, 4) == 1
     assert accumulation_steps(12 * 64 * 4 * 8, 12, 64, 4) == 8

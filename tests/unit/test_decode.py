@@ -14,7 +14,8 @@ from tests.helpers import LLAMA_STYLE, tiny_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 OPTIONS = [dict(positions="learned"), dict(positions="sinusoidal"), dict(mlp="gelu_tanh", bias=False),
-           dict(norm="rmsnorm", tie_embeddings=False), LLAMA_STYLE, dict(LLAMA_STYLE, n_kv_head=1)]
+           dict(norm="rmsnorm", tie_embeddings=False), LLAMA_STYLE, dict(LLAMA_STYLE, n_kv_head=1),
+           dict(LLAMA_STYLE, qk_norm=True, logit_softcap=2.0), dict(mlp="relu2", qk_norm=True, n_kv_head=2)]
 
 
 def filled_slots(model, lengths: list[int], n_slots: int = 6) -> KVSlots:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf_config import GPT2, LLAMA
+from lmforge.interop.hf_config import GPT2, LLAMA, QWEN3
 from lmforge.interop.weights import GGUF, HF, TABLES, export_weights, import_weights
 from lmforge.model.directory import load_model_dir, refuse_existing, save_model_dir
 from lmforge.model.gpt import GPT, GPTConfig
@@ -54,7 +54,8 @@ def test_each_family_names_every_module_once_in_each_format(family):
     for column in ("ours", "hf", "gguf"):
         names = [getattr(row, column) for row in rows]
         assert len(set(names)) == len(names), f"{family}: a {column} name appears twice"
-    model = random_model(**(GPT2_STYLE if family == GPT2 else LLAMA_STYLE), tie_embeddings=False)
+    style = GPT2_STYLE if family == GPT2 else dict(LLAMA_STYLE, qk_norm=family == QWEN3)
+    model = random_model(**style, tie_embeddings=False)
     ours = {re.sub(r"\.h\.\d+\.", ".h.{i}.", k.rsplit(".", 1)[0]) for k in model.state_dict()}
     assert {row.ours for row in rows} == ours  # every module of our model has a row, and no row is stale
 

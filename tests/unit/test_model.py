@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
-from lmforge.model.gpt import GPT, GPTConfig, KVCache, sinusoidal_table
+from lmforge.model.gpt import GPT, GPTConfig, KVCache
+from lmforge.model.positions import sinusoidal_table
 
 POSITIONS = ("learned", "sinusoidal", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "gelu_tanh", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "swiglu", "relu2")
 
 LLAMA_STYLE = dict(
     positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False, bias=False
@@ -200,7 +201,7 @@ def test_mlp_widths_and_positions_tables():
     [
         (dict(positions="foo"), "model.positions='foo' is not one of learned, sinusoidal, rope"),
         (dict(norm="batchnorm"), "model.norm='batchnorm' is not one of layernorm, rmsnorm"),
-        (dict(mlp="relu"), "model.mlp='relu' is not one of gelu, gelu_tanh, swiglu"),
+        (dict(mlp="relu"), "model.mlp='relu' is not one of gelu, gelu_tanh, swiglu, relu2"),
         (dict(vocab_size=0), "model.vocab_size=0 must be a positive integer"),
         (dict(block_size=2.5), "model.block_size=2.5 must be a positive integer"),
         (dict(n_layer=True), "model.n_layer=True must be a positive integer"),
@@ -349,3 +350,17 @@ def test_flops_per_token_leave_out_an_untied_input_embedding():
     tied, untied = build(tiny()), build(tiny(tie_embeddings=False))
     assert untied.flops_per_token() == tied.flops_per_token()  # the extra lookup table costs no matmul
     assert untied.num_params() == tied.num_params() + 32 * 32
+
+
+def test_speedrun_options_qk_norm_softcap_and_zero_residual_init():
+    config = tiny(positions="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, logit_softcap=3.0,
+                  zero_init_residual=True)
+    model = build(config)
+    for block in model.transformer.h:
+        assert not block.attn.c_proj.weight.any() and not block.mlp.c_proj.weight.any()
+        assert block.attn.q_norm.weight.shape == block.attn.k_norm.weight.shape == (config.head_dim,)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1000)
+        logits, _ = model(torch.randint(0, 32, (2, 8)))
+    assert logits.abs().max() <= 3.0  # capped: 3 tanh(x / 3) (reaches 3.0 in float32)
+    assert logits.abs().max() > 2.9

@@ -81,3 +81,28 @@ def test_build_optimizer_uses_the_hardware_dtype(monkeypatch):
         monkeypatch.setattr(hardware, "muon_dtype", lambda device, d=dtype: d)
         optimizer = build_optimizer(model, cfg)
         assert isinstance(optimizer.muon, Muon) and optimizer.muon.ns_dtype == dtype
+
+
+def test_a_stack_of_matrices_is_orthogonalised_as_each_alone():
+    coefficients = torch.optim.Muon([torch.nn.Parameter(torch.zeros(2, 2))]).defaults["ns_coefficients"]
+    grads = torch.randn(3, 96, 32, generator=torch.Generator().manual_seed(2))
+    stacked = zeropower_via_newtonschulz(grads, coefficients, 5, 1e-7, torch.float32)
+    for grad, ortho in zip(grads, stacked):
+        torch.testing.assert_close(ortho, zeropower_via_newtonschulz(grad, coefficients, 5, 1e-7, torch.float32))
+
+
+def test_row_blocks_step_as_matrices_of_their_own():
+    """A fused [q | k | v] matrix with row_blocks takes the steps its three blocks would take apart."""
+    gen = torch.Generator().manual_seed(3)
+    fused = torch.nn.Parameter(torch.randn(96, 32, generator=gen) * 0.02)
+    apart = [torch.nn.Parameter(block.detach().clone()) for block in fused.split([64, 16, 16])]
+    settings = dict(lr=0.02, momentum=0.95, weight_decay=0.1, adjust_lr_fn="original", ns_dtype=torch.float32)
+    ours = Muon([fused], row_blocks={id(fused): (64, 16, 16)}, **settings)
+    theirs = Muon(apart, **settings)
+    for _ in range(3):
+        fused.grad = torch.randn(96, 32, generator=gen)
+        for param, grad in zip(apart, fused.grad.split([64, 16, 16])):
+            param.grad = grad.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(fused.detach(), torch.cat([p.detach() for p in apart]))

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.inference.kv_slots import KVSlots
-from lmforge.model.gpt import GPT, RMSNorm, apply_rope
+from lmforge.model.gpt import GPT, RMSNorm, softcap
+from lmforge.model.positions import apply_rope
 
 
 def prepare_weights(model: GPT) -> GPT:
@@ -57,11 +58,13 @@ class Decoder:
         else:
             self.rope = (model.rope_cos, model.rope_sin)
         self.ln_f = _norm_of(t.ln_f)
-        self.swiglu = c.mlp == "swiglu"
+        self.swiglu, self.relu2 = c.mlp == "swiglu", c.mlp == "relu2"
         self.approximate = "tanh" if c.mlp == "gelu_tanh" else "none"
         self.layers = [(_norm_of(b.ln_1), b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
                         b.attn.c_proj.bias, _norm_of(b.ln_2), b.mlp.c_fc.weight, b.mlp.c_fc.bias,
                         b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in t.h]
+        # QK-norm's gains per layer: (query norm, key norm), or None
+        self.qk_norms = [(_norm_of(b.attn.q_norm), _norm_of(b.attn.k_norm)) if c.qk_norm else None for b in t.h]
 
     def __call__(self, slots: KVSlots, idx: Tensor) -> Tensor:
         """Logits (B, vocab_size) of the next token of slots 0..B-1, each fed ``idx[b]`` (B,) at its own length.
@@ -94,12 +97,13 @@ class Decoder:
         gqa = nkv != nh
         for layer, (ln_1, w_qkv, b_qkv, w_o, b_o, ln_2, w_fc, b_fc, w_proj, b_proj) in enumerate(self.layers):
             qkv = F.linear(_norm(ln_1, x), w_qkv, b_qkv).view(B, nh + 2 * nkv, hd)
+            qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
+            if self.qk_norms[layer] is not None:
+                q_norm, k_norm = self.qk_norms[layer]
+                qk = torch.cat((_norm(q_norm, qk[:, :nh]), _norm(k_norm, qk[:, nh:])), dim=1)
             if rope is not None:
-                qk = apply_rope(qkv[:, : nh + nkv], *rope)
-                q, k = qk[:, :nh, None], qk[:, nh:]
-            else:
-                q, k = qkv[:, :nh, None], qkv[:, nh : nh + nkv]
-            v = qkv[:, nh + nkv :]
+                qk = apply_rope(qk, *rope)
+            q, k = qk[:, :nh, None], qk[:, nh:]
             K, V = slots.k[layer], slots.v[layer]
             if same:
                 K[:B, :, at] = k
@@ -113,11 +117,13 @@ class Decoder:
             if self.swiglu:  # [gate | up]
                 gate, up = h.chunk(2, dim=-1)
                 h = F.silu(gate) * up
+            elif self.relu2:
+                h = F.relu(h).square()
             else:
                 h = F.gelu(h, approximate=self.approximate)
             x = x + F.linear(h, w_proj, b_proj)
         slots.lengths[:B] += 1
-        return F.linear(_norm(self.ln_f, x), self.lm_head)
+        return softcap(F.linear(_norm(self.ln_f, x), self.lm_head), c.logit_softcap)
 
 
 def _norm_of(module: nn.Module) -> tuple:

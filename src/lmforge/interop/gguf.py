@@ -31,7 +31,7 @@ import torch
 from lmforge.config.paths import TOKENIZER_FILE
 from lmforge.errors import LmforgeError, missing_extra
 from lmforge.interop.gguf_vocab import pre_tokenizer_name, tokenizer_from_gguf, write_tokenizer
-from lmforge.interop.hf_config import GPT2, LLAMA, hf_family
+from lmforge.interop.hf_config import GPT2, LLAMA, QWEN3, hf_family
 from lmforge.interop.weights import GGUF, export_weights, import_weights
 from lmforge.model.gpt import GPT, GPTConfig
 from lmforge.outputs import atomic_path
@@ -55,7 +55,7 @@ def _gguf(command: str):
 
 
 def gguf_family(config: GPTConfig) -> str:
-    """``"gpt2"`` or ``"llama"``: the GGUF architecture that computes ``config`` exactly.
+    """``"gpt2"``, ``"llama"`` or ``"qwen3"``: the GGUF architecture that computes ``config`` exactly.
 
     Raises LmforgeError with one sentence naming the settings that have no GGUF counterpart.
     """
@@ -239,7 +239,7 @@ def _run_tags(uri: str, run_id: str) -> dict[str, str]:
 
 
 def import_gguf(path: str | Path, out: str | Path, force: bool = False) -> Path:
-    """Turn a GGUF file of the ``gpt2`` or ``llama`` family into the model directory ``out``.
+    """Turn a GGUF file of the ``gpt2``, ``llama`` or ``qwen3`` family into the model directory ``out``.
 
     f32 and f16 tensors load as they are; quantized ones (q8_0, ...) are dequantized to float32.
     The tokenizer must be GGUF's ``gpt2`` (byte-level BPE) model with a pre-tokenizer lmforge
@@ -283,9 +283,9 @@ def import_gguf(path: str | Path, out: str | Path, force: bool = False) -> Path:
 def config_from_gguf(fields: dict[str, Any], tensors: dict[str, np.ndarray], source: Path) -> tuple[str, GPTConfig]:
     """(family, our config) from a GGUF file's metadata; LmforgeError naming what we cannot reproduce."""
     family = fields.get("general.architecture")
-    if family not in (GPT2, LLAMA):
+    if family not in (GPT2, LLAMA, QWEN3):
         raise LmforgeError(f"{source}: general.architecture={family!r} is not supported; "
-                           "lmforge imports 'gpt2' and 'llama' GGUF files.")
+                           "lmforge imports 'gpt2', 'llama' and 'qwen3' GGUF files.")
 
     def need(key: str):
         if f"{family}.{key}" not in fields:
@@ -305,7 +305,7 @@ def config_from_gguf(fields: dict[str, Any], tensors: dict[str, np.ndarray], sou
         if int(need("feed_forward_length")) != 4 * n_embd:
             settings["mlp_hidden"] = int(need("feed_forward_length"))
     else:
-        settings.update(_llama_settings(fields, tensors, source, n_embd, n_head, need))
+        settings.update(_llama_settings(fields, tensors, source, n_embd, n_head, need), qk_norm=family == QWEN3)
     try:
         return family, GPTConfig.from_dict(settings)
     except ValueError as err:
@@ -314,24 +314,26 @@ def config_from_gguf(fields: dict[str, Any], tensors: dict[str, np.ndarray], sou
 
 def _llama_settings(fields: dict[str, Any], tensors: dict[str, np.ndarray], source: Path, n_embd: int, n_head: int,
                     need) -> dict:
-    if fields.get("llama.rope.scaling.type", "none") != "none":
-        raise LmforgeError(f"{source}: llama.rope.scaling.type={fields['llama.rope.scaling.type']!r} "
+    """The settings of a llama or qwen3 file (the same keys under its architecture's name)."""
+    arch = fields["general.architecture"]
+    if fields.get(f"{arch}.rope.scaling.type", "none") != "none":
+        raise LmforgeError(f"{source}: {arch}.rope.scaling.type={fields[f'{arch}.rope.scaling.type']!r} "
                            "is not plain RoPE, so lmforge cannot reproduce this model exactly.")
     if any(name.endswith(".bias") for name in tensors):
         raise LmforgeError(f"{source} has bias tensors, which lmforge's llama family (model.bias=false) lacks.")
     head_dim = n_embd // n_head
     for key in ("rope.dimension_count", "attention.key_length", "attention.value_length"):
-        value = int(fields.get(f"llama.{key}", head_dim))
+        value = int(fields.get(f"{arch}.{key}", head_dim))
         if value != head_dim:
-            raise LmforgeError(f"{source}: llama.{key}={value} differs from embedding_length / head_count = "
+            raise LmforgeError(f"{source}: {arch}.{key}={value} differs from embedding_length / head_count = "
                                f"{head_dim}, which lmforge's attention assumes.")
-    kv = int(fields.get("llama.attention.head_count_kv", n_head))
+    kv = int(fields.get(f"{arch}.attention.head_count_kv", n_head))
     hidden = int(need("feed_forward_length"))
     default_hidden = GPTConfig(vocab_size=1, n_embd=n_embd, n_head=n_head, mlp="swiglu").mlp_hidden_size
     return dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False,
                 n_kv_head=None if kv == n_head else kv, mlp_hidden=None if hidden == default_hidden else hidden,
                 norm_eps=_float32(need("attention.layer_norm_rms_epsilon")),
-                rope_theta=_float32(fields.get("llama.rope.freq_base", 10000.0)))
+                rope_theta=_float32(fields.get(f"{arch}.rope.freq_base", 10000.0)))
 
 
 def _float32(value) -> float:

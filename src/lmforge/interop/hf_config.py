@@ -1,7 +1,9 @@
 """Which ``transformers`` family represents a model, and our ``GPTConfig`` <-> its ``config.json``.
 
-GPT-2 (``GPT2LMHeadModel``) or Llama (``LlamaForCausalLM``); ``lmforge.interop.hf`` maps the weights and
-writes and reads the directories, ``lmforge.interop.gguf`` reuses the family choice.
+GPT-2 (``GPT2LMHeadModel``), Llama (``LlamaForCausalLM``) or, for a Llama-style model with QK-norm,
+Qwen3 (``Qwen3ForCausalLM``: Llama's layers with an RMSNorm on each query and key head before the
+rotation); ``lmforge.interop.hf`` maps the weights and writes and reads the directories,
+``lmforge.interop.gguf`` reuses the family choice.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from lmforge.model.config import GPTConfig
 
 GPT2 = "gpt2"
 LLAMA = "llama"
-ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM"}
+QWEN3 = "qwen3"
+ARCHITECTURES = {GPT2: "GPT2LMHeadModel", LLAMA: "LlamaForCausalLM", QWEN3: "Qwen3ForCausalLM"}
 # Our GPT-2 MLP kinds <-> transformers' activation_function names (one function each way;
 # "gelu_pytorch_tanh" is the same tanh approximation computed by PyTorch's kernel).
 GPT2_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
@@ -27,20 +30,36 @@ GPT2_ACTIVATIONS_IN = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_ta
 
 
 def hf_family(config: GPTConfig) -> str:
-    """``"gpt2"`` or ``"llama"``: the ``transformers`` family that represents ``config`` exactly.
+    """``"gpt2"``, ``"llama"`` or ``"qwen3"``: the ``transformers`` family that represents ``config`` exactly.
 
-    Raises LmforgeError naming the settings that neither family has.
+    Raises LmforgeError naming the settings that no family has.
     """
+    if config.logit_softcap is not None:
+        raise LmforgeError(
+            f"model.logit_softcap={config.logit_softcap} has no counterpart in GPT2LMHeadModel, LlamaForCausalLM "
+            "or Qwen3ForCausalLM (nor in their GGUF files); train with model.logit_softcap=null to export."
+        )
     gpt2 = {"positions": ("learned",), "norm": ("layernorm",), "mlp": tuple(GPT2_ACTIVATIONS)}
     llama = {"positions": ("rope",), "norm": ("rmsnorm",), "mlp": ("swiglu",)}
     for family, wanted in ((GPT2, gpt2), (LLAMA, llama)):
-        if all(getattr(config, k) in v for k, v in wanted.items()):
-            if family == GPT2 and config.kv_heads != config.n_head:
-                raise LmforgeError(
-                    f"model.n_kv_head={config.n_kv_head} (grouped-query attention) has no GPT-2 counterpart; "
-                    "only the Llama family (positions=rope, norm=rmsnorm, mlp=swiglu) exports it."
-                )
-            return family
+        if not all(getattr(config, k) in v for k, v in wanted.items()):
+            continue
+        if family == GPT2 and config.kv_heads != config.n_head:
+            raise LmforgeError(
+                f"model.n_kv_head={config.n_kv_head} (grouped-query attention) has no GPT-2 counterpart; "
+                "only the Llama family (positions=rope, norm=rmsnorm, mlp=swiglu) exports it."
+            )
+        if family == GPT2 and config.qk_norm:
+            raise LmforgeError(
+                "model.qk_norm=true has no GPT-2 counterpart; Qwen3ForCausalLM has it with positions=rope, "
+                "norm=rmsnorm, mlp=swiglu."
+            )
+        if config.qk_norm and config.bias:
+            raise LmforgeError(
+                "model.bias=true with model.qk_norm=true has no transformers counterpart (Qwen3's MLP has no "
+                "biases); train with model.bias=false."
+            )
+        return QWEN3 if config.qk_norm else family
     settings = f"positions={config.positions}, norm={config.norm}, mlp={config.mlp}"
     raise LmforgeError(
         f"a model with {settings} cannot be exported to transformers: GPT2LMHeadModel needs "
@@ -83,7 +102,7 @@ def to_hf_config(config: GPTConfig, family: str, eot_id: int) -> dict:
             "attn_pdrop": config.dropout,
             "scale_attn_weights": True,
         }
-    return {
+    llama = {
         **common,
         "hidden_size": config.n_embd,
         "intermediate_size": config.mlp_hidden_size,
@@ -100,6 +119,10 @@ def to_hf_config(config: GPTConfig, family: str, eot_id: int) -> dict:
         "mlp_bias": config.bias,
         "attention_dropout": config.dropout,
     }
+    if family == QWEN3:  # no MLP bias to switch; no sliding window
+        del llama["mlp_bias"]
+        llama.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer)
+    return llama
 
 
 def from_hf_config(hf: dict, source: Path) -> tuple[str, GPTConfig]:
@@ -116,10 +139,14 @@ def from_hf_config(hf: dict, source: Path) -> tuple[str, GPTConfig]:
         config = _gpt2_settings(hf, refuse)
     elif family == LLAMA:
         config = _llama_settings(hf, refuse)
+    elif family == QWEN3:
+        if hf.get("use_sliding_window", False):
+            raise refuse("use_sliding_window=true", "limits attention to a window")
+        config = dict(_llama_settings(hf, refuse), qk_norm=True, bias=bool(hf.get("attention_bias", False)))
     else:
         raise LmforgeError(
-            f"{source}: model_type={family!r} is not supported; lmforge imports 'gpt2' (GPT2LMHeadModel) "
-            "and 'llama' (LlamaForCausalLM) models."
+            f"{source}: model_type={family!r} is not supported; lmforge imports 'gpt2' (GPT2LMHeadModel), "
+            "'llama' (LlamaForCausalLM) and 'qwen3' (Qwen3ForCausalLM) models."
         )
     try:
         return family, GPTConfig.from_dict(config)

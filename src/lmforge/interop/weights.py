@@ -8,7 +8,7 @@ module (or, for a fused matrix, the modules in row order) that each format store
 * Llama's fused ``c_attn`` rows are [q | k | v] and ``c_fc`` rows are [gate | up]: slices;
 * llama.cpp rotates adjacent pairs (2i, 2i+1) where we rotate halves (i, i + head_dim/2), so a
   GGUF Llama's q and k rows are permuted on the way out and back on the way in, as llama.cpp's
-  own converter (convert_hf_to_gguf.py, ``LlamaModel.permute``) does;
+  own converter (convert_hf_to_gguf.py, ``LlamaModel.permute``) does; its qwen3 rotates halves;
 * GPT-2 always has biases in both formats, so a model with ``bias=False`` exports zero biases
   (the same function);
 * a tied output matrix is stored once, under the embedding, except in a GPT-2 GGUF: llama.cpp's
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lmforge.errors import LmforgeError
-from lmforge.interop.hf_config import GPT2, LLAMA
+from lmforge.interop.hf_config import GPT2, LLAMA, QWEN3
 from lmforge.model.gpt import GPT, GPTConfig
 
 HF, GGUF = "hf", "gguf"
@@ -91,6 +91,14 @@ TABLES: dict[str, tuple[Row, ...]] = {
         _row("lm_head",                  "lm_head",                   "output"),
     ),
 }
+# Qwen3: Llama's rows with the query and key norms; llama.cpp's qwen3 rotates halves, as we do (no permutation).
+TABLES[QWEN3] = tuple(
+    Row(r.ours, r.hf, r.gguf, r.split, r.conv1d, (False, False, False), r.biased) if r.rope else r
+    for r in TABLES[LLAMA]
+) + (
+    _row(H + "attn.q_norm",              L + "self_attn.q_norm",      B + "attn_q_norm"),
+    _row(H + "attn.k_norm",              L + "self_attn.k_norm",      B + "attn_k_norm"),
+)
 OUTPUT = "lm_head"
 EMBEDDING = "transformer.wte"
 

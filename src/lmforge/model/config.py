@@ -18,7 +18,7 @@ from lmforge.errors import ConfigError, LmforgeError
 
 Positions = Literal["learned", "sinusoidal", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]
-MLPKind = Literal["gelu", "gelu_tanh", "swiglu"]
+MLPKind = Literal["gelu", "gelu_tanh", "swiglu", "relu2"]
 
 
 @dataclass
@@ -40,6 +40,9 @@ class GPTConfig:
     mlp: MLPKind = "gelu"  # "gelu": exact (erf) GELU; "gelu_tanh": GPT-2's approximation; "swiglu": Shazeer 2020
     mlp_hidden: int | None = None  # None: see mlp_hidden_size
     tie_embeddings: bool = True  # lm_head shares wte's weight (Press & Wolf 2017)
+    qk_norm: bool = False  # RMSNorm (with a gain) on each query and key head before the rotation
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap); None: no cap
+    zero_init_residual: bool = False  # the projections into the residual stream start at zero
 
     @property
     def head_dim(self) -> int:
@@ -93,7 +96,7 @@ class GPTConfig:
             raise ConfigError(f"model.{name}={getattr(self, name)!r} {requirement}.")
 
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_kv_head", "dropout",
-                     "rope_theta", "norm_eps", "mlp_hidden"):
+                     "rope_theta", "norm_eps", "mlp_hidden", "logit_softcap"):
             found = problem(f"model.{name}", getattr(self, name))  # the range table of every setting
             if found:
                 raise ConfigError(found)
@@ -106,7 +109,7 @@ class GPTConfig:
                 fail(name, f"is not one of {', '.join(get_args(kind))}")
         if self.positions == "rope" and self.head_dim % 2:
             fail("n_embd", f"must give an even head size (n_embd / n_head) for rope, not {self.head_dim}")
-        for name in ("bias", "tie_embeddings"):
+        for name in ("bias", "tie_embeddings", "qk_norm", "zero_init_residual"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
 

@@ -1,11 +1,13 @@
 """A GPT: decoder-only transformer language model, in one file that reads top to bottom.
 
-The pieces in the order the forward pass meets them: position schemes, normalisation, causal
-self-attention (with a KV cache for generation), the MLP, the pre-norm block, and the model; the
-settings they read are ``GPTConfig`` (``lmforge.model.config``). The defaults are GPT-2 (Radford
-et al. 2019, as in nanoGPT); the options
-``positions="rope"``, ``norm="rmsnorm"``, ``mlp="swiglu"``, ``n_kv_head`` and ``bias=False``
-give a Llama-style model; ``mlp="gelu_tanh"`` is GPT-2's own tanh-approximate GELU.
+The pieces in the order the forward pass meets them: normalisation, causal self-attention (with a
+KV cache for generation), the MLP, the pre-norm block, and the model; the position schemes are in
+``lmforge.model.positions`` and the settings they read are ``GPTConfig`` (``lmforge.model.config``).
+The defaults are GPT-2 (Radford et al. 2019, as in nanoGPT); the options ``positions="rope"``,
+``norm="rmsnorm"``, ``mlp="swiglu"``, ``n_kv_head`` and ``bias=False`` give a Llama-style model,
+``qk_norm`` adds Qwen3's query and key norms; ``mlp="gelu_tanh"`` is GPT-2's own tanh-approximate
+GELU. ``mlp="relu2"``, ``logit_softcap`` and ``zero_init_residual`` are speedrun options
+(modded-nanogpt) that ``benchmarks/recipes.py`` measures.
 
 Parameter names follow GPT-2 (``transformer.wte``, ``transformer.h.0.attn.c_attn``, ``ln_1`` ... also
 when the norm is RMSNorm) so that a GPT-2 export is a transpose of the Conv1D weights, and the
@@ -23,48 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmforge.model.config import GPTConfig
-
-# ---------------------------------------------------------------------------------------------
-# Positions
-# ---------------------------------------------------------------------------------------------
-
-
-def sinusoidal_table(block_size: int, n_embd: int) -> Tensor:
-    """The fixed position table of Vaswani et al. 2017, section 3.5: (block_size, n_embd) float32.
-
-    PE[pos, 2i] = sin(pos / 10000^(2i / n_embd)),  PE[pos, 2i+1] = cos(pos / 10000^(2i / n_embd)).
-    """
-    position = torch.arange(block_size, dtype=torch.float32)[:, None]
-    frequency = 1.0 / (10000.0 ** (torch.arange(0, n_embd, 2, dtype=torch.float32) / n_embd))
-    angle = position * frequency
-    table = torch.zeros(block_size, n_embd)
-    table[:, 0::2] = torch.sin(angle)
-    table[:, 1::2] = torch.cos(angle[:, : n_embd // 2])  # an odd n_embd has one sin column more
-    return table
-
-
-def rope_tables(block_size: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotary angles (Su et al. 2021), each (block_size, head_dim) float32.
-
-    Computed as HuggingFace Llama computes them, in the "rotate half" layout: dimension j and
-    j + head_dim/2 form a rotation pair, so weights move to ``LlamaForCausalLM`` unpermuted.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    angle = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
-    angle = torch.cat((angle, angle), dim=-1)
-    return angle.cos(), angle.sin()
-
-
-def rotate_half(x: Tensor) -> Tensor:
-    """(x1, x2) -> (-x2, x1) over the last dimension's two halves, as HF's ``rotate_half``."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each head vector of ``x`` (..., head_dim) by its position's angles (cos/sin broadcast)."""
-    return x * cos + rotate_half(x) * sin
-
+from lmforge.model.positions import apply_rope, rope_tables, sinusoidal_table
 
 # ---------------------------------------------------------------------------------------------
 # Normalisation
@@ -72,7 +33,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) * weight; no centring, no bias."""
+    """Root-mean-square norm (Zhang & Sennrich 2019): x / rms(x) * weight over the last dimension;
+    no centring, no bias."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -160,6 +122,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias)
         self.c_proj.is_residual_projection = True  # GPT-2 scales its init; see GPT._init_weights
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:  # QK-norm (Henry et al. 2020; OLMo 2, Qwen3): bounded attention logits
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
     def forward(
         self,
@@ -177,12 +142,13 @@ class CausalSelfAttention(nn.Module):
         B, T, _ = x.shape
         nh, nkv = self.n_head, self.n_kv_head
         qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, self.head_dim)
+        qk = qkv[:, :, : nh + nkv]
+        if hasattr(self, "q_norm"):  # before the rotation, as Qwen3; both norms in one pass over q and k
+            gains = torch.cat((self.q_norm.weight.expand(nh, -1), self.k_norm.weight.expand(nkv, -1)))
+            qk = gains * F.rms_norm(qk.float(), (self.head_dim,), eps=self.q_norm.eps).type_as(qk)
         if rope is not None:
-            # Query and key heads are adjacent, so one rotation covers both.
-            qk = apply_rope(qkv[:, :, : nh + nkv], *rope)
-            q, k = qk[:, :, :nh], qk[:, :, nh:]
-        else:
-            q, k = qkv[:, :, :nh], qkv[:, :, nh : nh + nkv]
+            qk = apply_rope(qk, *rope)  # query and key heads are adjacent, so one rotation covers both
+        q, k = qk[:, :, :nh], qk[:, :, nh:]
         v = qkv[:, :, nh + nkv :]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
 
@@ -215,11 +181,13 @@ class MLP(nn.Module):
     GELU is exact (erf) for ``mlp="gelu"``; for ``mlp="gelu_tanh"`` it is the tanh approximation
     (Hendrycks & Gimpel 2016, section 2) that GPT-2 was trained with, transformers' ``gelu_new``
     and llama.cpp's GELU, so GPT-2 checkpoints and GGUF files compute the same function.
+    ``mlp="relu2"`` is ReLU squared (So et al. 2021, Primer; modded-nanogpt) in its place.
     """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.approximate = "tanh" if config.mlp == "gelu_tanh" else "none"
+        self.relu2 = config.mlp == "relu2"
         hidden = config.mlp_hidden_size
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -227,7 +195,9 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        h = self.c_fc(x)
+        h = F.relu(h).square() if self.relu2 else F.gelu(h, approximate=self.approximate)
+        return self.dropout(self.c_proj(h))
 
 
 class SwiGLU(nn.Module):
@@ -294,6 +264,11 @@ def segment_positions(segments: Tensor) -> tuple[Tensor, Tensor]:
     return positions, (same & causal)[:, None]
 
 
+def softcap(logits: Tensor, cap: float | None) -> Tensor:
+    """``cap * tanh(logits / cap)`` (Gemma 2; modded-nanogpt): logits bounded by +-cap; None: unchanged."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
+
+
 def _loss(logits: Tensor, targets: Tensor | None) -> Tensor | None:
     """Mean cross-entropy over the targets that are not -100 (None without targets)."""
     if targets is None:
@@ -332,10 +307,12 @@ class GPT(nn.Module):
         # GPT-2: N(0, 0.02) everywhere, zero biases, and the projections that write into the
         # residual stream scaled by 1/sqrt(2 * n_layer) (two per block), so the stream's variance
         # does not grow with depth.
+        # zero_init_residual: those projections start at zero instead, so every block starts as the
+        # identity (modded-nanogpt).
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "is_residual_projection", False):
-                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+                std = 0.0 if self.config.zero_init_residual else 0.02 / math.sqrt(2 * self.config.n_layer)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -407,7 +384,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, cache, attn_mask)
-        return self.lm_head(self.transformer.ln_f(x))
+        return softcap(self.lm_head(self.transformer.ln_f(x)), self.config.logit_softcap)
 
     def new_kv_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty KVCache for ``batch_size`` sequences on the model's device (dtype: the model's)."""

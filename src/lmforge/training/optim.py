@@ -17,7 +17,7 @@ from lmforge.model.gpt import GPT
 from lmforge.training import hardware
 from lmforge.training.muon import Muon
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
 OPTIMIZERS = ("adamw", "muon")
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # one kernel for the whole update instead of a dozen per tensor
 
@@ -26,13 +26,19 @@ def lr_factor(step: int, opt_cfg, max_steps: int) -> float:
     """The learning rate at optimizer step ``step`` (from 0) as a fraction of the peak rate.
 
     Linear warmup over ``warmup_steps``, then ``constant``, or a ``linear``/``cosine`` decay that
-    reaches ``min_lr_ratio`` at ``max_steps``. Every param group (Muon's too) follows this factor.
+    reaches ``min_lr_ratio`` at ``max_steps``, or ``wsd`` (warmup-stable-decay, Hu et al. 2024):
+    the peak until the last ``cooldown_fraction`` of the steps, then a linear decay to
+    ``min_lr_ratio``. Every param group (Muon's too) follows this factor.
     """
     warmup, floor = int(opt_cfg.warmup_steps), float(opt_cfg.min_lr_ratio)
     if step < warmup:
         return (step + 1) / warmup
     if opt_cfg.schedule == "constant":
         return 1.0
+    if opt_cfg.schedule == "wsd":
+        cooldown = float(opt_cfg.get("cooldown_fraction", 0.0)) * max_steps
+        left = max_steps - step
+        return 1.0 if left >= cooldown else floor + (1.0 - floor) * left / cooldown
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     if opt_cfg.schedule == "linear":
         return 1.0 - (1.0 - floor) * progress
@@ -46,12 +52,31 @@ def lr_at(step: int, opt_cfg, max_steps: int) -> float:
     return float(opt_cfg.lr) * lr_factor(step, opt_cfg, max_steps)
 
 
-def adamw_groups(params: list[torch.nn.Parameter], matrices: set[int], weight_decay: float) -> list[dict]:
-    """Two param groups: weight decay on the ``matrices`` (ids), none on biases and gains."""
-    return [
-        {"params": [p for p in params if id(p) in matrices], "weight_decay": weight_decay},
+def adamw_groups(params: list[torch.nn.Parameter], matrices: set[int], weight_decay: float,
+                 embeddings: set[int] = frozenset(), embedding_lr: float | None = None) -> list[dict]:
+    """AdamW's param groups: weight decay on the ``matrices`` (ids), none on biases and gains; with
+    ``embedding_lr``, the ``embeddings`` (ids, decayed too) in a group of their own at that rate."""
+    own = embeddings if embedding_lr is not None else set()
+    groups = [
+        {"params": [p for p in params if id(p) in matrices and id(p) not in own], "weight_decay": weight_decay},
         {"params": [p for p in params if id(p) not in matrices], "weight_decay": 0.0},
     ]
+    if own:
+        groups.append({"params": [p for p in params if id(p) in own], "weight_decay": weight_decay,
+                       "lr": float(embedding_lr)})
+    return [g for g in groups if g["params"]]
+
+
+def row_blocks(model: GPT) -> dict[int, tuple[int, ...]]:
+    """The fused matrices of ``model``'s blocks (ids) and the row counts of the matrices they join:
+    attention's [queries | keys | values] and SwiGLU's [gate | up]."""
+    c = model.config
+    blocks = {}
+    for block in model.transformer.h:
+        blocks[id(block.attn.c_attn.weight)] = (c.n_head * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim)
+        if c.mlp == "swiglu":
+            blocks[id(block.mlp.c_fc.weight)] = (c.mlp_hidden_size, c.mlp_hidden_size)
+    return blocks
 
 
 def build_optimizer(model: GPT, opt_cfg, fused: bool = False, lora_lr: float | None = None) -> torch.optim.Optimizer:
@@ -70,16 +95,18 @@ def build_optimizer(model: GPT, opt_cfg, fused: bool = False, lora_lr: float | N
     if opt_cfg.name not in OPTIMIZERS:
         raise LmforgeError(f"optimizer.name='{opt_cfg.name}' is not one of {', '.join(OPTIMIZERS)}.")
     adamw = dict(lr=float(opt_cfg.lr), betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps))
+    embedding_lr = opt_cfg.get("embedding_lr")
     if fused:
         adamw["fused"] = True
     lora = [p for name, p in model.named_parameters() if ".lora_" in name and p.requires_grad]
     lora_ids = {id(p) for p in lora}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in lora_ids]
     matrices = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    embeddings = {id(m.weight) for m in model.transformer.values() if isinstance(m, torch.nn.Embedding)}
     lora_groups = [{"params": lora, "weight_decay": 0.0, "lr": float(lora_lr or opt_cfg.lr)}] if lora else []
     hidden = {id(m.weight) for m in model.transformer.h.modules() if isinstance(m, torch.nn.Linear)}
     if opt_cfg.name == "adamw" or not any(id(p) in hidden for p in params):
-        groups = [g for g in adamw_groups(params, matrices, float(opt_cfg.weight_decay)) if g["params"]]
+        groups = adamw_groups(params, matrices, float(opt_cfg.weight_decay), embeddings, embedding_lr)
         return torch.optim.AdamW(groups + lora_groups, **adamw)
     muon = Muon(  # torch.optim.Muon, orthogonalising in the device's native dtype (lmforge.hardware)
         [p for p in params if id(p) in hidden],
@@ -89,9 +116,10 @@ def build_optimizer(model: GPT, opt_cfg, fused: bool = False, lora_lr: float | N
         weight_decay=float(opt_cfg.muon_weight_decay),
         nesterov=True,
         adjust_lr_fn=opt_cfg.muon_adjust_lr,
+        row_blocks=row_blocks(model) if opt_cfg.get("muon_split", False) else None,
     )
     rest = [p for p in params if id(p) not in hidden]
-    groups = [g for g in adamw_groups(rest, matrices, float(opt_cfg.weight_decay)) if g["params"]]
+    groups = adamw_groups(rest, matrices, float(opt_cfg.weight_decay), embeddings, embedding_lr)
     return MuonWithAdamW(muon, torch.optim.AdamW(groups + lora_groups, **adamw))
 
 
