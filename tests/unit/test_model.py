@@ -327,7 +327,7 @@ def preset(name: str, vocab_size: int) -> GPTConfig:
         ("gpt2-medium", 50257, 354_823_168),  # GPT-2's "345M"/"350M"
         ("llama-small", 32000, 100_092_672),
         ("baby", 86, 812_544),
-        ("baby-llama", 86, 809_600),
+        ("baby-llama", 86, 809_856),  # 809,600 + QK-norm gains (4 layers x 2 x 32)
     ],
 )
 def test_model_presets(name, vocab_size, parameters):

@@ -47,7 +47,8 @@ ALWAYS_NULL = sorted(key for key, values in VALUES.items() if all(v is None for 
 # (or stops) taking 0 is a decision this test sees.
 ZERO_OK = {"seed", "evaluate.seed", "train.grad_clip", "evaluate.temperature", "data.min_chars",
            "tokenizer.min_frequency", "model.dropout", "optimizer.min_lr_ratio", "optimizer.weight_decay",
-           "optimizer.warmup_steps", "optimizer.cooldown_fraction", "optimizer.betas", "optimizer.muon_momentum", "optimizer.muon_weight_decay",
+           "optimizer.warmup_steps", "optimizer.cooldown_fraction", "optimizer.betas", "optimizer.muon_momentum",
+           "optimizer.muon_weight_decay",
            "finetune.lora.dropout"}
 
 

@@ -63,8 +63,9 @@ class Decoder:
         self.layers = [(_norm_of(b.ln_1), b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
                         b.attn.c_proj.bias, _norm_of(b.ln_2), b.mlp.c_fc.weight, b.mlp.c_fc.bias,
                         b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in t.h]
-        # QK-norm's gains per layer: (query norm, key norm), or None
-        self.qk_norms = [(_norm_of(b.attn.q_norm), _norm_of(b.attn.k_norm)) if c.qk_norm else None for b in t.h]
+        # QK-norm per layer: (query gain, key gain, eps), or None
+        self.qk_norms = [(b.attn.q_norm.weight, b.attn.k_norm.weight, b.attn.q_norm.eps) if c.qk_norm else None
+                         for b in t.h]
 
     def __call__(self, slots: KVSlots, idx: Tensor) -> Tensor:
         """Logits (B, vocab_size) of the next token of slots 0..B-1, each fed ``idx[b]`` (B,) at its own length.
@@ -98,9 +99,11 @@ class Decoder:
         for layer, (ln_1, w_qkv, b_qkv, w_o, b_o, ln_2, w_fc, b_fc, w_proj, b_proj) in enumerate(self.layers):
             qkv = F.linear(_norm(ln_1, x), w_qkv, b_qkv).view(B, nh + 2 * nkv, hd)
             qk, v = qkv[:, : nh + nkv], qkv[:, nh + nkv :]
-            if self.qk_norms[layer] is not None:
-                q_norm, k_norm = self.qk_norms[layer]
-                qk = torch.cat((_norm(q_norm, qk[:, :nh]), _norm(k_norm, qk[:, nh:])), dim=1)
+            if self.qk_norms[layer] is not None:  # as the model: one pass over q and k, then each head's gain
+                q_gain, k_gain, eps = self.qk_norms[layer]
+                qk = F.rms_norm(qk.float(), (hd,), eps=eps).type_as(qk)
+                qk[:, :nh] *= q_gain
+                qk[:, nh:] *= k_gain
             if rope is not None:
                 qk = apply_rope(qk, *rope)
             q, k = qk[:, :nh, None], qk[:, nh:]
