@@ -79,22 +79,32 @@ def one_side(data: Path, threads: str, steps: int, warmup: int, runtime_policy: 
             "tokens_per_second": tokens / seconds, "total_seconds": time.perf_counter() - started}
 
 
+def require_taskset() -> None:
+    if not shutil.which("taskset"):
+        sys.exit("error: taskset not found (util-linux); it pins the CPU hog to one core.")
+
+
+@contextlib.contextmanager
+def cpu_hog():
+    """A Python busy loop pinned to the last core (``taskset -c LAST``) while the block runs."""
+    require_taskset()
+    last = str((os.cpu_count() or 1) - 1)
+    hog = subprocess.Popen(["taskset", "-c", last, sys.executable, "-c", "while True: pass"])
+    try:
+        yield last
+    finally:
+        hog.kill()
+        hog.wait()
+
+
 def run_side(args, setting: str, busy: bool, cache: Path, runtime_policy: bool) -> dict:
     """One side in a fresh process (beside a hog on the last core when ``busy``)."""
     cmd = [sys.executable, __file__, "--one", setting, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--data", str(args.data), *(["--runtime-policy"] if runtime_policy else [])]
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # each side as a fresh shell's
-    hog = None
-    if busy:
-        last = str((os.cpu_count() or 1) - 1)
-        hog = subprocess.Popen(["taskset", "-c", last, sys.executable, "-c", "while True: pass"])
-    try:
+    with cpu_hog() if busy else contextlib.nullcontext():
         proc = subprocess.run(cmd, env={**env, "LMFORGE_CACHE_DIR": str(cache)},
                               capture_output=True, text=True, timeout=3600)
-    finally:
-        if hog is not None:
-            hog.kill()
-            hog.wait()
     if proc.returncode != 0:
         sys.exit(f"error: the side {setting} failed:\n{proc.stderr[-3000:]}")
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "load_average": os.getloadavg()[0]}
@@ -124,8 +134,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(one_side(args.data, args.one, args.steps, args.warmup, args.runtime_policy)))
         return
-    if not shutil.which("taskset"):
-        sys.exit("error: taskset not found (util-linux); it pins the CPU hog to one core.")
+    require_taskset()
 
     from lmforge.training.hardware import format_info, machine_info
     from lmforge.training.threads import candidates

@@ -13,7 +13,9 @@ round-robin ``--rounds`` times in one process (so another process's load hits al
   default recipe, or one option of ``benchmarks/recipes.py``), as many as given.
 
 Time to nanoGPT's final loss (1.78) is steps-to-1.78 (``--steps-to`` NAME=STEPS, from
-``benchmarks/recipes.py``) times the measured cost per step. Prints ``lmforge info``'s machine
+``benchmarks/recipes.py``) times the measured cost per step, in CPU seconds and in wall seconds.
+``--busy`` measures beside a CPU hog pinned to the last core (``benchmarks/contention.py``'s): on
+a machine where other work holds a core, what a user waits is the wall time. Prints ``lmforge info``'s machine
 block above the table and records it in ``benchmarks/results/step_cost.json``. To measure what an
 AVX2-only CPU does on a CPU with native bfloat16, restrict torch and oneDNN to AVX2:
 
@@ -35,6 +37,7 @@ from pathlib import Path
 
 import nanogpt_ref
 import torch
+from contention import cpu_hog, require_taskset
 from train_throughput import StepTimer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,9 +108,13 @@ def main() -> None:
                         metavar="SIDE=STEPS", help="steps to val loss 1.78 per side (benchmarks/recipes.py)")
     parser.add_argument("--side", nargs="*", default=[], metavar="NAME=KEY=VALUE,...",
                         help="more lmforge sides: a name and comma-separated overrides")
+    parser.add_argument("--busy", action="store_true",
+                        help="measure beside a CPU hog pinned to the last core (benchmarks/contention.py's)")
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="holds prepared/, vocab/ and tokens/")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/step_cost.json")
     args = parser.parse_args()
+    if args.busy:
+        require_taskset()
     if not (args.data / "tokens/index.json").is_file():
         sys.exit(f"error: {args.data}/tokens/index.json not found; run `dvc repro tokenize` first (or pass --data).")
     torch.set_num_threads(args.threads)
@@ -135,12 +142,13 @@ def main() -> None:
         SIDES[name] = f"lmforge `{' '.join(overrides.split(','))}`"
         runs[name] = lambda overrides=overrides: lmforge_side(data, overrides.split(","), args.warmup, args.steps)
     samples: dict[str, list[tuple[float, float]]] = {side: [] for side in runs}
-    for r in range(args.rounds):
-        for side, run in runs.items():
-            samples[side].append(run())
-            wall, cpu = samples[side][-1]
-            print(f"round {r + 1}: {side:18s} {wall * 1000:7.1f} ms/step (wall)  {cpu * 1000:7.1f} ms/step (CPU)",
-                  flush=True)
+    with cpu_hog() if args.busy else contextlib.nullcontext():
+        for r in range(args.rounds):
+            for side, run in runs.items():
+                samples[side].append(run())
+                wall, cpu = samples[side][-1]
+                print(f"round {r + 1}: {side:18s} {wall * 1000:7.1f} ms/step (wall)  {cpu * 1000:7.1f} ms/step (CPU)",
+                      flush=True)
     steps_to = {k: float(v) for k, v in (s.split("=", 1) for s in args.steps_to)}
     rows = []
     for side in runs:
@@ -150,25 +158,29 @@ def main() -> None:
                      "rounds": samples[side], "steps_to_1.78": steps_to.get(side)})
     nano = rows[0]
     choices = training_choices("auto", "cpu")
+    condition = f"beside a CPU hog on core {(os.cpu_count() or 1) - 1}" if args.busy else "quiet"
     print(f"\nprecision auto -> {choices['hardware.precision']}, Muon dtype {choices['hardware.muon_dtype']}; "
-          f"{args.threads} thread(s), {args.steps} steps x {args.rounds} rounds, medians\n")
-    print("| run | ms/step (CPU) | vs nanoGPT | ms/step (wall) | steps to 1.78 | time to 1.78 (CPU) | vs nanoGPT |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    base = nano["steps_to_1.78"] * nano["ms_per_step_cpu"] / 1000 if nano["steps_to_1.78"] else None
+          f"{args.threads} thread(s), {args.steps} steps x {args.rounds} rounds, medians; {condition}\n")
+    print("| run | ms/step (CPU) | vs nanoGPT | ms/step (wall) | steps to 1.78 | time to 1.78 (CPU) | vs nanoGPT "
+          "| time to 1.78 (wall) | vs nanoGPT |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         row["vs_nanogpt"] = row["ms_per_step_cpu"] / nano["ms_per_step_cpu"]
         to = row["steps_to_1.78"]
-        row["seconds_to_1.78"] = to * row["ms_per_step_cpu"] / 1000 if to else None
-        row["time_to_1.78_vs_nanogpt"] = row["seconds_to_1.78"] / base if to and base else None
-        steps_cell = f"{to:.0f}" if to else "-"
-        time_cell = f"{row['seconds_to_1.78']:.0f} s" if to else "-"
-        ratio_cell = f"{row['time_to_1.78_vs_nanogpt']:.2f}x" if row["time_to_1.78_vs_nanogpt"] else "-"
+        cells = []
+        for clock in ("cpu", "wall"):
+            seconds = to * row[f"ms_per_step_{clock}"] / 1000 if to else None
+            base = nano["steps_to_1.78"] * nano[f"ms_per_step_{clock}"] / 1000 if nano["steps_to_1.78"] else None
+            ratio = seconds / base if seconds and base else None
+            suffix = "" if clock == "cpu" else "_wall"  # the CPU figures keep their earlier keys
+            row[f"seconds_to_1.78{suffix}"], row[f"time_to_1.78_vs_nanogpt{suffix}"] = seconds, ratio
+            cells += [f"{seconds:.0f} s" if seconds else "-", f"{ratio:.2f}x" if ratio else "-"]
         print(f"| {row['what']} | {row['ms_per_step_cpu']:.1f} | {row['vs_nanogpt']:.2f}x | "
-              f"{row['ms_per_step_wall']:.1f} | "
-              f"{steps_cell} | {time_cell} | {ratio_cell} |")
+              f"{row['ms_per_step_wall']:.1f} | {f'{to:.0f}' if to else '-'} | {' | '.join(cells)} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"threads": args.threads, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-            "load_average": os.getloadavg(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {"threads": args.threads, "busy": args.busy, "steps": args.steps, "warmup": args.warmup,
+            "rounds": args.rounds, "load_average": os.getloadavg(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     report = {"machine": machine, "choices": choices, "meta": meta, "rows": rows}
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}  (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
