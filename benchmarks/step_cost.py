@@ -15,8 +15,8 @@ round-robin ``--rounds`` times in one process (so another process's load hits al
 Time to nanoGPT's final loss (1.78) is steps-to-1.78 (``--steps-to`` NAME=STEPS, from
 ``benchmarks/recipes.py``) times the measured cost per step, in CPU seconds and in wall seconds.
 ``--busy`` measures beside a CPU hog pinned to the last core (``benchmarks/contention.py``'s): on
-a machine where other work holds a core, what a user waits is the wall time. Prints ``lmforge info``'s machine
-block above the table and records it in ``benchmarks/results/step_cost.json``. To measure what an
+a machine where other work holds a core, what a user waits is the wall time. Prints ``lmforge
+info``'s machine block above the table and records it in ``benchmarks/results/step_cost.json``. To measure what an
 AVX2-only CPU does on a CPU with native bfloat16, restrict torch and oneDNN to AVX2:
 
     python benchmarks/step_cost.py --threads 1
