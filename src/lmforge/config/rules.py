@@ -175,6 +175,8 @@ RULES: dict[str, Rule] = {
     "optimizer.muon_lr": POSITIVE,
     "optimizer.muon_momentum": FRACTION,
     "optimizer.muon_weight_decay": number(0),
+    "optimizer.muon_ns_steps": integer(1, 20, note="Newton-Schulz iterations per Muon step"),
+    "optimizer.muon_normuon_beta2": number(0, 1, high_open=True, null=True, note="null means NorMuon off"),
     "finetune.lora.r": integer(note="the adapters' rank"),
     "finetune.lora.alpha": POSITIVE,
     "finetune.lora.dropout": FRACTION,

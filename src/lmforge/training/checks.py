@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from lmforge.config.checks import PRECISIONS
 from lmforge.errors import LmforgeError
+from lmforge.training.muon import ADJUST_LR, NS_SCHEMES
 from lmforge.training.optim import OPTIMIZERS, SCHEDULES, accumulation_steps
 from lmforge.training.resume import RESUME
 
@@ -18,6 +19,9 @@ def check_training(cfg: DictConfig) -> None:
     t, opt, trainer = cfg.train, cfg.optimizer, cfg.trainer
     choices = (("trainer.precision", str(trainer.precision), PRECISIONS), ("train.resume", t.resume, RESUME),
                ("optimizer.schedule", opt.schedule, SCHEDULES), ("optimizer.name", opt.name, OPTIMIZERS))
+    if opt.name == "muon":
+        choices += (("optimizer.muon_adjust_lr", opt.get("muon_adjust_lr") or "original", ADJUST_LR),
+                    ("optimizer.muon_ns_scheme", opt.get("muon_ns_scheme", "torch"), NS_SCHEMES))
     for key, value, valid in choices:
         if value not in valid:
             raise LmforgeError(f"{key}='{value}' is not one of {', '.join(valid)}; set it in conf/ or override it.")

@@ -117,6 +117,9 @@ def build_optimizer(model: GPT, opt_cfg, fused: bool = False, lora_lr: float | N
         nesterov=True,
         adjust_lr_fn=opt_cfg.muon_adjust_lr,
         row_blocks=row_blocks(model) if opt_cfg.get("muon_split", False) else None,
+        ns_steps=int(opt_cfg.get("muon_ns_steps", 5)),
+        ns_scheme=opt_cfg.get("muon_ns_scheme", "torch"),
+        normuon_beta2=opt_cfg.get("muon_normuon_beta2"),
     )
     rest = [p for p in params if id(p) not in hidden]
     groups = adamw_groups(rest, matrices, float(opt_cfg.weight_decay), embeddings, embedding_lr)
