@@ -19,9 +19,9 @@ last 10% (the curve's estimates too); ``--split val`` trains on all of them and 
 validation split, for the figures of the recipe once chosen. ``--seeds`` trains each recipe once
 per seed; the table gives the mean and standard deviation over seeds.
 
-    python benchmarks/recipes.py default no-qk-norm no-muon-split no-wsd no-embedding-lr previous \
-        --seeds 1337 1 2 --speed-steps 0                               # the ablation of docs/benchmarks.md
-    python benchmarks/recipes.py default previous nanogpt --split val  # the figures it reports
+    python benchmarks/recipes.py default no-normuon speedrun --seeds 1337 1 2 --speed-steps 0
+                                                           # the latest ablation of docs/benchmarks.md
+    python benchmarks/recipes.py default speedrun nanogpt --split val  # the figures it reports
 
 Results accumulate by label (``label@seed``) in ``benchmarks/results/recipes-<split>.json`` (or
 ``--out``), each with the machine block (``lmforge info``) it was trained on, which is printed first;
@@ -45,9 +45,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT_FINAL_LOSS = 1.78  # nanoGPT's baby recipe on these plays (../shared/NOTES.md: 1.793 estimate)
 
-# The default before the ablation below (session of 2026-12-05): baby-llama without QK-norm, Muon on
+# The default of 2026-12-05, before NorMuon: torch's Muon update with five Newton-Schulz iterations.
+SPEEDRUN = ["optimizer.muon_normuon_beta2=null", "optimizer.muon_ns_steps=5"]
+# The default before the speedrun changes (session of 2026-12-05): baby-llama without QK-norm, Muon on
 # fused matrices, cosine to 0.1, one AdamW rate.
-PREVIOUS = ["model.qk_norm=false", "optimizer.muon_split=false", "optimizer.schedule=cosine",
+PREVIOUS = [*SPEEDRUN, "model.qk_norm=false", "optimizer.muon_split=false", "optimizer.schedule=cosine",
             "optimizer.cooldown_fraction=0.0", "optimizer.min_lr_ratio=0.1", "optimizer.embedding_lr=null"]
 # name -> (what it is, overrides on top of conf/ with its defaults)
 RECIPES = {
@@ -58,14 +60,23 @@ RECIPES = {
     "llama-adamw": ("baby-llama (RoPE, RMSNorm, SwiGLU, GQA, no bias, untied) with AdamW",
                     ["model=baby-llama", "optimizer=adamw", "model.qk_norm=false"]),
     "previous": ("the default until 2026-12-05: baby-llama, Muon on fused matrices, cosine to 0.1", PREVIOUS),
+    "speedrun": ("the default until NorMuon (2026-12-05): QK-norm, muon_split, wsd; torch's Muon, 5 iterations",
+                 SPEEDRUN),
     "default": ("the default configuration (conf/config.yaml)", []),
-    # The ablation: the default less one of its changes at a time.
-    "no-qk-norm": ("the default without QK-norm", ["model.qk_norm=false"]),
-    "no-muon-split": ("the default with Muon on the fused q|k|v and gate|up matrices", ["optimizer.muon_split=false"]),
-    "no-wsd": ("the default with cosine decay to 0.1 instead of warmup-stable-decay to 0",
-               ["optimizer.schedule=cosine", "optimizer.cooldown_fraction=0.0", "optimizer.min_lr_ratio=0.1"]),
+    # The ablation of NorMuon with three Newton-Schulz iterations: each half without the other.
+    "no-normuon": ("the default without NorMuon (torch's Muon update, 3 iterations)",
+                   ["optimizer.muon_normuon_beta2=null"]),
+    "ns5": ("the default with 5 Newton-Schulz iterations", ["optimizer.muon_ns_steps=5"]),
+    # The ablation of the speedrun changes, measured on SPEEDRUN: each less one of its changes.
+    "no-qk-norm": ("the speedrun default without QK-norm", [*SPEEDRUN, "model.qk_norm=false"]),
+    "no-muon-split": ("the speedrun default with Muon on the fused q|k|v and gate|up matrices",
+                      [*SPEEDRUN, "optimizer.muon_split=false"]),
+    "no-wsd": ("the speedrun default with cosine decay to 0.1 instead of warmup-stable-decay to 0",
+               [*SPEEDRUN, "optimizer.schedule=cosine", "optimizer.cooldown_fraction=0.0",
+                "optimizer.min_lr_ratio=0.1"]),
     # Tried and left out: the embeddings at a rate of their own (3 seeds: no better than without).
-    "embedding-lr": ("the default with the embeddings at AdamW lr 0.03", ["optimizer.embedding_lr=0.03"]),
+    "embedding-lr": ("the speedrun default with the embeddings at AdamW lr 0.03",
+                     [*SPEEDRUN, "optimizer.embedding_lr=0.03"]),
 }
 BUDGET = ["train.max_steps=2000", "train.batch_size=12", "model.block_size=64"]
 SELECTION_FRACTION = 0.1  # the end of the training tokens that --split selection scores

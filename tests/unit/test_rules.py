@@ -48,7 +48,7 @@ ALWAYS_NULL = sorted(key for key, values in VALUES.items() if all(v is None for 
 ZERO_OK = {"seed", "evaluate.seed", "train.grad_clip", "evaluate.temperature", "data.min_chars",
            "tokenizer.min_frequency", "model.dropout", "optimizer.min_lr_ratio", "optimizer.weight_decay",
            "optimizer.warmup_steps", "optimizer.cooldown_fraction", "optimizer.betas", "optimizer.muon_momentum",
-           "optimizer.muon_weight_decay",
+           "optimizer.muon_weight_decay", "optimizer.muon_normuon_beta2",  # beta2 0: this step's statistics alone
            "finetune.lora.dropout"}
 
 
