@@ -36,6 +36,8 @@ def test_the_default_config_passes_with_a_one_line_summary(capsys):
          ["12 * 32 * 32 = 12288"]),
         (["trainer.precision=16-mixed"], ["trainer.precision=16-mixed is not supported on a CPU"]),
         (["trainer.precision=64"], ["trainer.precision='64' is not one of"]),
+        (["trainer.float32_matmul_precision=fast"],
+         ["trainer.float32_matmul_precision='fast' is not one of auto, highest, high, medium"]),
         (["optimizer.muon_ns_scheme=polar"], ["optimizer.muon_ns_scheme='polar' is not one of torch, polar_express"]),
         (["optimizer.muon_adjust_lr=moonshot"], ["optimizer.muon_adjust_lr='moonshot' is not one of"]),
         (["optimizer.muon_ns_steps=0"], ["optimizer.muon_ns_steps=0 must be an integer"]),

@@ -105,3 +105,32 @@ def test_lmforge_info_refuses_a_negative_probe(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["info", "--probe-seconds", "-1"])
     assert exit_info.value.code == 1 and "--probe-seconds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, expected", [
+    (dict(capability="AVX2"), "highest"),                            # bf16 emulated: oneDNN would ignore medium
+    (dict(capability="AVX512"), "highest"),                          # AVX-512 without BF16
+    (dict(capability="AVX512", amx=True), "medium"),                 # native: bf16 inputs, float32 sums
+    (dict(machine="aarch64", capability="SVE256", arm_bf16=True), "medium"),
+])
+def test_matmul_precision_auto_resolves_per_cpu(forced, kind, expected):
+    forced(**kind)
+    assert hardware.resolve_matmul_precision("auto", "cpu") == expected
+    for explicit in ("highest", "high", "medium"):  # an explicit setting is kept
+        assert hardware.resolve_matmul_precision(explicit, "cpu") == explicit
+    assert hardware.training_choices("32", "cpu", "auto")["hardware.float32_matmul_precision"] == expected
+
+
+def test_matmul_precision_auto_is_tf32_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert hardware.resolve_matmul_precision("auto", "gpu") == "high"
+
+
+def test_lmforge_info_says_what_float32_matmuls_run_in(capsys):
+    from lmforge.cli.main import main
+
+    before = torch.get_float32_matmul_precision()
+    main(["info", "--json", "--probe-seconds", "0"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["matmul_precision_auto"]["cpu"] == hardware.resolve_matmul_precision("auto", "cpu")
+    assert torch.get_float32_matmul_precision() == before  # the threads probe ran under auto's, then restored

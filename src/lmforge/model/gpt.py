@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmforge.model.attention import attention
 from lmforge.model.config import GPTConfig
 from lmforge.model.positions import apply_rope, rope_tables, sinusoidal_table
 
@@ -157,7 +158,7 @@ class CausalSelfAttention(nn.Module):
         # is_causal aligns the mask top-left, which is right only when the queries start at
         # position 0 (as many keys as queries); after cached tokens, one query sees everything
         # and several need attn_mask.
-        y = F.scaled_dot_product_attention(
+        y = attention(  # F.scaled_dot_product_attention, in float32 if matmuls are bf16
             q,
             k,
             v,

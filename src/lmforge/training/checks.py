@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from lmforge.config.checks import PRECISIONS
 from lmforge.errors import LmforgeError
+from lmforge.training.hardware import MATMUL_PRECISIONS
 from lmforge.training.muon import ADJUST_LR, NS_SCHEMES
 from lmforge.training.optim import OPTIMIZERS, SCHEDULES, accumulation_steps
 from lmforge.training.resume import RESUME
@@ -18,6 +19,8 @@ def check_training(cfg: DictConfig) -> None:
     given devices and nodes, optimizer and strategy."""
     t, opt, trainer = cfg.train, cfg.optimizer, cfg.trainer
     choices = (("trainer.precision", str(trainer.precision), PRECISIONS), ("train.resume", t.resume, RESUME),
+               ("trainer.float32_matmul_precision", str(trainer.get("float32_matmul_precision", "highest")),
+                MATMUL_PRECISIONS),
                ("optimizer.schedule", opt.schedule, SCHEDULES), ("optimizer.name", opt.name, OPTIMIZERS))
     if opt.name == "muon":
         choices += (("optimizer.muon_adjust_lr", opt.get("muon_adjust_lr") or "original", ADJUST_LR),

@@ -60,8 +60,17 @@ def train_stage(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
     ``callbacks``: extra Lightning callbacks (tests and experiments hook in here). Raises
     LmforgeError for a bad setting or a non-finite loss (the MLflow run is then FAILED) and
     ``Stopped`` (a KeyboardInterrupt) after Ctrl-C or SIGTERM has saved a checkpoint (the run is
-    then KILLED).
+    then KILLED). torch's float32 matmul precision (``trainer.float32_matmul_precision``) is
+    restored afterwards: in a notebook or a test session the next computation runs as before.
     """
+    before = torch.get_float32_matmul_precision()
+    try:
+        return _train_stage(cfg, callbacks)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _train_stage(cfg, callbacks) -> Path:
     from lmforge.training.data import TokenDataModule
 
     check_writable(("paths.model", cfg.paths.model),
@@ -114,8 +123,9 @@ def _set_up_torch(cfg, index: dict) -> dict[str, str]:
     from lmforge.training.threads import resolve_threads
 
     _quiet_lightning()
-    torch.set_float32_matmul_precision(cfg.trainer.float32_matmul_precision)
-    choices = training_choices(str(cfg.trainer.precision), str(cfg.trainer.accelerator))
+    choices = training_choices(str(cfg.trainer.precision), str(cfg.trainer.accelerator),
+                               str(cfg.trainer.float32_matmul_precision))
+    torch.set_float32_matmul_precision(choices["hardware.float32_matmul_precision"])
     threads = resolve_threads(cfg.trainer.num_threads, device_type_for(str(cfg.trainer.accelerator)),
                               model_config_for(cfg, index["vocab_size"]), int(cfg.train.batch_size),
                               choices["hardware.precision"])

@@ -118,11 +118,13 @@ def cache_file() -> Path:
 
 def cache_key(model_config: dict, batch_size: int, precision: str, cores: int) -> str:
     """What an answer depends on: the CPU and its cores, torch and its kernels' SIMD level,
-    the wait policy, the model, the micro-batch and the precision."""
+    the wait policy, the model, the micro-batch, the precision and how float32 matmuls run now
+    (``torch.set_float32_matmul_precision``: the probe runs under it)."""
     from lmforge.training.hardware import cpu_capability, cpu_model
 
     return json.dumps({"cpu": cpu_model(), "cores": cores, "torch": torch.__version__,
                        "capability": cpu_capability(), "wait_policy": wait_policy(),
+                       "matmul": torch.backends.mkldnn.matmul.fp32_precision,
                        "model": model_config, "batch_size": batch_size, "precision": precision}, sort_keys=True)
 
 
@@ -207,9 +209,10 @@ def auto_for_info(params_path: Path = Path("params.yaml")) -> dict:
     baby at a batch of 12; with the reason, the probe's timings and the wait policy."""
     from omegaconf import OmegaConf
 
-    from lmforge.training.hardware import PROBE_MODEL, resolve_precision
+    from lmforge.training.hardware import PROBE_MODEL, resolve_matmul_precision, resolve_precision
 
     model, batch, precision, source = dict(PROBE_MODEL), 12, resolve_precision("auto", "cpu"), "the baby, batch 12"
+    matmul = "auto"
     if params_path.is_file():
         from lmforge.config.compose import load_config
         from lmforge.tokenization.shards import INDEX_FILE
@@ -219,7 +222,13 @@ def auto_for_info(params_path: Path = Path("params.yaml")) -> dict:
         vocab = json.loads(index.read_text(encoding="utf-8"))["vocab_size"] if index.is_file() else 86
         model = {**OmegaConf.to_container(cfg.model, resolve=True), "vocab_size": vocab}
         batch, precision = int(cfg.train.batch_size), resolve_precision(str(cfg.trainer.precision), "cpu")
+        matmul = str(cfg.trainer.get("float32_matmul_precision", "highest"))
         source = f"{params_path}'s model, batch {batch}"
-    choice = measured_choice(model, batch, precision)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(resolve_matmul_precision(matmul, "cpu"))  # as the train stage will
+    try:
+        choice = measured_choice(model, batch, precision)
+    finally:
+        torch.set_float32_matmul_precision(before)
     return {"threads": choice.threads, "reason": choice.reason, "for": source,
             "seconds": {str(n): s for n, s in choice.seconds.items()}, "wait_policy": wait_policy()}
