@@ -138,7 +138,8 @@ class Muon(torch.optim.Muon):
                 buf = state["momentum_buffer"]
                 buf.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                param.mul_(1 - lr * weight_decay)
+                if weight_decay:  # a product by 1 changes no bit: skip the pass over the matrix
+                    param.mul_(1 - lr * weight_decay)
                 rows = self.row_blocks.get(id(param), (param.size(0),))
                 variances = self._variances(state, param, rows)
                 for block, part, variance in zip(param.split(rows), update.split(rows), variances):
