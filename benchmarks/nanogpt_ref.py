@@ -152,6 +152,9 @@ def train_steps(train_bin: Path, vocab_size: int, steps: int, on_step=lambda ste
     ``on_step(i)`` is called after iteration i's update (for timing). Returns the last loss."""
     c = BabyConfig(vocab_size=vocab_size)
     torch.manual_seed(seed)
+    # nanoGPT on a CPU runs torch's defaults: IEEE float32 matmuls, whatever a train stage timed
+    # earlier in this process set (trainer.float32_matmul_precision).
+    torch.set_float32_matmul_precision("highest")
 
     def get_batch():
         data = np.memmap(train_bin, dtype=np.uint16, mode="r")

@@ -4,11 +4,15 @@ The budget is nanoGPT's CPU "baby" run: 2000 steps of 12 x 64 tokens on the defa
 models of the baby's size (0.81M parameters, within 10%). Each recipe is the real train stage
 (``lmforge.training.stage.train``) on the project's token files, then the evaluate stage's score
 (``lmforge.evaluation.stage.score_tokens``: every validation token, non-overlapping windows). The
-training validation estimate every ``--eval-interval`` steps gives the step at which the recipe
-reaches nanoGPT's final loss (1.78). The time to get there is that many steps at the recipe's
-cost per step, measured afterwards for all recipes side by side (``--speed-steps`` steps each,
-round-robin, ``--speed-rounds`` times, in CPU seconds: on a machine shared with other work the
-wall time of runs made minutes apart does not compare, the CPU time of one thread does).
+training validation estimate (``--eval-iters`` batches) every ``--eval-interval`` steps gives the
+step at which the recipe reaches nanoGPT's final loss (1.78), interpolated linearly between two
+estimates. The curve is convex there, so the chord between estimates 100 steps apart crossed late:
+on the same three runs of the default, 434 +- 89 steps at 100 steps and 20 batches, 389 +- 52 at
+20 steps and 50 batches (the default since 2026-12-06: 5,000 batches of estimates a run instead
+of 400). The time to get there is that many steps at the recipe's cost per step, measured
+afterwards for all recipes side by side (``--speed-steps`` steps each, round-robin,
+``--speed-rounds`` times, in CPU seconds: on a machine shared with other work the wall time of
+runs made minutes apart does not compare, the CPU time of one thread does).
 
     python benchmarks/recipes.py                       # every recipe below, on the selection split
     python benchmarks/recipes.py default --set optimizer.muon_lr=0.04 --label muon-lr0.04
@@ -45,8 +49,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 NANOGPT_FINAL_LOSS = 1.78  # nanoGPT's baby recipe on these plays (../shared/NOTES.md: 1.793 estimate)
 
+# Every recipe measured before 2026-12-06 (noon) ran its float32 matmuls in IEEE float32, as nanoGPT does
+# on a CPU; since then `trainer.float32_matmul_precision: auto` runs them in bf16 where bf16 is native.
+IEEE = ["trainer.float32_matmul_precision=highest"]
 # The default of 2026-12-05, before NorMuon: torch's Muon update with five Newton-Schulz iterations.
-SPEEDRUN = ["optimizer.muon_normuon_beta2=null", "optimizer.muon_ns_steps=5"]
+SPEEDRUN = [*IEEE, "optimizer.muon_normuon_beta2=null", "optimizer.muon_ns_steps=5"]
 # The default before the speedrun changes (session of 2026-12-05): baby-llama without QK-norm, Muon on
 # fused matrices, cosine to 0.1, one AdamW rate.
 PREVIOUS = [*SPEEDRUN, "model.qk_norm=false", "optimizer.muon_split=false", "optimizer.schedule=cosine",
@@ -54,19 +61,21 @@ PREVIOUS = [*SPEEDRUN, "model.qk_norm=false", "optimizer.muon_split=false", "opt
 # name -> (what it is, overrides on top of conf/ with its defaults)
 RECIPES = {
     "nanogpt": ("nanoGPT's recipe: GPT-2 baby, AdamW lr 1e-3 -> 1e-4 cosine, warmup 100, wd 0.1, betas 0.9/0.99",
-                ["model=baby", "optimizer=adamw", "optimizer.lr=1e-3", "optimizer.min_lr_ratio=0.1"]),
-    "nanogpt-lr": ("the same with the learning rate retuned", ["model=baby", "optimizer=adamw",
+                [*IEEE, "model=baby", "optimizer=adamw", "optimizer.lr=1e-3", "optimizer.min_lr_ratio=0.1"]),
+    "nanogpt-lr": ("the same with the learning rate retuned", [*IEEE, "model=baby", "optimizer=adamw",
                                                               "optimizer.lr=4e-3", "optimizer.min_lr_ratio=0.1"]),
     "llama-adamw": ("baby-llama (RoPE, RMSNorm, SwiGLU, GQA, no bias, untied) with AdamW",
-                    ["model=baby-llama", "optimizer=adamw", "model.qk_norm=false"]),
+                    [*IEEE, "model=baby-llama", "optimizer=adamw", "model.qk_norm=false"]),
     "previous": ("the default until 2026-12-05: baby-llama, Muon on fused matrices, cosine to 0.1", PREVIOUS),
     "speedrun": ("the default until NorMuon (2026-12-05): QK-norm, muon_split, wsd; torch's Muon, 5 iterations",
                  SPEEDRUN),
     "default": ("the default configuration (conf/config.yaml)", []),
+    # The ablation of float32 matmuls in bf16 (trainer.float32_matmul_precision: auto -> medium here).
+    "ieee-matmuls": ("the default with IEEE float32 matmuls (the default of 2026-12-06 morning)", IEEE),
     # The ablation of NorMuon with three Newton-Schulz iterations: each half without the other.
-    "no-normuon": ("the default without NorMuon (torch's Muon update, 3 iterations)",
-                   ["optimizer.muon_normuon_beta2=null"]),
-    "ns5": ("the default with 5 Newton-Schulz iterations", ["optimizer.muon_ns_steps=5"]),
+    "no-normuon": ("the morning's default without NorMuon (torch's Muon update, 3 iterations)",
+                   [*IEEE, "optimizer.muon_normuon_beta2=null"]),
+    "ns5": ("the morning's default with 5 Newton-Schulz iterations", [*IEEE, "optimizer.muon_ns_steps=5"]),
     # The ablation of the speedrun changes, measured on SPEEDRUN: each less one of its changes.
     "no-qk-norm": ("the speedrun default without QK-norm", [*SPEEDRUN, "model.qk_norm=false"]),
     "no-muon-split": ("the speedrun default with Muon on the fused q|k|v and gate|up matrices",
@@ -113,7 +122,7 @@ def crossing_step(curve: list[list[float]], target: float) -> float | None:
 
 
 def run_recipe(name: str, extra: list[str], data: Path, eval_interval: int, threads: int | None,
-               machine: dict | None = None, seed: int | None = None) -> dict:
+               machine: dict | None = None, seed: int | None = None, eval_iters: int = 50) -> dict:
     """Train one recipe in a temporary project on ``data`` (prepared/, vocab/, tokens/); score it."""
     import lightning as L
 
@@ -138,7 +147,8 @@ def run_recipe(name: str, extra: list[str], data: Path, eval_interval: int, thre
     clock = StepClock()
     overrides = [*RECIPES[name][1], *BUDGET, *extra, *([] if seed is None else [f"seed={seed}"])]
     with tempfile.TemporaryDirectory() as tmp, contextlib.chdir(tmp):
-        cfg = compose_config([*overrides, f"train.eval_interval={eval_interval}", "train.checkpoint_every=100000",
+        cfg = compose_config([f"train.eval_iters={eval_iters}", *overrides, f"train.eval_interval={eval_interval}",
+                              "train.checkpoint_every=100000",
                               f"tracking.uri=sqlite:///{tmp}/mlflow.db", "tracking.log_model=false"],
                              conf_dir=ROOT / "conf")
         for stage in ("prepared", "vocab", "tokens"):
@@ -175,7 +185,8 @@ def main() -> None:
     parser.add_argument("--split", choices=("selection", "val"), default="selection",
                         help="score a selection split carved from train (to choose) or the val split (to report)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[None], help="one run per seed (default: conf's)")
-    parser.add_argument("--eval-interval", type=int, default=100, help="steps between validation estimates")
+    parser.add_argument("--eval-interval", type=int, default=20, help="steps between validation estimates")
+    parser.add_argument("--eval-iters", type=int, default=50, help="batches per validation estimate")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--data", type=Path, default=ROOT / "data", help="holds prepared/, vocab/ and tokens/")
     parser.add_argument("--out", type=Path, help="the results file (default: benchmarks/results/recipes-<split>.json)")
@@ -215,7 +226,8 @@ def main() -> None:
                 label = args.label if args.label and len(args.recipes) == 1 else name
                 label = label if seed is None else f"{label}@{seed}"
                 print(f"training {label}: {RECIPES[name][0]} {' '.join(args.set)}", flush=True)
-                result = run_recipe(name, args.set, data, args.eval_interval, args.threads, machine, seed)
+                result = run_recipe(name, args.set, data, args.eval_interval, args.threads, machine, seed,
+                                    args.eval_iters)
                 result["split"] = args.split
                 results[label] = result
                 out.parent.mkdir(parents=True, exist_ok=True)
