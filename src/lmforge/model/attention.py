@@ -25,7 +25,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     """``F.scaled_dot_product_attention(q, k, v, **kwargs)``, in IEEE float32 on a CPU whose
     float32 matmuls are set to bf16."""
     if q.device.type == "cpu" and q.dtype == torch.float32 and bf16_matmuls():
-        return _Float32Attention.apply(q, k, v, kwargs)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return _Float32Attention.apply(q, k, v, kwargs)
+        with ieee_matmuls():  # validation, generation: no backward to keep
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 

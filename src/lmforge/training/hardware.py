@@ -1,6 +1,6 @@
 """What the machine computes natively, measured once per process: the dtype choices that follow.
 
-Two choices depend on the hardware rather than on the recipe, and both are decided here:
+Three choices depend on the hardware rather than on the recipe, and all are decided here:
 
 - **Muon's orthogonalisation dtype** (``muon_dtype``): bfloat16 where the device multiplies
   bfloat16 matrices natively (CUDA GPUs with bf16, x86 CPUs with AVX512-BF16 or AMX, ARM CPUs with
