@@ -126,6 +126,18 @@ def test_matmul_precision_auto_is_tf32_on_a_gpu(monkeypatch):
     assert hardware.resolve_matmul_precision("auto", "gpu") == "high"
 
 
+def test_the_matmul_precision_is_put_back_even_after_an_error():
+    before = torch.get_float32_matmul_precision()
+    other = "medium" if before != "medium" else "highest"
+    with pytest.raises(RuntimeError), hardware.restored_matmul_precision(other):
+        assert torch.get_float32_matmul_precision() == other
+        raise RuntimeError("the stage failed")
+    assert torch.get_float32_matmul_precision() == before
+    with hardware.restored_matmul_precision():  # nothing set: whatever the block sets is undone
+        torch.set_float32_matmul_precision(other)
+    assert torch.get_float32_matmul_precision() == before
+
+
 def test_lmforge_info_says_what_float32_matmuls_run_in(capsys):
     from lmforge.cli.main import main
 

@@ -27,6 +27,7 @@ prints and every benchmark records. This module knows nothing about models or tr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -206,6 +207,20 @@ def resolve_matmul_precision(value: str, accelerator: str) -> str:
     if device_type == "cuda":
         return "high"
     return "medium" if device_type == "cpu" and bf16_native("cpu") else "highest"
+
+
+@contextlib.contextmanager
+def restored_matmul_precision(setting: str | None = None):
+    """Within the block, torch's float32 matmul precision is ``setting`` (as torch takes it:
+    ``resolve_matmul_precision``'s result) when given; on exit it is put back as it was, so that a
+    notebook or a test session computes as before."""
+    before = torch.get_float32_matmul_precision()
+    if setting is not None:
+        torch.set_float32_matmul_precision(setting)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 # Dense bf16 tensor-core peak FLOP/s by device name (NVIDIA data sheets); MFU is measured against

@@ -41,6 +41,7 @@ from lmforge.training.callbacks import (
     Throughput,
     TrainingInterrupted,
 )
+from lmforge.training.hardware import device_type_for, restored_matmul_precision, training_choices
 from lmforge.training.lora import has_lora, merged_state_dict, trainable_counts
 from lmforge.training.module import LitGPT, NonFiniteLoss
 from lmforge.training.optim import accumulation_steps
@@ -63,11 +64,8 @@ def train_stage(cfg, callbacks: list[Callback] | tuple = ()) -> Path:
     then KILLED). torch's float32 matmul precision (``trainer.float32_matmul_precision``) is
     restored afterwards: in a notebook or a test session the next computation runs as before.
     """
-    before = torch.get_float32_matmul_precision()
-    try:
+    with restored_matmul_precision():
         return _train_stage(cfg, callbacks)
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def _train_stage(cfg, callbacks) -> Path:
@@ -119,7 +117,6 @@ def _set_up_torch(cfg, index: dict) -> dict[str, str]:
     """Threads, float32 matmul precision and every random seed, before anything is built; returns
     what this machine resolves (``trainer.precision=auto``, Muon's dtype: ``lmforge.training.hardware``;
     ``trainer.num_threads=auto``: ``lmforge.training.threads``)."""
-    from lmforge.training.hardware import device_type_for, training_choices
     from lmforge.training.threads import resolve_threads
 
     _quiet_lightning()

@@ -209,7 +209,12 @@ def auto_for_info(params_path: Path = Path("params.yaml")) -> dict:
     baby at a batch of 12; with the reason, the probe's timings and the wait policy."""
     from omegaconf import OmegaConf
 
-    from lmforge.training.hardware import PROBE_MODEL, resolve_matmul_precision, resolve_precision
+    from lmforge.training.hardware import (
+        PROBE_MODEL,
+        resolve_matmul_precision,
+        resolve_precision,
+        restored_matmul_precision,
+    )
 
     model, batch, precision, source = dict(PROBE_MODEL), 12, resolve_precision("auto", "cpu"), "the baby, batch 12"
     matmul = "auto"
@@ -224,11 +229,7 @@ def auto_for_info(params_path: Path = Path("params.yaml")) -> dict:
         batch, precision = int(cfg.train.batch_size), resolve_precision(str(cfg.trainer.precision), "cpu")
         matmul = str(cfg.trainer.get("float32_matmul_precision", "highest"))
         source = f"{params_path}'s model, batch {batch}"
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(resolve_matmul_precision(matmul, "cpu"))  # as the train stage will
-    try:
+    with restored_matmul_precision(resolve_matmul_precision(matmul, "cpu")):  # as the train stage will
         choice = measured_choice(model, batch, precision)
-    finally:
-        torch.set_float32_matmul_precision(before)
     return {"threads": choice.threads, "reason": choice.reason, "for": source,
             "seconds": {str(n): s for n, s in choice.seconds.items()}, "wait_policy": wait_policy()}
