@@ -359,12 +359,16 @@ def test_the_command_refuses_a_missing_model_in_one_line(tmp_path):
 
 
 def test_concurrent_requests_share_forward_passes_and_give_the_sequential_tokens(client, server):
-    asks = [dict(prompt="the king", seed=21, max_tokens=40), dict(prompt="fair lord", seed=22, max_tokens=40, n=2)]
+    # 400 tokens each, sent at once: long enough to overlap on a machine busy with other work (at 40
+    # tokens, one request could finish before a slowed thread had sent the other).
+    asks = [dict(prompt="the king", seed=21, max_tokens=400), dict(prompt="fair lord", seed=22, max_tokens=400, n=2)]
     sequential = [[c.text for c in complete(client, extra_body={"ignore_eos": True}, **a).choices] for a in asks]
     before = forward_passes(server)
     results: list = [None, None]
+    together = threading.Barrier(2)
 
     def run(i):
+        together.wait()
         results[i] = [c.text for c in complete(client, extra_body={"ignore_eos": True}, **asks[i]).choices]
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
@@ -373,7 +377,7 @@ def test_concurrent_requests_share_forward_passes_and_give_the_sequential_tokens
     for t in threads:
         t.join()
     assert results == sequential
-    assert forward_passes(server) - before < 80  # alone, the two would take 40 passes each
+    assert forward_passes(server) - before < 800  # alone, the two would take 400 passes each
 
 
 def test_a_short_request_is_not_held_up_by_a_long_one(client, server):

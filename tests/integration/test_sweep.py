@@ -13,7 +13,9 @@ from tests.helpers import TINY_PIPELINE, run_command
 
 pytestmark = pytest.mark.slow
 
-GRID = ["-S", "model=tiny,baby", "-S", "optimizer.lr=1e-3,3e-4"]
+# Two runs (a config group choice and a value), the smallest grid whose runs differ in both kinds of
+# parameter: each run of the full pipeline costs about half a minute of the suite.
+GRID = ["-S", "model=tiny,baby", "-S", "optimizer.lr=3e-4"]
 # `dvc exp run -S` composes conf/ afresh, so the tiny settings go with the grid.
 TINY = [arg for setting in TINY_PIPELINE if not setting.startswith("model=") for arg in ("-S", setting)]
 
@@ -40,9 +42,9 @@ def test_a_queued_grid_lands_every_run_in_dvc_exp_show_and_the_project_store(dvc
         status = wait_for_queue(dvc_project)
     finally:
         run_command(["dvc", "queue", "stop"], dvc_project, check=False)
-    assert status.count("Success") == 4 and "Failed" not in status, status
+    assert status.count("Success") == 2 and "Failed" not in status, status
 
-    # dvc exp show: four experiments with their params and metrics.
+    # dvc exp show: both experiments with their params and metrics.
     shown = json.loads(run_command(["dvc", "exp", "show", "--json"], dvc_project).stdout)
     experiments = {}
     for baseline in shown:
@@ -52,11 +54,11 @@ def test_a_queued_grid_lands_every_run_in_dvc_exp_show_and_the_project_store(dvc
                 params = data["params"]["params.yaml"]["data"]
                 metrics = data["metrics"]["reports/metrics.json"]["data"]
                 experiments[rev["name"]] = (params["model"]["n_layer"], params["optimizer"]["lr"], metrics["val_loss"])
-    assert sorted((n, lr) for n, lr, _ in experiments.values()) == [(2, 0.0003), (2, 0.001), (4, 0.0003), (4, 0.001)]
+    assert sorted((n, lr) for n, lr, _ in experiments.values()) == [(2, 0.0003), (4, 0.0003)]
 
-    # The MLflow store of the project (not of DVC's temporary copies) holds the same four runs.
+    # The MLflow store of the project (not of DVC's temporary copies) holds the same two runs.
     new = [r for r in _runs(dvc_project) if r.info.run_id not in before]
-    assert len(new) == 4
+    assert len(new) == 2
     by_name = {r.data.tags["lmforge.dvc_experiment"]: r for r in new}
     assert set(by_name) == set(experiments)
     lock = yaml.safe_load((dvc_project / "dvc.lock").read_text())
