@@ -49,9 +49,12 @@ install-docs: $(VENV)/.installed-docs
 run: install
 	dvc repro
 
+# Two pytest workers (pytest-xdist), a module each at a time (--dist loadscope: a module's fixtures are
+# built once): a serial run keeps about one core busy (its tests wait on subprocesses, servers, DVC),
+# so two workers halve the wall time on 2 cores (docs/architecture.md, "Test tiers").
 test: install-test
 	ruff check src tests pipelines benchmarks
-	python -m pytest -q
+	python -m pytest -q -n 2 --dist loadscope
 
 # The unit tier only (tests/unit: no training, no subprocess, no server): well under a minute on 2 cores.
 test-fast: install-test

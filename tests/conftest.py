@@ -147,7 +147,9 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """One line with the wall time each tier took (what docs/architecture.md's tier table quotes)."""
+    """One line with the time each tier's tests took, setup to teardown, summed (what
+    docs/architecture.md's tier table quotes): the wall time of a serial run; under ``make test``'s
+    two workers the sum of both, so about twice the wall time."""
     if _TIER_SECONDS:
         spent = ", ".join(f"{tier} {_TIER_SECONDS[tier]:.0f} s" for tier in TIERS if tier in _TIER_SECONDS)
         terminalreporter.write_line(f"time per tier: {spent}")
