@@ -69,3 +69,18 @@ def test_attention_without_gradients_and_with_some_inputs_frozen(precision):
     out = attention(*frozen, is_causal=True, enable_gqa=True)
     gq, gv = torch.autograd.grad(out.sum(), (q, v))
     assert gq.shape == q.shape and gv.shape == v.shape
+
+
+def test_torch_compile_traces_the_model_in_one_graph_when_matmuls_are_float32(precision):
+    # Reading oneDNN's setting is opaque to dynamo: read live, it broke the compiled graph at every
+    # layer, also on CPUs whose matmuls stay float32 (trainer.compile=true: 7 graphs, not one).
+    from lmforge.model.gpt import GPT, GPTConfig
+
+    precision("highest")
+    torch._dynamo.reset()
+    model = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                          positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, qk_norm=True))
+    idx = torch.randint(0, 20, (2, 16))
+    explained = torch._dynamo.explain(lambda x: model(x, x)[1])(idx)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    torch._dynamo.reset()

@@ -10,6 +10,11 @@ reduced-precision path that is about 10x *slower* at the baby's shapes (head_dim
 and backward with IEEE float32 matmuls whenever the setting is on, and calls torch's attention
 unchanged otherwise (GPUs, float32 CPUs, and every CPU that lacks native bf16, where oneDNN
 ignores the setting).
+
+Under ``torch.compile`` (``trainer.compile=true``) the setting is read once, while tracing: with
+float32 matmuls the model is one graph, attention inside it. With bf16 matmuls each attention call
+stays outside the compiled graphs (dynamo cannot switch oneDNN's setting), one graph break per
+layer; the rest still compiles.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+@torch.compiler.assume_constant_result  # torch.compile: read once while tracing (dynamo cannot read it)
 def bf16_matmuls() -> bool:
     """Whether oneDNN runs float32 matmuls in bfloat16 (``float32_matmul_precision`` medium)."""
     return torch.backends.mkldnn.matmul.fp32_precision == "bf16"
